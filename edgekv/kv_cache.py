@@ -1,0 +1,118 @@
+"""Paged KV storage: per-layer tensors of quantized blocks, and writes into their slots.
+
+Layout of one layer (DESIGN.md, "The KV block"), for K and for V alike::
+
+    data  : (num_blocks, num_kv_heads, block_size, packed_dim)   format's storage dtype
+    scale : (num_blocks, num_kv_heads, block_size, num_groups)   fp16   (quantized formats)
+    zero  : (num_blocks, num_kv_heads, block_size, num_groups)   fp16   (asymmetric formats)
+
+Head-major inside a block, so one (block, head) tile is contiguous. Scales are indexed by
+block id, so they travel with their block when it is shared, copied or saved. Block ids
+are common to all layers: the BlockManager's tables index every layer's storage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekv.quant import QuantizedKV
+
+from .block_manager import BlockManager
+from .config import CacheConfig
+
+
+class PagedKVCache:
+    """Owns the KV bytes of every layer. Does not decide which slots are used.
+
+    ``write`` quantizes and stores new K/V at flat slot ids chosen by a BlockManager;
+    ``copy_blocks`` performs the copies the manager asks for (copy-on-write).
+    """
+
+    def __init__(self, config: CacheConfig, device: str | torch.device = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.format = config.format
+        self.layers: list[tuple[QuantizedKV, QuantizedKV]] = [
+            (self._empty(), self._empty()) for _ in range(config.num_layers)
+        ]
+
+    def _empty(self) -> QuantizedKV:
+        c, f = self.config, self.format
+        shape = (c.num_blocks, c.num_kv_heads, c.block_size)
+        data = torch.zeros(*shape, f.packed_dim(c.head_dim), dtype=f.storage_dtype,
+                           device=self.device)
+        groups = (*shape, f.num_groups(c.head_dim))
+        scale = torch.ones(groups, dtype=torch.float16, device=self.device) if f.has_scale \
+            else None
+        zero = torch.zeros(groups, dtype=torch.float16, device=self.device) if f.has_zero \
+            else None
+        return QuantizedKV(data, scale, zero)
+
+    # ---- bytes in --------------------------------------------------------------------
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Quantize and store new tokens.
+
+        k, v:  (num_tokens, num_kv_heads, head_dim)  in the original basis
+        slots: (num_tokens,) int64 flat slot ids (block_id * block_size + offset)
+        Mutates this layer's storage at those slots only.
+        """
+        c = self.config
+        if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != (c.num_kv_heads, c.head_dim):
+            raise ValueError(f"expected k and v of shape (tokens, {c.num_kv_heads}, "
+                             f"{c.head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
+        slots = slots.to(device=self.device, dtype=torch.long)
+        blk, off = slots // c.block_size, slots % c.block_size  # (num_tokens,)
+        for store, x in zip(self.layers[layer], (k, v), strict=True):
+            q = self.format.quantize(x.to(self.device))  # (num_tokens, heads, ...)
+            # store.data[blk, :, off] has shape (num_tokens, heads, packed_dim)
+            store.data[blk, :, off] = q.data
+            if q.scale is not None:
+                store.scale[blk, :, off] = q.scale
+            if q.zero is not None:
+                store.zero[blk, :, off] = q.zero
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst in every layer, codes and scales together."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for layer in self.layers:
+            for store in layer:
+                for t in (store.data, store.scale, store.zero):
+                    if t is not None:
+                        t[dst] = t[src]
+
+    # ---- accounting --------------------------------------------------------------------
+    def storage_bytes(self) -> int:
+        """Bytes actually allocated by the storage tensors (equals config.bytes_total)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for s in layer
+                   for t in (s.data, s.scale, s.zero) if t is not None)
+
+    def stats(self, manager: BlockManager) -> dict:
+        """What the cache costs now: blocks, bytes, live tokens, utilisation.
+
+        ``live_tokens`` counts each filled slot once, even when sequences share its block;
+        ``utilization`` is live tokens over the slots of the blocks in use.
+        """
+        c, bs = self.config, self.config.block_size
+        filled: dict[int, int] = {}
+        for t in manager.tables.values():
+            for i, b in enumerate(t.block_ids):
+                n = min(bs, t.num_tokens - i * bs)
+                filled[b] = max(filled.get(b, 0), n)
+        used = manager.pool.num_used
+        live = sum(filled.values())
+        return {
+            "kv_format": c.kv_format,
+            "block_size": bs,
+            "blocks_total": c.num_blocks,
+            "blocks_used": used,
+            "blocks_free": manager.pool.num_free,
+            "bytes_total": c.bytes_total,
+            "bytes_used": used * c.bytes_per_block,
+            "bytes_per_token": c.bytes_per_token,
+            "live_tokens": live,
+            "num_seqs": len(manager.tables),
+            "utilization": live / (used * bs) if used else 0.0,
+        }

@@ -1,0 +1,96 @@
+"""Pure-torch paged attention over quantized blocks: the CPU path and the kernels' reference.
+
+Notation (as in every kernel docstring of this package):
+    S       sequences in the batch             Hq   query heads     Hkv  KV heads
+    T       query tokens, all sequences        D    head_dim        B    block_size
+    L_s     KV length of sequence s, *including* its new tokens (already written)
+    G = Hq / Hkv   query heads per KV head; query head h reads KV head h // G
+
+Each sequence's queries are its last ``q_len`` positions: query i of sequence s sits at
+position ``L_s - q_len_s + i`` and attends causally to KV positions ``<= `` that. Decode is
+the case ``q_len = 1``. The new tokens' K/V must be written to the cache before attention.
+
+Attention runs in the format's storage basis: the query is rotated once, scores and
+weighted sums use the decoded (still rotated) codes, and the output is rotated back once.
+This equals attention over the dequantized K/V because the rotation is orthogonal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekv.quant import KVFormat, QuantizedKV
+
+
+def gather_blocks(cache: QuantizedKV, block_ids: torch.Tensor, length: int,
+                  fmt: KVFormat) -> torch.Tensor:
+    """Decode one sequence's first ``length`` tokens from its blocks.
+
+    cache: one layer's K or V storage, data (num_blocks, Hkv, B, P)
+    block_ids: (>= ceil(length / B),) int
+    returns (Hkv, length, D) fp32 in the storage basis
+    """
+    num_blocks = -(-length // cache.data.shape[2])
+    ids = block_ids[:num_blocks].long()
+    part = QuantizedKV(
+        cache.data[ids],  # (nb, Hkv, B, P)
+        None if cache.scale is None else cache.scale[ids],
+        None if cache.zero is None else cache.zero[ids],
+    )
+    x = fmt.decode(part)  # (nb, Hkv, B, D)
+    x = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[-1])  # (Hkv, nb*B, D)
+    return x[:, :length]
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,             # (T, Hq, D)
+    k_cache: QuantizedKV,        # data (num_blocks, Hkv, B, P)
+    v_cache: QuantizedKV,
+    block_tables: torch.Tensor,  # (S, max_blocks) int, padded with any value
+    seq_lens: torch.Tensor,      # (S,) KV length per sequence, new tokens included
+    cu_seqlens_q: torch.Tensor,  # (S + 1,) query offsets into T
+    fmt: KVFormat,
+    sm_scale: float | None = None,
+) -> torch.Tensor:               # (T, Hq, D) in q's dtype
+    """Causal attention of each sequence's query tokens over its paged, quantized history."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.data.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    G = Hq // Hkv
+    sm_scale = D**-0.5 if sm_scale is None else sm_scale
+    out = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
+    qs = fmt.to_storage_basis(q.float())  # (T, Hq, D)
+    seq_lens_l, cu = seq_lens.tolist(), cu_seqlens_q.tolist()
+    for s, L in enumerate(seq_lens_l):
+        q0, q1 = cu[s], cu[s + 1]
+        n = q1 - q0
+        if n == 0:
+            continue
+        assert 0 < n <= L, f"sequence {s}: {n} queries over {L} KV tokens"
+        k = gather_blocks(k_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
+        v = gather_blocks(v_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
+        qh = qs[q0:q1].reshape(n, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, n, D)
+        scores = torch.einsum("hgnd,hld->hgnl", qh, k) * sm_scale  # (Hkv, G, n, L)
+        qpos = torch.arange(L - n, L, device=q.device)  # (n,)
+        kpos = torch.arange(L, device=q.device)  # (L,)
+        scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        o = torch.einsum("hgnl,hld->hgnd", p, v)  # (Hkv, G, n, D)
+        out[q0:q1] = o.permute(2, 0, 1, 3).reshape(n, Hq, D)
+    return fmt.from_storage_basis(out).to(q.dtype)
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,             # (S, Hq, D): one query token per sequence
+    k_cache: QuantizedKV,
+    v_cache: QuantizedKV,
+    block_tables: torch.Tensor,  # (S, max_blocks)
+    seq_lens: torch.Tensor,      # (S,) KV length, the new token included
+    fmt: KVFormat,
+    sm_scale: float | None = None,
+) -> torch.Tensor:               # (S, Hq, D)
+    """Attention of one new token per sequence over its whole paged history."""
+    cu = torch.arange(q.shape[0] + 1, device=q.device)
+    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu, fmt,
+                                       sm_scale)

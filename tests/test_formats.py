@@ -1,0 +1,158 @@
+"""KV formats: round-trip error bounds, exact byte costs, rounding, packing, bad input."""
+
+import pytest
+import torch
+
+from edgekv.quant import FORMATS, VARIANTS, get_format, pack_int4, unpack_int4
+from edgekv.quant.hadamard import hadamard_matrix
+
+# Floors from the foundation issue; the measured values sit well below (README table).
+MAX_REL_RMS = {"fp32": 1e-7, "fp16": 1e-3, "bf16": 5e-3, "int8": 0.025, "fp8": 0.06,
+               "fp8_e5m2": 0.12, "int4": 0.15}
+
+
+def outlier_kv(tokens=512, heads=8, dim=128, seed=0):
+    """randn K with two outlier channels (x20, x12) as real keys have, and plain randn V."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(tokens, heads, dim, generator=g)
+    k[..., 3] *= 20
+    k[..., 77] *= 12
+    v = torch.randn(tokens, heads, dim, generator=g)
+    return k, v
+
+
+def rel_rms(fmt, x):
+    y = fmt.dequantize(fmt.quantize(x))
+    assert y.shape == x.shape and y.dtype == torch.float32
+    return ((y - x).pow(2).mean() / x.pow(2).mean()).sqrt().item()
+
+
+@pytest.mark.parametrize("name", list(MAX_REL_RMS))
+def test_round_trip_error_within_floor(name):
+    fmt = get_format(name)
+    k, v = outlier_kv()
+    assert rel_rms(fmt, k) <= MAX_REL_RMS[name]
+    assert rel_rms(fmt, v) <= MAX_REL_RMS[name]
+
+
+def test_rotation_beats_plain_per_token_scale_for_int4():
+    k, _ = outlier_kv()
+    plain, rotated = rel_rms(get_format("int4_norot"), k), rel_rms(get_format("int4"), k)
+    assert plain > 0.18  # the gap the issue describes (~21%)
+    assert rotated < plain / 2
+
+
+@pytest.mark.parametrize("name", FORMATS + VARIANTS)
+@pytest.mark.parametrize("fill", [0.0, 3.5, -1e-3])
+def test_zero_and_constant_vectors_round_trip_without_nan(name, fill):
+    fmt = get_format(name)
+    x = torch.full((4, 2, 64), fill)
+    y = fmt.dequantize(fmt.quantize(x))
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y, x, atol=abs(fill) * 0.07 + 1e-6)
+
+
+@pytest.mark.parametrize("name", FORMATS + VARIANTS)
+def test_quantize_keeps_leading_shape_and_does_not_modify_input(name):
+    fmt = get_format(name)
+    x = torch.randn(3, 5, 2, 64)
+    before = x.clone()
+    q = fmt.quantize(x)
+    assert torch.equal(x, before)
+    assert q.data.shape == (3, 5, 2, fmt.packed_dim(64))
+    assert q.data.dtype == fmt.storage_dtype
+    if fmt.has_scale:
+        assert q.scale.shape == (3, 5, 2, fmt.num_groups(64)) and q.scale.dtype == torch.float16
+    assert (q.zero is not None) == fmt.has_zero
+
+
+@pytest.mark.parametrize("name", FORMATS + VARIANTS)
+def test_bytes_per_token_is_the_stored_size(name):
+    fmt = get_format(name)
+    q = fmt.quantize(torch.randn(1, 8, 128))
+    stored = sum(t.numel() * t.element_size() for t in (q.data, q.scale, q.zero)
+                 if t is not None)
+    assert fmt.bytes_per_token(8, 128) == 2 * stored  # K and V
+
+
+def test_bytes_per_token_ratios_against_fp16():
+    fp16 = get_format("fp16").bytes_per_token(8, 128)
+    assert fp16 == 2 * 8 * 128 * 2
+    assert get_format("int8").bytes_per_token(8, 128) <= 0.52 * fp16
+    assert get_format("fp8").bytes_per_token(8, 128) <= 0.52 * fp16
+    assert get_format("int4").bytes_per_token(8, 128) <= 0.28 * fp16
+
+
+def test_int8_rounds_to_nearest_not_truncates():
+    fmt = get_format("int8_norot")
+    x = torch.tensor([[127.0, 0.6, -0.6, 1.49, -1.51, 2.5]])  # scale = 1.0 exactly
+    q = fmt.quantize(x)
+    assert q.scale.item() == 1.0
+    assert q.data.tolist() == [[127, 1, -1, 1, -2, 2]]  # ties to even: 2.5 -> 2
+
+
+def test_int4_codes_use_the_documented_split_halves_order():
+    fmt = get_format("int4_norot")  # asymmetric: min -> code 0, max -> code 15
+    x = torch.zeros(1, 8)
+    x[0, 0], x[0, 4] = 15.0, 0.0  # scale 1, zero 0
+    x[0, 1], x[0, 5] = 3.0, 7.0
+    q = fmt.quantize(x)
+    assert q.data.tolist() == [[15 | 0 << 4, 3 | 7 << 4, 0, 0]]
+
+
+def test_pack_unpack_int4_inverse():
+    codes = torch.randint(0, 16, (5, 3, 64), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (5, 3, 32)
+    assert torch.equal(unpack_int4(packed), codes)
+    assert torch.equal(packed[..., 0] & 0xF, codes[..., 0])
+    assert torch.equal(packed[..., 0] >> 4, codes[..., 32])
+
+
+@pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
+def test_fp8_clamps_to_finite_range(name):
+    fmt = get_format(name)
+    x = torch.tensor([[1e30, -1e30, 1.0, 0.0]])
+    y = fmt.dequantize(fmt.quantize(x))
+    assert torch.isfinite(y).all()
+    # the scale saturates at fp16's max, and the codes at the format's largest finite value
+    assert y[0, 0].item() == pytest.approx(65504 * fmt.fmax) and y[0, 1] == -y[0, 0]
+    # 449 / 448 rounds down in fp16, so 449 / scale > 448: clamped before the cast, not NaN
+    assert torch.isfinite(fmt.dequantize(fmt.quantize(torch.tensor([[449.0, 1.0]])))).all()
+
+
+def test_fp16_clamps_instead_of_overflowing():
+    y = get_format("fp16").dequantize(get_format("fp16").quantize(torch.tensor([[1e6, -1e6]])))
+    assert torch.isfinite(y).all() and y[0, 0] == torch.finfo(torch.float16).max
+
+
+@pytest.mark.parametrize("dim", [64, 96, 128])
+def test_hadamard_rotation_is_orthogonal_and_self_inverse(dim):
+    r = hadamard_matrix(dim)
+    assert torch.allclose(r @ r.T, torch.eye(dim), atol=1e-6)
+    assert torch.allclose(r, r.T)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_rotation_preserves_scores_and_weighted_sums(name):
+    fmt = get_format(name)
+    q, k = torch.randn(4, 128), torch.randn(16, 128)
+    assert torch.allclose(fmt.to_storage_basis(q) @ fmt.to_storage_basis(k).T, q @ k.T,
+                          atol=1e-4)
+    p = torch.softmax(torch.randn(4, 16), -1)
+    assert torch.allclose(fmt.from_storage_basis(p @ fmt.to_storage_basis(k)), p @ k,
+                          atol=1e-5)
+
+
+def test_unknown_format_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown KV format 'int3'.*int8.*fp8.*int4"):
+        get_format("int3")
+
+
+def test_head_dim_not_divisible_as_format_requires():
+    with pytest.raises(ValueError, match="even"):
+        get_format("int4").quantize(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="group size 32"):
+        get_format("int4_g32").bytes_per_token(8, 48)
+    with pytest.raises(ValueError, match="floating-point"):
+        get_format("int8").quantize(torch.ones(2, 8, dtype=torch.int32))
