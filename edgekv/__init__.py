@@ -5,6 +5,12 @@ Map of the package (one concept per module):
     block_pool.py     free list and ref counts of KV blocks (pure Python)
     block_manager.py  per-sequence block tables, fork, copy-on-write
     kv_cache.py       per-layer quantized block storage, writes, accounting
+    sampling.py       SamplingParams and the sampler
+    sequence.py       one request's tokens and state
+    scheduler.py      continuous batching, chunked prefill, admission, preemption
+    model_runner.py   batch -> tensors -> model -> logits
+    engine.py         Engine.step(): schedule, run, sample, postprocess
+    llm.py            LLM: the Python API;  chat.py: chat sessions kept in the cache
     cli.py            the ``edgekv`` command
     edgekv.quant      KV formats (folder quant/)
     edgekv.kernels    paged attention: torch reference, fused kernels (folder kernels/)
@@ -15,10 +21,13 @@ from .block_manager import BlockManager, BlockTable, NoFreeBlocks
 from .block_pool import BlockPool
 from .config import CacheConfig, parse_memory
 from .kv_cache import PagedKVCache
+from .llm import LLM, RequestOutput
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLM", "SamplingParams", "RequestOutput",
     "BlockManager", "BlockPool", "BlockTable", "CacheConfig", "NoFreeBlocks",
     "PagedKVCache", "parse_memory", "__version__",
 ]

@@ -100,6 +100,16 @@ class BlockManager:
             self.pool.share(b)
         self.tables[child_id] = BlockTable(list(p.block_ids), p.num_tokens)
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Keep only the first ``num_tokens`` tokens; blocks past them lose a reference."""
+        t = self.tables[seq_id]
+        assert 0 <= num_tokens <= t.num_tokens
+        keep = -(-num_tokens // self.block_size)
+        for b in t.block_ids[keep:]:
+            self.pool.release(b)
+        del t.block_ids[keep:]
+        t.num_tokens = num_tokens
+
     def free(self, seq_id: int) -> None:
         """Drop the sequence; each of its blocks loses one reference."""
         for b in self.tables.pop(seq_id).block_ids:

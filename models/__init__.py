@@ -1,5 +1,16 @@
-"""Model families over the paged KV cache (one file per family, keyed by HF architecture).
+"""Model families over the paged KV cache, one file each, keyed by HF architecture string.
 
-Empty until the engine work lands; the package exists so that ``edgekv.models`` is mapped
-from this folder from the start.
+    llama.py    LlamaForCausalLM (Llama 2/3/3.1/3.2, llama3 RoPE scaling): the decoder
+    mistral.py  MistralForCausalLM
+    qwen2.py    Qwen2ForCausalLM (q/k/v bias)
+    qwen3.py    Qwen3ForCausalLM (q/k norm)
+    loader.py   load_model(dir or hub id) -> (model, ModelConfig, dir)
 """
+
+from .attention import AttentionMetadata
+from .config import ModelConfig
+from .loader import load_model, resolve_model_dir
+from .registry import MODEL_REGISTRY, get_model_class, register_model
+
+__all__ = ["AttentionMetadata", "MODEL_REGISTRY", "ModelConfig", "get_model_class",
+           "load_model", "register_model", "resolve_model_dir"]

@@ -1,0 +1,63 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged cache, returns logits."""
+
+from __future__ import annotations
+
+import torch
+
+from edgekv.models import AttentionMetadata
+
+from .block_manager import BlockManager
+from .kv_cache import PagedKVCache
+from .scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    """Owns no state between steps except the model and the cache it writes into."""
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, manager: BlockManager,
+                 device: torch.device):
+        self.model, self.cache, self.manager, self.device = model, cache, manager, device
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, all_logits: bool = False
+            ) -> tuple[torch.Tensor, list[int]]:
+        """Compute the batch's new tokens. Returns (logits (N, vocab) fp32, rows), one row per
+        sequence whose known tokens are now all computed (it samples next); ``rows`` are the
+        indices into ``batch.seqs`` of those sequences. With ``all_logits``, the logits of
+        every new token (T, vocab) instead."""
+        self.cache.copy_blocks(batch.copies)
+        ids, pos, slots, seq_lens, cu, last = [], [], [], [], [0], []
+        rows = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new, strict=True)):
+            start = seq.num_computed
+            ids.extend(seq.token_ids[start : start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(self.manager.slots(seq.seq_id, start, start + n))
+            seq_lens.append(start + n)
+            cu.append(cu[-1] + n)
+            if start + n == seq.num_tokens:
+                rows.append(i)
+                last.append(cu[-1] - 1)
+        tables = [self.manager.block_ids(s.seq_id) for s in batch.seqs]
+        width = max(len(t) for t in tables)
+        block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=block_tables.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_query_len=max(batch.num_new),
+            kv_cache=self.cache,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # (T,)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)  # (T,)
+        hidden = self.model(input_ids, positions, meta)  # (T, hidden)
+        if all_logits:
+            return self.model.compute_logits(hidden), rows
+        if not rows:
+            return hidden.new_empty(0, 0, dtype=torch.float32), rows
+        logits = self.model.compute_logits(hidden[torch.tensor(last, device=dev)])  # (N, V)
+        return logits, rows

@@ -1,0 +1,73 @@
+"""SamplingParams and the sampler: greedy, temperature, top-k, top-p, seeded per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters. ``seed`` fixes
+    this request's random stream (None: derived from the LLM's seed and the request's id).
+    Generation stops at EOS (unless ``ignore_eos``), at any of ``stop_token_ids``, when the
+    text contains one of ``stop`` (the text is cut before it), or after ``max_tokens``.
+    """
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """logits (N, vocab) fp32 -> one token id per row, each row with its own params/stream."""
+    out = []
+    greedy = logits.argmax(-1).tolist()
+    for i, p in enumerate(params):
+        if p.greedy:
+            out.append(greedy[i])
+            continue
+        row = logits[i] / p.temperature  # (vocab,)
+        if p.top_k and p.top_k < row.numel():
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, -1)
+        if p.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always the top token)
+            drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+        gen = generators[i]
+        tok = torch.multinomial(probs.cpu(), 1, generator=gen).item()
+        out.append(int(tok))
+    return out

@@ -1,0 +1,56 @@
+"""A sequence: its tokens, how many are in the KV cache, and how it samples and stops."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state. ``token_ids`` holds the prompt then the outputs.
+
+    ``num_computed`` tokens have their K/V in the cache; the rest are computed by the next
+    steps (a prompt chunk, or the last sampled token). ``num_prompt`` marks where this
+    request's outputs begin (for a chat session, where the current turn's reply begins).
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    params: SamplingParams
+    num_prompt: int = 0
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    detok: IncrementalDetokenizer | None = None
+    text: str = ""  # output text so far (stop strings removed)
+    keep_cache: bool = False  # a chat session keeps its blocks after finishing a turn
+    new_text: list[str] = field(default_factory=list)  # deltas not yet taken by a stream
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

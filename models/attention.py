@@ -1,0 +1,77 @@
+"""Attention over the paged KV cache: per-step metadata and the attention layer.
+
+``AttentionMetadata`` is built once per engine step (tokens of all sequences flattened)
+and read by every layer; the layer writes its new K/V into their slots, then attends over
+each sequence's blocks (decode when every sequence has one new token, prefill otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgekv.kernels import paged_decode_attention_ref as paged_decode_attention  # TODO dispatch
+from edgekv.kernels import paged_prefill_attention_ref as paged_prefill_attention
+
+from .config import ModelConfig
+from .layers import RMSNorm, RotaryEmbedding
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go and what each sequence attends over.
+
+    slot_mapping: (T,) int64   flat cache slot of each new token
+    block_tables: (S, max_blocks) int32
+    seq_lens:     (S,) int32   KV length of each sequence after this step
+    cu_seqlens_q: (S + 1,) int32  offsets of each sequence's new tokens in T
+    max_query_len: largest number of new tokens of one sequence (1 means pure decode)
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_query_len: int
+    kv_cache: object  # edgekv.kv_cache.PagedKVCache
+
+
+class PagedAttention(nn.Module):
+    """Projections, RoPE, optional q/k norm, cache write, paged attention, output proj."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_heads, cfg.num_kv_heads,
+                                                            cfg.head_dim)
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_eps)
+        self.scale = d**-0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        cache = meta.kv_cache
+        cache.write(self.layer_idx, k, v, meta.slot_mapping)
+        k_store, v_store = cache.layers[self.layer_idx]
+        if meta.max_query_len == 1:
+            o = paged_decode_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
+                                       cache.format, self.scale)
+        else:
+            o = paged_prefill_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
+                                        meta.cu_seqlens_q, cache.format, self.scale)
+        return self.o_proj(o.reshape(T, -1).to(x.dtype))  # (T, hidden)
