@@ -11,6 +11,7 @@ Either way the cache holds exactly the tokens the model is conditioned on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 from .sampling import SamplingParams
@@ -41,6 +42,8 @@ class ChatSession:
         generator) keeps what was said so far in the history."""
         self.messages.append({"role": "user", "content": message})
         params = params or SamplingParams()
+        if not params.stop and self.llm.chat_stop:  # the model's own end of a turn
+            params = dataclasses.replace(params, stop=self.llm.chat_stop)
         ids = self._next_turn_ids()
         if ids is None:  # first turn, or a template we cannot extend: full render
             text = self.render_text(self.messages)

@@ -1,6 +1,9 @@
-"""The ``edgekv`` command line."""
+"""The ``edgekv`` command line: chat, generate, formats."""
 
 from __future__ import annotations
+
+import functools
+import sys
 
 import click
 
@@ -12,6 +15,100 @@ from edgekv.quant import FORMATS, VARIANTS, get_format
 @click.version_option(__version__, prog_name="edgekv")
 def main() -> None:
     """EdgeKV: LLM inference with a paged, quantized KV cache."""
+
+
+def model_options(fn):
+    """Options shared by the commands that load a model."""
+    opts = [
+        click.option("--model", default=None, help="HF-format model dir or hub id "
+                     "(default: the bundled demo model)."),
+        click.option("--kv", "kv_format", default="int8", show_default=True,
+                     type=click.Choice(FORMATS + VARIANTS), help="KV cache format."),
+        click.option("--kv-memory", default=None, help="KV pool size, e.g. 256MiB "
+                     "(default: sized from free memory)."),
+        click.option("--weights", type=click.Choice(["int8", "nf4"]), default=None,
+                     help="Quantize weights with bitsandbytes."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
+                     "available)."),
+        click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (default: "
+                     "the checkpoint's)."),
+        click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1)),
+        click.option("--temperature", default=0.8, show_default=True,
+                     type=click.FloatRange(0)),
+        click.option("--top-p", default=0.95, show_default=True,
+                     type=click.FloatRange(0, 1, min_open=True)),
+        click.option("--seed", default=0, show_default=True, type=int),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def build(opts: dict):
+    """(LLM, SamplingParams) from the shared options; bad input is a one-line usage error."""
+    from edgekv import LLM, SamplingParams
+
+    try:
+        llm = LLM(opts["model"], kv_format=opts["kv_format"], kv_memory=opts["kv_memory"],
+                  weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
+                  seed=opts["seed"])
+        params = SamplingParams(max_tokens=opts["max_tokens"],
+                                temperature=opts["temperature"], top_p=opts["top_p"],
+                                seed=opts["seed"])
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return llm, params
+
+
+def quiet_libraries(fn):
+    """Keep library progress bars and notices off the chat."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import logging
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@main.command()
+@model_options
+@click.option("--system", default=None, help="System prompt.")
+@quiet_libraries
+def chat(system: str | None, **opts) -> None:
+    """Chat in the terminal; the history stays in the KV cache. /help lists commands."""
+    from .chat_cli import ChatREPL, stdin_lines
+
+    llm, params = build(opts)
+    interactive = sys.stdin.isatty()
+    repl = ChatREPL(llm, params, system)
+    if interactive:
+        s = llm.kv_stats()
+        click.echo(f"edgekv chat: {llm.model_dir.name}, KV {s['kv_format']} "
+                   f"({s['bytes_per_token']:,} B/token), {s['blocks_total']} blocks of "
+                   f"{s['block_size']}. /help for commands, Ctrl-D to quit.")
+    repl.run(stdin_lines(interactive), interactive)
+
+
+@main.command()
+@model_options
+@click.argument("prompt", required=False)
+@quiet_libraries
+def generate(prompt: str | None, **opts) -> None:
+    """Complete one PROMPT (argument or stdin) and print it to stdout as it streams."""
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT argument or pipe one on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
+    llm, params = build(opts)
+    for piece in llm.stream(prompt, params):
+        click.echo(piece, nl=False)
+    click.echo()
 
 
 @main.command()
@@ -33,3 +130,7 @@ def formats(layers: int, kv_heads: int, head_dim: int, variants: bool) -> None:
             click.echo(f"{name:<12}  n/a: {e}")
             continue
         click.echo(f"{name:<12}{b:>12,}{b / fp16:>8.3f}x")
+
+
+if __name__ == "__main__":
+    main()

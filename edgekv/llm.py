@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
@@ -57,6 +58,7 @@ class LLM:
         self.model, self.model_config, self.model_dir = load_model(model, self.device, dtype,
                                                                    weights)
         self.tokenizer = _load_tokenizer(self.model_dir)
+        self.chat_stop = _chat_stop_strings(self.model_dir)
         mc = self.model_config
         fmt_cost = get_format(kv_format).bytes_per_token(mc.num_kv_heads, mc.head_dim)
         if kv_memory is None:
@@ -124,6 +126,15 @@ class LLM:
         """What the KV cache costs now: blocks_total, blocks_used, bytes_used,
         bytes_per_token, live_tokens, utilization, preemptions, ..."""
         return self.engine.kv_stats()
+
+
+def _chat_stop_strings(model_dir: Path) -> tuple[str, ...]:
+    """``stop_strings`` of generation_config.json: where a chat turn ends (may be empty)."""
+    f = model_dir / "generation_config.json"
+    if not f.is_file():
+        return ()
+    stop = json.loads(f.read_text()).get("stop_strings") or ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 def _load_tokenizer(model_dir: Path):

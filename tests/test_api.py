@@ -142,3 +142,24 @@ def test_bitsandbytes_weights_generate(llama_dir, weights):
     assert lq.shape == lp.shape and torch.isfinite(lq).all()
     assert (lp.softmax(-1) - lq.softmax(-1)).abs().sum(-1).max() < 0.5  # close, not equal
     assert len(q.generate([ids], GREEDY)[0].token_ids) == 20
+
+
+def test_sharded_checkpoint_and_half_precision_weights(tmp_path):
+    import transformers as tf
+
+    from tiny_models import build_tokenizer, hf_config
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(hf_config("qwen2"), dtype=torch.float32)
+    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="200KB")
+    build_tokenizer().save_pretrained(tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ids = [5, 17, 99, 3, 250, 41]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    full = LLM(tmp_path, kv_format="fp32", kv_memory="4MiB", dtype=torch.float32)
+    assert (full.score(ids) - want).abs().max() <= 1e-4
+    half = LLM(tmp_path, kv_format="bf16", kv_memory="4MiB", dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert (half.score(ids) - want).abs().max() <= 0.1
+    assert len(half.generate([ids], GREEDY)[0].token_ids) == 20
