@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from edgekv.kernels import write_kv
 from edgekv.quant import QuantizedKV
 
 from .block_manager import BlockManager
@@ -50,7 +51,7 @@ class PagedKVCache:
 
     # ---- bytes in --------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Quantize and store new tokens.
+        """Quantize and store new tokens (fused Triton kernel on CUDA, torch on CPU).
 
         k, v:  (num_tokens, num_kv_heads, head_dim)  in the original basis
         slots: (num_tokens,) int64 flat slot ids (block_id * block_size + offset)
@@ -60,16 +61,9 @@ class PagedKVCache:
         if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != (c.num_kv_heads, c.head_dim):
             raise ValueError(f"expected k and v of shape (tokens, {c.num_kv_heads}, "
                              f"{c.head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
-        slots = slots.to(device=self.device, dtype=torch.long)
-        blk, off = slots // c.block_size, slots % c.block_size  # (num_tokens,)
-        for store, x in zip(self.layers[layer], (k, v), strict=True):
-            q = self.format.quantize(x.to(self.device))  # (num_tokens, heads, ...)
-            # store.data[blk, :, off] has shape (num_tokens, heads, packed_dim)
-            store.data[blk, :, off] = q.data
-            if q.scale is not None:
-                store.scale[blk, :, off] = q.scale
-            if q.zero is not None:
-                store.zero[blk, :, off] = q.zero
+        k_store, v_store = self.layers[layer]
+        write_kv(k_store, v_store, k.to(self.device), v.to(self.device),
+                 slots.to(device=self.device, dtype=torch.long), self.format)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer, codes and scales together."""

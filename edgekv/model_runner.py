@@ -50,6 +50,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             max_query_len=max(batch.num_new),
+            max_seq_len=max(seq_lens),
             kv_cache=self.cache,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # (T,)

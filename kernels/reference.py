@@ -94,3 +94,50 @@ def paged_decode_attention_ref(
     cu = torch.arange(q.shape[0] + 1, device=q.device)
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu, fmt,
                                        sm_scale)
+
+
+def decode_block_mass_ref(
+    q: torch.Tensor,             # (S, Hq, D)
+    k_cache: QuantizedKV,
+    block_tables: torch.Tensor,  # (S, max_blocks)
+    seq_lens: torch.Tensor,      # (S,)
+    fmt: KVFormat,
+    sm_scale: float | None = None,
+) -> torch.Tensor:               # (S, max_blocks) fp32
+    """Softmax mass each block of a decode step receives, summed over the Hq query heads.
+
+    ``mass[s, b]`` covers the tokens in ``block_tables[s, b]``; each row sums to Hq and is 0
+    past ``ceil(L_s / B)``. Same scores as paged_decode_attention_ref.
+    """
+    S, Hq, D = q.shape
+    Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
+    G = Hq // Hkv
+    sm_scale = D**-0.5 if sm_scale is None else sm_scale
+    mass = torch.zeros(S, block_tables.shape[1], dtype=torch.float32, device=q.device)
+    qs = fmt.to_storage_basis(q.float())  # (S, Hq, D)
+    for s, L in enumerate(seq_lens.tolist()):
+        if L == 0:
+            continue
+        k = gather_blocks(k_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
+        scores = torch.einsum("hgd,hld->hgl", qs[s].reshape(Hkv, G, D), k) * sm_scale
+        p = torch.softmax(scores, dim=-1).sum((0, 1))  # (L,)
+        nb = -(-L // B)
+        mass[s, :nb] = torch.nn.functional.pad(p, (0, nb * B - L)).reshape(nb, B).sum(1)
+    return mass
+
+
+def write_kv_ref(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor, fmt: KVFormat) -> None:
+    """Quantize new K/V (num_tokens, Hkv, D) with ``fmt.quantize`` and store them at flat
+    ``slots`` (block_id * B + offset), as PagedKVCache.write does. Mutates the stores at
+    those slots only."""
+    B = k_store.data.shape[2]
+    slots = slots.to(device=k_store.data.device, dtype=torch.long)
+    blk, off = slots // B, slots % B  # (num_tokens,)
+    for store, x in ((k_store, k), (v_store, v)):
+        q = fmt.quantize(x.to(store.data.device))  # (num_tokens, Hkv, ...)
+        store.data[blk, :, off] = q.data  # indexed view: (num_tokens, Hkv, packed_dim)
+        if q.scale is not None:
+            store.scale[blk, :, off] = q.scale
+        if q.zero is not None:
+            store.zero[blk, :, off] = q.zero

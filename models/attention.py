@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgekv.kernels import paged_decode_attention_ref as paged_decode_attention  # TODO dispatch
-from edgekv.kernels import paged_prefill_attention_ref as paged_prefill_attention
+from edgekv.kernels import paged_decode_attention, paged_prefill_attention
 
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding
@@ -28,6 +27,7 @@ class AttentionMetadata:
     seq_lens:     (S,) int32   KV length of each sequence after this step
     cu_seqlens_q: (S + 1,) int32  offsets of each sequence's new tokens in T
     max_query_len: largest number of new tokens of one sequence (1 means pure decode)
+    max_seq_len:   largest seq_lens entry (known on the host: kernels size grids with it)
     """
 
     slot_mapping: torch.Tensor
@@ -35,6 +35,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     max_query_len: int
+    max_seq_len: int
     kv_cache: object  # edgekv.kv_cache.PagedKVCache
 
 
@@ -70,8 +71,9 @@ class PagedAttention(nn.Module):
         k_store, v_store = cache.layers[self.layer_idx]
         if meta.max_query_len == 1:
             o = paged_decode_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
-                                       cache.format, self.scale)
+                                       cache.format, self.scale, max_seq_len=meta.max_seq_len)
         else:
             o = paged_prefill_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
-                                        meta.cu_seqlens_q, cache.format, self.scale)
+                                        meta.cu_seqlens_q, cache.format, self.scale,
+                                        max_q_len=meta.max_query_len)
         return self.o_proj(o.reshape(T, -1).to(x.dtype))  # (T, hidden)

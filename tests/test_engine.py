@@ -79,3 +79,22 @@ def test_sampling_is_seeded_per_request(llm):
     assert llm.generate(p, a)[0].token_ids == first
     assert llm.generate(p * 2, a)[1].token_ids == first  # batch neighbours do not matter
     assert llm.generate(p, b)[0].token_ids != first
+
+
+@pytest.mark.parametrize("kv_format", ["fp16", "int4"])
+def test_fused_kernels_end_to_end_match_the_torch_path(llama_dir, kv_format):
+    """The whole engine with the Triton kernels (interpreted on CPU) gives the torch path's
+    tokens: write, chunked prefill, decode."""
+    from edgekv.kernels import set_backend
+
+    ps = prompts([5, 21], seed=9)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm = LLM(llama_dir, kv_format=kv_format, kv_memory="2MiB", dtype=torch.float32,
+              max_num_batched_tokens=16)
+    want = [o.token_ids for o in llm.generate(ps, params)]
+    set_backend("triton")
+    try:
+        got = [o.token_ids for o in llm.generate(ps, params)]
+    finally:
+        set_backend(None)
+    assert got == want

@@ -1,0 +1,189 @@
+"""The attention and KV-write entry points the runtime calls: Triton kernels or torch.
+
+    paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, fmt, ...)
+    paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, fmt, ...)
+    write_kv(k_store, v_store, k, v, slots, fmt)
+
+Routing (``auto``): CUDA tensors go to the fused Triton kernels, CPU tensors to the torch
+reference (reference.py), which is the CPU path. ``set_backend("triton" | "torch")`` or the
+environment variable ``EDGEKV_ATTENTION_BACKEND`` forces one; ``set_backend`` wins, and is
+undone by ``set_backend(None)``. Forcing ``triton`` on CPU tensors runs the kernels in
+Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before the kernel
+modules are first imported; that is how CI tests them.
+
+Fallback: under ``auto``, a CUDA call the kernels cannot take (a format or head_dim they do
+not support, Triton missing, a kernel that fails to compile) runs the torch path and logs
+one warning per reason (logging, logger ``edgekv.kernels.dispatch``). Under ``triton`` the
+same case raises ValueError. Nothing falls back silently.
+
+The kernel modules are imported lazily, on first use, so that importing edgekv does not
+import Triton on machines that never use it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+from edgekv.quant import KVFormat, QuantizedKV, get_format
+
+from .reference import (
+    decode_block_mass_ref,
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+    write_kv_ref,
+)
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "EDGEKV_ATTENTION_BACKEND"
+_forced: str | None = None
+_warned: set[str] = set()
+
+
+def set_backend(name: str | None) -> None:
+    """Force ``"triton"`` or ``"torch"`` (or ``"auto"``) for every later call; None undoes it."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    _forced = name
+
+
+def get_backend() -> str:
+    """The backend in force: set_backend's, else $EDGEKV_ATTENTION_BACKEND's, else "auto"."""
+    if _forced is not None:
+        return _forced
+    name = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def _kernels(module: str):
+    return importlib.import_module(f"{__package__}.{module}")
+
+
+def _triton_problem(device: torch.device, fmt: KVFormat, head_dim: int) -> str | None:
+    """Why the Triton kernels cannot run this call, or None if they can."""
+    try:
+        tiles = _kernels("kv_tiles")
+    except ImportError as e:  # no triton on this platform
+        return f"Triton is not available ({e})"
+    try:
+        tiles.kernel_format(fmt, head_dim)
+    except tiles.UnsupportedFormat as e:
+        return str(e)
+    if device.type != "cuda":
+        kernel = _kernels("paged_decode")._paged_decode_kernel
+        if type(kernel).__name__ != "InterpretedFunction":
+            return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+                    "edgekv's kernel modules are first imported")
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("edgekv: Triton kernels unavailable, using the torch reference: %s",
+                       reason)
+
+
+def _use_triton(device: torch.device, fmt: KVFormat, head_dim: int) -> bool:
+    """Route one call: True for the Triton kernels. Raises or warns as the module says."""
+    backend = get_backend()
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return False
+    problem = _triton_problem(device, fmt, head_dim)
+    if problem is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"attention backend 'triton' cannot run this call: {problem}")
+    _warn_once(problem)
+    return False
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+    return CompilationError, OutOfResources
+
+
+def _run(kernel, fallback, reason: str):
+    """Run a Triton launcher; under "auto", a compile failure falls back with a warning."""
+    if get_backend() == "triton":
+        return kernel()
+    try:
+        return kernel()
+    except _compile_errors() as e:
+        _warn_once(f"{reason}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return fallback()
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, fmt: KVFormat | str, sm_scale: float | None = None, *,
+    return_block_mass: bool = False, **kernel_options,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention, (S, Hq, D) -> (S, Hq, D); see paged_decode.py for the contract and
+    for ``kernel_options`` (num_splits, block_n, ...; the torch path ignores them).
+    With ``return_block_mass`` also returns (S, max_blocks) fp32 block mass (rows sum to Hq).
+    """
+    fmt = get_format(fmt)
+
+    def torch_path():
+        out = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, fmt,
+                                         sm_scale)
+        if not return_block_mass:
+            return out
+        return out, decode_block_mass_ref(q, k_cache, block_tables, seq_lens, fmt, sm_scale)
+
+    if not _use_triton(q.device, fmt, q.shape[-1]):
+        return torch_path()
+    run = _kernels("paged_decode").paged_decode_attention
+    return _run(lambda: run(q, k_cache, v_cache, block_tables, seq_lens, fmt, sm_scale,
+                            return_block_mass=return_block_mass, **kernel_options),
+                torch_path, f"decode kernel for {fmt.name}")
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, fmt: KVFormat | str,
+    sm_scale: float | None = None, **kernel_options,
+) -> torch.Tensor:
+    """Causal prefill / append attention, (T, Hq, D) -> (T, Hq, D); see paged_prefill.py."""
+    fmt = get_format(fmt)
+
+    def torch_path():
+        return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, seq_lens,
+                                           cu_seqlens_q, fmt, sm_scale)
+
+    if not _use_triton(q.device, fmt, q.shape[-1]):
+        return torch_path()
+    run = _kernels("paged_prefill").paged_prefill_attention
+    return _run(lambda: run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, fmt,
+                            sm_scale, **kernel_options),
+                torch_path, f"prefill kernel for {fmt.name}")
+
+
+def write_kv(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor, fmt: KVFormat | str) -> None:
+    """Quantize new K/V (num_tokens, Hkv, D) into one layer's stores at flat ``slots``.
+
+    Mutates the stores at those slots only (codes, scales, zeros). Same values as
+    ``fmt.quantize`` (the Triton kernel's codes may differ by one where a value sits on a
+    rounding boundary and the devices' arithmetic differs).
+    """
+    fmt = get_format(fmt)
+
+    def torch_path():
+        write_kv_ref(k_store, v_store, k, v, slots, fmt)
+
+    if not _use_triton(k.device, fmt, k.shape[-1]):
+        return torch_path()
+    run = _kernels("quant_write").write_kv_triton
+    return _run(lambda: run(k_store, v_store, k, v, slots, fmt), torch_path,
+                f"write kernel for {fmt.name}")

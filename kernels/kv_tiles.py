@@ -1,0 +1,276 @@
+"""What the kernels need to know about a KV format, and the tile helpers they share.
+
+``kernel_format(fmt, head_dim)`` turns a :class:`~edgekv.quant.KVFormat` into the constants
+the kernels are specialised on, or raises :class:`UnsupportedFormat`. The ``@triton.jit``
+helpers below load one tile of stored K or V and dequantize it in registers; the decode and
+the prefill kernels call them, nothing else does.
+
+Head-dim halves. Every kernel works on head_dim as two halves of ``HALF = D / 2`` channels,
+because INT4 packs dims ``[0, D/2)`` in the low nibbles and ``[D/2, D)`` in the high nibbles
+of the same bytes (quant/packing.py). For other formats the two halves are two loads. Each
+half is padded to ``HALF_P`` (a power of two >= 16, as ``tl.dot`` wants) and masked.
+
+Scales. With one scale per token-head (``GROUP == 0``) the K scale multiplies the scores
+after the dot and the V scale multiplies the probabilities before it, so codes enter the
+dot exactly; an asymmetric zero adds ``z * sum(q)`` to a score and ``sum_j p_j z_j`` to an
+output. With group scales (``GROUP`` channels each) the tile is dequantized element-wise.
+
+Precision. Dot operands are fp16 (``dot_dtype``): codes are exact in it, the query and the
+softmax weights are not (~1e-3 relative error in the output). ``PRECISE`` adds the product
+of each operand's fp16 rounding residual (one more dot per operand: ``split_operand``,
+``_mm``), which brings the result to ~1e-6 of the fp32 reference; decode, memory-bound,
+uses it by default, prefill does not. Weights ``p * scale`` are multiplied by ``WSCALE``
+(a power of two near the largest code) before rounding, so they stay out of fp16's
+subnormal range (fp8 scales are ~absmax / 448 or / 57344), and the sum is divided back.
+
+    N = tokens in the tile   M = query rows   HALF_P = padded half of head_dim
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from edgekv.quant import FloatFormat, Fp8Format, IntFormat, KVFormat
+
+from .fp8_bits import fp8_to_f32
+
+# storage kinds (the KIND constexpr)
+FLOAT = tl.constexpr(0)  # fp32 / fp16 / bf16 values, no scale
+INT8 = tl.constexpr(1)  # one signed or unsigned byte per channel
+INT4 = tl.constexpr(2)  # two nibbles per byte, split halves
+FP8E4 = tl.constexpr(3)  # e4m3fn bytes
+FP8E5 = tl.constexpr(4)  # e5m2 bytes
+
+
+class UnsupportedFormat(ValueError):
+    """The Triton kernels cannot handle this format or shape (the torch path can)."""
+
+
+@dataclass(frozen=True)
+class KernelFormat:
+    """Compile-time constants describing one stored format (see module docstring)."""
+
+    kind: int
+    offset: int  # subtracted from int4 nibbles (symmetric int4 stores code + 8)
+    group: int  # 0: one scale per token-head; else channels per scale group
+    has_scale: bool
+    has_zero: bool
+    symmetric: bool  # integer formats: code range [-qmax, qmax] vs [0, levels]
+    qmax: float  # symmetric integer: largest code; fp8 / float: largest finite value
+    levels: float  # asymmetric integer: largest code
+    wscale: float  # power of two near the largest code magnitude (pv_tile's WSCALE)
+
+
+def kernel_format(fmt: KVFormat, head_dim: int) -> KernelFormat:
+    """Describe ``fmt`` for the kernels; raise UnsupportedFormat if they cannot run it."""
+    if head_dim % 2 or head_dim < 2:
+        raise UnsupportedFormat(f"the Triton kernels need an even head_dim, got {head_dim}")
+    fmt.check_head_dim(head_dim)
+    half = head_dim // 2
+    if isinstance(fmt, FloatFormat):
+        if fmt.storage_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise UnsupportedFormat(f"{fmt.name}: storage dtype {fmt.storage_dtype}")
+        fmax = float(torch.finfo(fmt.storage_dtype).max)
+        return KernelFormat(FLOAT.value, offset=0, group=0, has_scale=False, has_zero=False,
+                            symmetric=True, qmax=fmax, levels=0.0, wscale=1.0)
+    if isinstance(fmt, Fp8Format):
+        kind = {torch.float8_e4m3fn: FP8E4.value, torch.float8_e5m2: FP8E5.value}.get(
+            fmt.fp8_dtype)
+        if kind is None:
+            raise UnsupportedFormat(f"{fmt.name}: fp8 dtype {fmt.fp8_dtype}")
+        return KernelFormat(kind, offset=0, group=0, has_scale=True, has_zero=False,
+                            symmetric=True, qmax=fmt.fmax, levels=0.0, wscale=_pow2(fmt.fmax))
+    if isinstance(fmt, IntFormat):
+        group = fmt.group_size or 0
+        if group and (half % group or group & (group - 1) or half & (half - 1)):
+            # the write kernel reshapes each half into whole groups
+            raise UnsupportedFormat(f"{fmt.name}: group size {group} must be a power of two "
+                                    f"dividing head_dim/2 = {half}, itself a power of two")
+        top = fmt.qmax if fmt.symmetric else fmt.levels
+        return KernelFormat(INT4.value if fmt.bits == 4 else INT8.value, offset=fmt.offset,
+                            group=group, has_scale=True, has_zero=fmt.has_zero,
+                            symmetric=fmt.symmetric, qmax=float(fmt.qmax),
+                            levels=float(fmt.levels), wscale=_pow2(top))
+    raise UnsupportedFormat(f"no Triton kernel for format {fmt!r}")
+
+
+def _pow2(x: float) -> float:
+    return float(triton.next_power_of_2(int(x)))
+
+
+def dot_dtype(fmt: KVFormat, device: torch.device) -> tl.dtype:
+    """Operand dtype of the kernels' tl.dot for ``fmt``.
+
+    Codes of every quantized format (int8, int4 nibbles, fp8 values) are exact in fp16, and
+    scales are applied outside the dot, so fp16 loses only the query's and the weights'
+    low bits. fp32 storage (the exact reference) multiplies in IEEE fp32. bf16 storage uses
+    bf16 on a GPU; the CPU interpreter cannot multiply bf16, so it uses fp32 there.
+    """
+    if isinstance(fmt, FloatFormat) and fmt.storage_dtype == torch.float32:
+        return tl.float32
+    if isinstance(fmt, FloatFormat) and fmt.storage_dtype == torch.bfloat16:
+        return tl.bfloat16 if device.type == "cuda" else tl.float32
+    return tl.float16
+
+
+def pad_half(head_dim: int) -> int:
+    """HALF_P: head_dim / 2 rounded up to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim // 2))
+
+
+# ---- Triton helpers ----------------------------------------------------------------------
+@triton.jit
+def load_halves(data_ptr, rows, d, HALF, t_mask, d_mask, KIND: tl.constexpr,
+                OFFSET: tl.constexpr):
+    """Both halves of a stored tile as fp32 code values: two (N, HALF_P) tensors.
+
+    rows: (N,) int64 element offsets of each token's vector; d: (HALF_P,) channel index.
+    Masked tokens and padded channels read as 0.
+    """
+    mask = t_mask[:, None] & d_mask[None, :]
+    ptr = data_ptr + rows[:, None] + d[None, :]  # (N, HALF_P)
+    if KIND == INT4:
+        b = tl.load(ptr, mask=mask, other=0)
+        lo = (b & 0xF).to(tl.float32) - OFFSET  # dims [0, D/2)
+        hi = (b >> 4).to(tl.float32) - OFFSET  # dims [D/2, D)
+    else:
+        raw_lo = tl.load(ptr, mask=mask, other=0)
+        raw_hi = tl.load(ptr + HALF, mask=mask, other=0)
+        if KIND == FP8E4 or KIND == FP8E5:
+            lo = fp8_to_f32(raw_lo, KIND - FP8E4)  # flavor 0: e4m3fn, 1: e5m2
+            hi = fp8_to_f32(raw_hi, KIND - FP8E4)
+        else:
+            lo = raw_lo.to(tl.float32)
+            hi = raw_hi.to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _dequant_groups(lo, hi, scale_ptr, zero_ptr, srows, d, HALF, t_mask, d_mask,
+                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """Apply per-group scales (and zeros) element-wise to both halves of a tile."""
+    mask = t_mask[:, None] & d_mask[None, :]
+    g_lo = srows[:, None] + (d // GROUP)[None, :]  # (N, HALF_P) scale offsets
+    g_hi = srows[:, None] + ((d + HALF) // GROUP)[None, :]
+    lo = lo * tl.load(scale_ptr + g_lo, mask=mask, other=0).to(tl.float32)
+    hi = hi * tl.load(scale_ptr + g_hi, mask=mask, other=0).to(tl.float32)
+    if HAS_ZERO:
+        lo += tl.load(zero_ptr + g_lo, mask=mask, other=0).to(tl.float32)
+        hi += tl.load(zero_ptr + g_hi, mask=mask, other=0).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def split_operand(a, DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """fp32 a -> (a1, a2) in DOT with a ~ a1 + a2: a1 rounded, a2 its rounding residual
+    (zeros unless SPLIT). Call once per loop-invariant operand (the query)."""
+    a1 = a.to(DOT)
+    if SPLIT:
+        a2 = (a - a1.to(tl.float32)).to(DOT)
+    else:
+        a2 = a1
+    return a1, a2
+
+
+@triton.jit
+def query_sum(q_lo, q_lo2, q_hi, q_hi2, PRECISE: tl.constexpr):
+    """(M,) fp32 channel sums of the query as the dots see it (rounded, + residual if
+    PRECISE). The zero term ``z * sum(q)`` must use the same rounded q as ``s * (q . c)``:
+    with an asymmetric format both terms are large and cancel."""
+    q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
+    if PRECISE:
+        q_sum += tl.sum(q_lo2.to(tl.float32), axis=1) + tl.sum(q_hi2.to(tl.float32), axis=1)
+    return q_sum
+
+
+@triton.jit
+def _mm(a1, a2, b, acc, DOT: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr):
+    """acc + (a1 [+ a2]) @ b, a1/a2 from split_operand, b fp32 rounded to DOT.
+
+    SPLIT_A adds the product of a's residual, SPLIT_B that of b's (compensated product):
+    an fp16 dot then comes close to fp32 accuracy for one more dot each.
+    """
+    b1 = b.to(DOT)
+    acc = tl.dot(a1, b1, acc, input_precision="ieee")
+    if SPLIT_A:
+        acc = tl.dot(a2, b1, acc, input_precision="ieee")
+    if SPLIT_B:
+        acc = tl.dot(a1, (b - b1.to(tl.float32)).to(DOT), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def qk_tile(q_lo, q_lo2, q_hi, q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, rows, srows, d, HALF,
+            t_mask, d_mask, KIND: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
+            HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, DOT: tl.constexpr,
+            PRECISE: tl.constexpr):
+    """Scores q . k of M query rows against N stored keys: (M, N) fp32, scales applied.
+
+    q_lo, q_hi: (M, HALF_P) halves of q in DOT, q_lo2, q_hi2 their residuals
+    (split_operand, used if PRECISE); q_sum: (M,) fp32 sum of the q the dots see
+    (``query_sum``), for asymmetric formats with one group. Codes are exact in DOT, so
+    PRECISE only needs the residual of q, and of group-dequantized keys. Masked keys score
+    0 here: the caller masks them.
+    """
+    k_lo, k_hi = load_halves(k_ptr, rows, d, HALF, t_mask, d_mask, KIND, OFFSET)
+    if GROUP > 0:
+        k_lo, k_hi = _dequant_groups(k_lo, k_hi, ks_ptr, kz_ptr, srows, d, HALF, t_mask,
+                                     d_mask, GROUP, HAS_ZERO)
+    s = tl.zeros((q_lo.shape[0], k_lo.shape[0]), tl.float32)  # (M, N)
+    s = _mm(q_lo, q_lo2, tl.trans(k_lo), s, DOT, PRECISE, PRECISE and GROUP > 0)
+    s = _mm(q_hi, q_hi2, tl.trans(k_hi), s, DOT, PRECISE, PRECISE and GROUP > 0)
+    if HAS_SCALE and GROUP == 0:
+        ks = tl.load(ks_ptr + srows, mask=t_mask, other=0).to(tl.float32)  # (N,)
+        s = s * ks[None, :]
+        if HAS_ZERO:
+            kz = tl.load(kz_ptr + srows, mask=t_mask, other=0).to(tl.float32)  # (N,)
+            s += q_sum[:, None] * kz[None, :]
+    return s
+
+
+@triton.jit
+def pv_tile(p, v_ptr, vs_ptr, vz_ptr, rows, srows, d, HALF, t_mask, d_mask,
+            KIND: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
+            HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, DOT: tl.constexpr,
+            PRECISE: tl.constexpr, WSCALE: tl.constexpr):
+    """Weighted sum p @ v of N stored values: two (M, HALF_P) fp32 halves.
+
+    p: (M, N) fp32 unnormalised probabilities, 0 on masked tokens. With one scale per
+    token the scale joins the weights, ``(p * s) @ codes``; PRECISE compensates the
+    rounding of the weights (and of group-dequantized values). Scales are about
+    ``absmax / largest code``, so the weights are multiplied by WSCALE (a power of two near
+    the largest code) to keep them out of fp16's subnormal range, and the sum divided back.
+    """
+    v_lo, v_hi = load_halves(v_ptr, rows, d, HALF, t_mask, d_mask, KIND, OFFSET)
+    if GROUP > 0:
+        v_lo, v_hi = _dequant_groups(v_lo, v_hi, vs_ptr, vz_ptr, srows, d, HALF, t_mask,
+                                     d_mask, GROUP, HAS_ZERO)
+        w = p
+    elif HAS_SCALE:
+        vs = tl.load(vs_ptr + srows, mask=t_mask, other=0).to(tl.float32)  # (N,)
+        w = p * (vs * WSCALE)[None, :]
+    else:
+        w = p
+    w1, w2 = split_operand(w, DOT, PRECISE)
+    o_lo = tl.zeros((p.shape[0], v_lo.shape[1]), tl.float32)  # (M, HALF_P)
+    o_lo = _mm(w1, w2, v_lo, o_lo, DOT, PRECISE, PRECISE and GROUP > 0)
+    o_hi = tl.zeros((p.shape[0], v_lo.shape[1]), tl.float32)
+    o_hi = _mm(w1, w2, v_hi, o_hi, DOT, PRECISE, PRECISE and GROUP > 0)
+    if HAS_SCALE and GROUP == 0:
+        o_lo = o_lo * (1.0 / WSCALE)
+        o_hi = o_hi * (1.0 / WSCALE)
+    if HAS_ZERO and GROUP == 0:
+        vz = tl.load(vz_ptr + srows, mask=t_mask, other=0).to(tl.float32)  # (N,)
+        if PRECISE:
+            pz = p
+        else:  # the weights the dot really used: keeps code and zero terms consistent
+            inv = 1.0 / (tl.where(t_mask, vs, 1.0) * WSCALE)  # (N,); w1 is 0 if masked
+            pz = w1.to(tl.float32) * inv[None, :]
+        z = tl.sum(pz * vz[None, :], axis=1)  # (M,)
+        o_lo += z[:, None]
+        o_hi += z[:, None]
+    return o_lo, o_hi

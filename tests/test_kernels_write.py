@@ -1,0 +1,106 @@
+"""Fused quantize-and-write kernel == ``fmt.quantize`` + index assignment (write_kv_ref).
+
+Codes may differ by one step where a value sits on a rounding boundary and the device
+computes differently (measured: identical under the interpreter); scales and zeros to
+1e-3 relative. Every format runs with two (block size, head_dim) pairs; the inputs include
+the edge cases of the formats' math (zero and constant vectors, tiny and huge values).
+"""
+
+import pytest
+import torch
+from kernel_cases import ALL_FORMATS, DEVICE, empty_store
+
+from edgekv.kernels.quant_write import quant_write, write_kv_triton
+from edgekv.kernels.reference import write_kv_ref
+from edgekv.quant import QuantizedKV, get_format, unpack_int4
+
+HKV = 2
+CASES = [(name, *bd) for name in ALL_FORMATS for bd in ((16, 64), (32, 128))]
+CASES += [(name, 16, 96) for name in ("bf16", "int8", "fp8", "int4")]  # padded halves
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def _codes(store: QuantizedKV, fmt) -> torch.Tensor:
+    """Integer codes per channel: unpacked nibbles, or the storage bits as integers (one
+    step of the code = one unit, also for float storage: one ulp)."""
+    data = store.data
+    if getattr(fmt, "bits", None) == 4:
+        return unpack_int4(data).int()
+    if data.dtype == torch.int8:
+        return data.int()
+    return data.view(_INT_VIEW[data.element_size()]).int()
+
+
+def _inputs(T, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(T, HKV, D, generator=g) * 3
+    v = torch.randn(T, HKV, D, generator=g) + 1
+    k[0] = 0.0  # zero vector: the smallest scale, all codes 0
+    v[1] = 0.7  # constant vector: asymmetric range 0
+    k[2, 0] *= 1e-6  # tiny values
+    v[3, 1, :5] = 3e5  # past fp16's range: float formats clamp
+    k[4, :, 7] = 40.0  # one outlier channel
+    return k.to(DEVICE), v.to(DEVICE)
+
+
+def _compare(got: QuantizedKV, want: QuantizedKV, fmt):
+    assert (_codes(got, fmt) - _codes(want, fmt)).abs().max() <= 1
+    for a, b in ((got.scale, want.scale), (got.zero, want.zero)):
+        if b is not None:
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("name,B,D", CASES)
+def test_write_matches_quantize(name, B, D):
+    fmt = get_format(name)
+    nb, T = 6, 37  # tokens land in random slots of random blocks, some blocks untouched
+    k, v = _inputs(T, D, seed=B + D)
+    slots = torch.randperm(nb * B, generator=torch.Generator().manual_seed(1))[:T].to(DEVICE)
+    # 1. reference: fmt.quantize + index assignment, as PagedKVCache.write
+    want = [empty_store(fmt, nb, HKV, B, D) for _ in range(2)]
+    write_kv_ref(want[0], want[1], k, v, slots, fmt)
+    # 2. triton
+    got = [empty_store(fmt, nb, HKV, B, D) for _ in range(2)]
+    write_kv_triton(got[0], got[1], k, v, slots, fmt)
+    # 3. compare, written and untouched slots alike
+    for g, w in zip(got, want, strict=True):
+        _compare(g, w, fmt)
+
+
+def test_write_is_exact_on_cpu_interpreter():
+    """Same math, same fp32 operations: bit-identical codes, scales and zeros here."""
+    if DEVICE.type != "cpu":
+        pytest.skip("GPU division and rounding may differ by one code; checked above")
+    for name in ALL_FORMATS:
+        fmt = get_format(name)
+        k, v = _inputs(21, 64, seed=7)
+        slots = torch.arange(21) * 3 % 64
+        want = [empty_store(fmt, 4, HKV, 16, 64) for _ in range(2)]
+        got = [empty_store(fmt, 4, HKV, 16, 64) for _ in range(2)]
+        write_kv_ref(want[0], want[1], k, v, slots, fmt)
+        write_kv_triton(got[0], got[1], k, v, slots, fmt)
+        for g, w in zip(got, want, strict=True):
+            for a, b in ((g.data, w.data), (g.scale, w.scale), (g.zero, w.zero)):
+                assert b is None or torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+
+
+def test_negative_slots_are_skipped_and_strided_inputs_work():
+    fmt = get_format("int4_norot")  # no rotation: the kernel reads the strided input's copy
+    k, _ = _inputs(8, 64, seed=3)
+    k_strided = torch.cat([k, k], dim=-1)[..., ::2]  # last-dim stride 2: launcher copies
+    slots = torch.tensor([5, -1, 7, 8, -1, 9, 10, 40], device=DEVICE)
+    got, want = empty_store(fmt, 4, HKV, 16, 64), empty_store(fmt, 4, HKV, 16, 64)
+    quant_write(got, k_strided, slots, fmt)
+    keep = slots >= 0
+    write_kv_ref(want, empty_store(fmt, 4, HKV, 16, 64), k_strided[keep], k[keep],
+                 slots[keep], fmt)
+    _compare(got, want, fmt)
+
+
+def test_write_rejects_wrong_shapes():
+    fmt = get_format("int8")
+    store = empty_store(fmt, 4, HKV, 16, 64)
+    with pytest.raises(ValueError):
+        quant_write(store, torch.zeros(3, HKV + 1, 64, device=DEVICE), torch.arange(3), fmt)
+    with pytest.raises(ValueError):
+        quant_write(store, torch.zeros(3, HKV, 64, device=DEVICE), torch.arange(4), fmt)
