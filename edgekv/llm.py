@@ -23,6 +23,7 @@ from .sequence import Sequence
 log = logging.getLogger("edgekv")
 
 EVICTION_POLICIES: tuple[str, ...] = ()  # filled in by the eviction work
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"  # package data, see its README.md
 
 
 @dataclass
@@ -52,8 +53,10 @@ class LLM:
             raise ValueError(f"unknown eviction policy {eviction!r}; valid: None"
                              + "".join(f", {p!r}" for p in EVICTION_POLICIES))
         if model is None:
-            raise ValueError("no bundled demo model is installed yet; pass model=PATH to a "
-                             "local HF-format model directory")
+            model = DEMO_MODEL_DIR
+            if not (model / "config.json").is_file():
+                raise ValueError(f"the bundled demo model is missing from {model}; pass "
+                                 f"model=PATH, or train it: scripts/train_demo_model.py")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.model_config, self.model_dir = load_model(model, self.device, dtype,
                                                                    weights)

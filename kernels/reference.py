@@ -90,10 +90,41 @@ def paged_decode_attention_ref(
     fmt: KVFormat,
     sm_scale: float | None = None,
 ) -> torch.Tensor:               # (S, Hq, D)
-    """Attention of one new token per sequence over its whole paged history."""
-    cu = torch.arange(q.shape[0] + 1, device=q.device)
-    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu, fmt,
-                                       sm_scale)
+    """Attention of one new token per sequence over its whole paged history.
+
+    Batched over sequences (the CPU decode path): every sequence's blocks are gathered up
+    to the longest one, and slots past a sequence's length are masked out of the scores
+    and zeroed in V, whatever they hold.
+    """
+    S, Hq, D = q.shape
+    Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    G = Hq // Hkv
+    sm_scale = D**-0.5 if sm_scale is None else sm_scale
+    if S == 0:
+        return torch.empty_like(q)
+    max_len = int(seq_lens.max())
+    nb = -(-max_len // B)
+    owned = torch.arange(nb, device=q.device)[None, :] < (seq_lens.to(q.device)[:, None]
+                                                          + B - 1) // B
+    ids = torch.where(owned, block_tables[:, :nb].long().to(q.device), 0)  # (S, nb)
+
+    def gather(cache: QuantizedKV) -> torch.Tensor:  # -> (S, Hkv, nb * B, D) fp32
+        part = QuantizedKV(cache.data[ids], None if cache.scale is None else cache.scale[ids],
+                           None if cache.zero is None else cache.zero[ids])
+        x = fmt.decode(part)  # (S, nb, Hkv, B, D)
+        return x.permute(0, 2, 1, 3, 4).reshape(S, Hkv, nb * B, D)
+
+    pad = torch.arange(nb * B, device=q.device)[None, :] >= seq_lens.to(q.device)[:, None]
+    k, v = gather(k_cache), gather(v_cache)
+    v = v.masked_fill(pad[:, None, :, None], 0.0)  # unwritten slots may hold anything
+    qs = fmt.to_storage_basis(q.float()).view(S, Hkv, G, D)
+    scores = torch.einsum("shgd,shld->shgl", qs, k) * sm_scale  # (S, Hkv, G, nb * B)
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = torch.einsum("shgl,shld->shgd", p, v).reshape(S, Hq, D)
+    return fmt.from_storage_basis(out).to(q.dtype)
 
 
 def decode_block_mass_ref(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -112,17 +113,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (exact)")
+    p.add_argument("--minutes", type=float, default=30.0,
+                   help="without --steps: as many steps as fit in this time, measured on the "
+                        "first steps (the card records the count; --steps N reproduces it)")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--holdout", type=float, default=0.05)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 (slower)")
     p.add_argument("--tiny", action="store_true", help="a toy shape, for tests")
     a = p.parse_args(argv)
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -143,15 +147,22 @@ def main(argv: list[str] | None = None) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95))
 
+    total = a.steps or 10**9  # set after the first steps when budgeted by time
+
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
         if step < a.warmup:
             return a.lr * (step + 1) / a.warmup
-        t = (step - a.warmup) / max(1, a.steps - a.warmup)
+        t = min(1.0, (step - a.warmup) / max(1, total - a.warmup))
         return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     model.train()
     t_train = time.time()
-    for step in range(a.steps):
+    step = 0
+    while step < total:
+        if a.steps is None and step == 8:
+            per_step = (time.time() - t_train) / 8
+            total = max(a.warmup + 1, int(a.minutes * 60 / per_step))
+            print(f"{per_step:.2f} s/step: training {total} steps", flush=True)
         starts = rng.integers(0, len(train_ids) - a.context - 1, a.batch)
         batch = np.stack([train_ids[s : s + a.context + 1] for s in starts]).astype(np.int64)
         x = torch.from_numpy(batch)
@@ -165,10 +176,12 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == a.steps - 1:
+        if step % 25 == 0 or step == total - 1:
             rate = (step + 1) * a.batch * a.context / (time.time() - t_train)
-            print(f"step {step:5d}/{a.steps}  loss {loss.item():.3f}  lr {lr_at(step):.2e}  "
+            print(f"step {step:5d}/{total}  loss {loss.item():.3f}  lr {lr_at(step):.2e}  "
                   f"{rate:,.0f} tok/s  {(time.time() - t0) / 60:.1f} min", flush=True)
+        step += 1
+    a.steps = total
     train_minutes = (time.time() - t_train) / 60
 
     # ship fp16 weights, and report the perplexity of exactly those weights
@@ -182,8 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     model.config.torch_dtype = "float16"
     model.half().save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=1, do_sample=True,
-                     temperature=0.8, top_p=0.95, max_new_tokens=128).save_pretrained(out)
+    gen = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1, "do_sample": True,
+           "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 128,
+           "stop_strings": [TURN_END]}  # a chat turn ends at a blank line
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     (out / "heldout.txt").write_text("<|endoftext|>".join(held_texts), encoding="utf-8")
     card = {
         "data": names, "holdout_fraction": a.holdout, "seed": a.seed,
@@ -193,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval": {"windows": a.eval_windows, "window": a.context, "ppl": round(ppl, 4),
                  "text": "heldout.txt", "weights": "fp16"},
         "chat": {"user": USER, "assistant": BOT, "turn_end": TURN_END},
-        "command": "python scripts/train_demo_model.py " + " ".join(argv or []),
+        "command": "python scripts/train_demo_model.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
     (out / "README.md").write_text(model_card_text(card))
