@@ -17,9 +17,9 @@ def status_lines(out):
 
 
 @pytest.fixture(scope="module")
-def model_args(llama_dir):
-    return ["--model", str(llama_dir), "--kv-memory", "8MiB", "--dtype", "float32",
-            "--max-tokens", "12", "--temperature", "0"]
+def model_args():
+    """The bundled demo model: no --model, as a newcomer types it."""
+    return ["--kv-memory", "16MiB", "--max-tokens", "12", "--temperature", "0"]
 
 
 def test_chat_through_a_pipe_stats_save_exit(model_args, tmp_path):
@@ -58,7 +58,7 @@ def test_load_refuses_other_formats_and_damaged_files(model_args, tmp_path):
     run_cli(["chat", *model_args], f"Hello\n/save {save}\n")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(save.read_bytes()[: len(save.read_bytes()) // 2])
-    other = [a if a != "8MiB" else "8MiB" for a in model_args] + ["--kv", "int4"]
+    other = [*model_args, "--kv", "int4"]
     r = run_cli(["chat", *other], f"/load {save}\n/load {bad}\n/load {tmp_path}/none\nHi\n")
     assert r.returncode == 0, r.stderr
     assert "kv_format='int8'" in r.stdout  # saved as int8, this chat runs int4
