@@ -28,7 +28,9 @@ def parse_memory(value: int | float | str) -> int:
         unit = m.group(2).lower() if m else None
         if not m or unit not in _UNITS:
             raise ValueError(
-                f"not a memory size: {value!r} (use a number of bytes or e.g. '512MiB', '2GiB')"
+                f"not a memory size: {value!r} (use a number of bytes, or a number and a "
+                f"unit: KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024), "
+                f"e.g. '512MiB', '8GiB')"
             )
         n = int(float(m.group(1)) * _UNITS[unit])
     if n <= 0:

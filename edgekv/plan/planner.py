@@ -1,0 +1,182 @@
+"""What fits on a GPU: for each (weights, KV format) pair, the KV pool left and its context.
+
+For a card of M bytes, weights mode w and KV format f::
+
+    kv_budget(w)   = M - weights(w) - headroom(w)                 (weights.py, headroom.py)
+    blocks(w, f)   = kv_budget(w) // (block_size * bytes_per_token(f))
+    max_context    = min(blocks // batch * block_size, the model's max_position)
+    max_batch      = blocks // ceil(context / block_size)         sequences of `context`
+    fits           = max_batch >= batch                           no eviction needed
+
+``bytes_per_token(f)`` is the format's exact K+V cost over all layers, scales included
+(``edgekv.quant``), the number the runtime's CacheConfig uses, so a plan's block count is
+the one ``LLM(kv_memory=kv_budget)`` allocates.
+
+Recommendation: among the pairs that hold ``batch`` sequences of ``context`` tokens
+without eviction, the least-quantized weights, then the most accurate KV format (in the
+order the format measurements of README rank them: fp16, bf16, int8, fp8, fp8_e5m2,
+int4). If none does, the pair with the longest context, which then needs eviction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edgekv.config import CacheConfig, parse_memory
+
+from .headroom import PREFILL_CHUNK, Headroom, headroom
+from .resolve import ModelSpec
+from .weights import WEIGHT_MODES, WeightMemory, weight_memory
+
+KV_QUALITY_ORDER: tuple[str, ...] = ("fp16", "bf16", "int8", "fp8", "fp8_e5m2", "int4")
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One (weights, KV format) pair on the card. Budgets may be negative (no room)."""
+
+    weights: str
+    kv_format: str
+    weight_bytes: int
+    headroom_bytes: int
+    kv_budget_bytes: int
+    kv_bytes_per_token: int
+    kv_blocks: int
+    kv_tokens: int  # tokens the pool holds, all sequences together
+    max_context: int  # per sequence with `batch` sequences, capped at the model's maximum
+    max_batch: int  # sequences of the requested context that fit
+    fits_weights: bool  # weights and headroom leave room for at least one KV block
+    fits_context: bool  # `batch` sequences of `context` tokens fit without eviction
+
+    @property
+    def status(self) -> str:
+        if self.kv_budget_bytes <= 0:
+            return "weights do not fit"
+        if not self.fits_weights:
+            return "no room for KV"
+        return "fits" if self.fits_context else "needs eviction"
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    row: PlanRow
+    reason: str
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    spec: ModelSpec
+    gpu_memory: int
+    context: int
+    batch: int
+    block_size: int
+    chunk_tokens: int
+    weights: dict[str, WeightMemory]
+    headroom: dict[str, Headroom]  # per weights mode (quantized ones add a dequant buffer)
+    kv_bytes_per_token: dict[str, int]
+    rows: tuple[PlanRow, ...]
+    recommendation: Recommendation | None
+
+    def row(self, weights: str, kv_format: str) -> PlanRow:
+        for r in self.rows:
+            if (r.weights, r.kv_format) == (weights, kv_format):
+                return r
+        raise KeyError((weights, kv_format))
+
+    def to_dict(self) -> dict:
+        """Plain data for ``--json``: every number of the plan, in bytes and tokens."""
+        c = self.spec.config
+        rec = self.recommendation
+        return {
+            "model": {"name": self.spec.name, "source": self.spec.source,
+                      "num_layers": c.num_layers, "hidden_size": c.hidden_size,
+                      "intermediate_size": c.intermediate_size, "num_heads": c.num_heads,
+                      "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
+                      "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_word_embeddings,
+                      "max_position": c.max_position},
+            "request": {"gpu_memory": self.gpu_memory, "context": self.context,
+                        "batch": self.batch, "block_size": self.block_size,
+                        "prefill_chunk": self.chunk_tokens},
+            "weights": {m: {**asdict(w), "total_bytes": w.total_bytes}
+                        for m, w in self.weights.items()},
+            "headroom": {m: h.to_dict() for m, h in self.headroom.items()},
+            "kv_bytes_per_token": dict(self.kv_bytes_per_token),
+            "configurations": [{**asdict(r), "status": r.status} for r in self.rows],
+            "recommendation": None if rec is None else {
+                "weights": rec.row.weights, "kv_format": rec.row.kv_format,
+                "kv_memory": rec.row.kv_budget_bytes, "needs_eviction": not rec.row.fits_context,
+                "reason": rec.reason},
+            "notes": list(self.spec.notes),
+        }
+
+
+def kv_capacity(kv_budget: int, bytes_per_token: int, block_size: int) -> tuple[int, int]:
+    """(blocks, tokens) a KV budget holds: whole blocks only, none for a negative budget."""
+    blocks = max(kv_budget, 0) // (bytes_per_token * block_size)
+    return blocks, blocks * block_size
+
+
+def plan_memory(spec: ModelSpec, gpu_memory: int | str, context: int | None = None,
+                batch: int = 1, block_size: int = 16,
+                chunk_tokens: int = PREFILL_CHUNK["cuda"],
+                kv_formats: tuple[str, ...] = KV_QUALITY_ORDER,
+                weight_modes: tuple[str, ...] = WEIGHT_MODES) -> MemoryPlan:
+    """Plan ``spec`` on a card of ``gpu_memory`` (total bytes or "8GiB").
+
+    ``context``: tokens per sequence to hold (default: the model's maximum; more raises
+    ValueError); ``batch``: sequences held at once. Reads no weights, allocates nothing.
+    """
+    cfg = spec.config
+    memory = parse_memory(gpu_memory)
+    context = cfg.max_position if context is None else context
+    if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
+        raise ValueError(f"context must be a positive number of tokens, got {context!r}")
+    if context > cfg.max_position:
+        raise ValueError(f"context {context:,} is beyond {spec.name}'s maximum of "
+                         f"{cfg.max_position:,} tokens (max_position_embeddings)")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+        raise ValueError(f"batch must be a positive number of sequences, got {batch!r}")
+    per_token = {}
+    for f in kv_formats:  # CacheConfig checks block_size and that f can store head_dim
+        per_token[f] = CacheConfig(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 1,
+                                   block_size, f).bytes_per_token
+    weights = {m: weight_memory(cfg, m) for m in weight_modes}
+    rooms = {m: headroom(cfg, memory, quantized_weights=m != "fp16", chunk_tokens=chunk_tokens,
+                         num_seqs=batch, include_context=True) for m in weight_modes}
+    blocks_per_seq = -(-context // block_size)
+    rows = []
+    for m in weight_modes:
+        budget = memory - weights[m].total_bytes - rooms[m].total
+        for f in kv_formats:
+            blocks, tokens = kv_capacity(budget, per_token[f], block_size)
+            max_batch = blocks // blocks_per_seq
+            rows.append(PlanRow(
+                weights=m, kv_format=f, weight_bytes=weights[m].total_bytes,
+                headroom_bytes=rooms[m].total, kv_budget_bytes=budget,
+                kv_bytes_per_token=per_token[f], kv_blocks=blocks, kv_tokens=tokens,
+                max_context=min(blocks // batch * block_size, cfg.max_position),
+                max_batch=max_batch, fits_weights=budget > 0 and blocks > 0,
+                fits_context=max_batch >= batch))
+    return MemoryPlan(spec, memory, context, batch, block_size, chunk_tokens, weights, rooms,
+                      per_token, tuple(rows), recommend(rows, context, batch))
+
+
+def recommend(rows: list[PlanRow], context: int, batch: int) -> Recommendation | None:
+    """The pair to use (module docstring), or None when no pair leaves room for KV."""
+    def quality(r: PlanRow) -> tuple[int, int]:
+        kv_order = ("fp32", *KV_QUALITY_ORDER)  # formats outside it (variants) rank last
+        kv = kv_order.index(r.kv_format) if r.kv_format in kv_order else len(kv_order)
+        return WEIGHT_MODES.index(r.weights), kv
+
+    fitting = [r for r in rows if r.fits_context]
+    if fitting:
+        best = min(fitting, key=quality)
+        return Recommendation(best, f"the least-quantized weights and KV that hold {batch} x "
+                                    f"{context:,} tokens without eviction")
+    usable = [r for r in rows if r.fits_weights and r.max_context > 0]
+    if not usable:
+        return None
+    best = min(usable, key=lambda r: (-r.max_context, quality(r)))
+    return Recommendation(best, f"no pair holds {batch} x {context:,} tokens; this one holds "
+                                f"the most ({best.max_context:,} per sequence): eviction must "
+                                f"keep each sequence within it")
