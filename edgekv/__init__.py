@@ -11,7 +11,10 @@ Map of the package (one concept per module):
     model_runner.py   batch -> tensors -> model -> logits
     engine.py         Engine.step(): schedule, run, sample, postprocess
     llm.py            LLM: the Python API;  chat.py: chat sessions kept in the cache
-    cli.py            the ``edgekv`` command
+    memory.py         the KV pool's size when the user gives none (kv_memory=None | "auto")
+    plan/             what fits on a GPU, from a model's config (``edgekv plan``)
+    hf/               PagedQuantizedCache: the paged quantized cache as a transformers Cache
+    cli.py            the ``edgekv`` command (cli_plan.py: ``edgekv plan``)
     edgekv.quant      KV formats (folder quant/)
     edgekv.kernels    paged attention: torch reference, fused kernels (folder kernels/)
     edgekv.models     model families (folder models/)

@@ -110,6 +110,18 @@ class BlockManager:
         del t.block_ids[keep:]
         t.num_tokens = num_tokens
 
+    def evict(self, seq_id: int, indices: list[int]) -> None:
+        """Drop the full blocks at table ``indices`` (never the last entry): each loses one
+        reference, and the later entries move up. The sequence's later tokens then sit at
+        smaller indices: the table holds its cached tokens, not its positions."""
+        t = self.tables[seq_id]
+        drop = set(indices)
+        assert drop and all(0 <= i < len(t.block_ids) - 1 for i in drop), (indices, t)
+        for i in sorted(drop):
+            self.pool.release(t.block_ids[i])
+        t.block_ids = [b for i, b in enumerate(t.block_ids) if i not in drop]
+        t.num_tokens -= len(drop) * self.block_size
+
     def free(self, seq_id: int) -> None:
         """Drop the sequence; each of its blocks loses one reference."""
         for b in self.tables.pop(seq_id).block_ids:

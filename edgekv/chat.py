@@ -69,7 +69,7 @@ class ChatSession:
 
     @property
     def num_cached_tokens(self) -> int:
-        return self.seq.num_computed if self.seq else 0
+        return self.seq.num_cached if self.seq else 0
 
     # ---- rendering ---------------------------------------------------------------------
     def render_text(self, messages: list[dict]) -> str:
@@ -111,7 +111,11 @@ class ChatSession:
             common += 1
         if common == len(ids):  # the cache must not hold the token we sample from
             common -= 1
-        if seq.seq_id in mgr.tables and common < mgr.num_tokens(seq.seq_id):
+        if common < seq.num_computed and seq.num_evicted:
+            # an evicted cache cannot be cut back to a prefix: start it over (eviction
+            # applies again as the conversation is recomputed)
+            self.engine.scheduler.release(seq)
+        elif seq.seq_id in mgr.tables and common < mgr.num_tokens(seq.seq_id):
             mgr.truncate(seq.seq_id, common)
         seq.num_computed = min(seq.num_computed, common)
         seq.token_ids = list(ids)

@@ -35,7 +35,14 @@ def status_line(stats: dict, tok_per_s: float, prompt_tokens: int, gen_tokens: i
             f"KV {human_bytes(stats['bytes_used'])} / {human_bytes(stats['bytes_total'])} "
             f"{stats['kv_format']}, {stats['bytes_per_token']:,} B/token | "
             f"blocks {stats['blocks_used']}/{stats['blocks_total']} | "
-            f"util {stats['utilization']:.0%}]")
+            f"util {stats['utilization']:.0%}{eviction_note(stats)}]")
+
+
+def eviction_note(stats: dict) -> str:
+    if not stats.get("eviction"):
+        return ""
+    return (f" | {stats['eviction']} budget {stats['max_kv_tokens']} tokens, "
+            f"evicted {stats['evicted_tokens']}")
 
 
 class ChatREPL:

@@ -8,6 +8,7 @@ import sys
 import click
 
 from edgekv import __version__
+from edgekv.eviction import EVICTION_POLICIES, EvictionConfig
 from edgekv.quant import FORMATS, VARIANTS, get_format
 
 
@@ -26,6 +27,17 @@ def model_options(fn):
                      type=click.Choice(FORMATS + VARIANTS), help="KV cache format."),
         click.option("--kv-memory", default=None, help="KV pool size, e.g. 256MiB "
                      "(default: sized from free memory)."),
+        click.option("--eviction", type=click.Choice(EVICTION_POLICIES), default=None,
+                     help="Keep each sequence inside --max-kv-tokens by evicting blocks "
+                     "(default: no eviction)."),
+        click.option("--max-kv-tokens", type=click.IntRange(1), default=None,
+                     help="Per-sequence KV budget in tokens for --eviction (default: the "
+                     "whole KV pool)."),
+        click.option("--sink-tokens", type=click.IntRange(0), default=None,
+                     help="First tokens --eviction always keeps (default: one block)."),
+        click.option("--window-tokens", type=click.IntRange(0), default=None,
+                     help="Newest tokens --eviction always keeps (default: half the "
+                     "budget)."),
         click.option("--weights", type=click.Choice(["int8", "nf4"]), default=None,
                      help="Quantize weights with bitsandbytes."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
@@ -49,9 +61,18 @@ def build(opts: dict):
     from edgekv import LLM, SamplingParams
 
     try:
+        eviction = None
+        if opts["eviction"] is not None:
+            eviction = EvictionConfig(opts["eviction"], max_kv_tokens=opts["max_kv_tokens"],
+                                      sink_tokens=opts["sink_tokens"],
+                                      window_tokens=opts["window_tokens"])
+        elif any(opts[k] is not None for k in ("max_kv_tokens", "sink_tokens",
+                                               "window_tokens")):
+            raise ValueError("--max-kv-tokens, --sink-tokens and --window-tokens need "
+                             "--eviction")
         llm = LLM(opts["model"], kv_format=opts["kv_format"], kv_memory=opts["kv_memory"],
-                  weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
-                  seed=opts["seed"])
+                  eviction=eviction, weights=opts["weights"], device=opts["device"],
+                  dtype=opts["dtype"], seed=opts["seed"])
         params = SamplingParams(max_tokens=opts["max_tokens"],
                                 temperature=opts["temperature"], top_p=opts["top_p"],
                                 seed=opts["seed"])
@@ -130,6 +151,15 @@ def formats(layers: int, kv_heads: int, head_dim: int, variants: bool) -> None:
             click.echo(f"{name:<12}  n/a: {e}")
             continue
         click.echo(f"{name:<12}{b:>12,}{b / fp16:>8.3f}x")
+
+
+from .cli_plan import plan  # noqa: E402  (commands in their own modules join the group here)
+
+main.add_command(plan)
+
+from .eval.cli import eval_command  # noqa: E402
+
+main.add_command(eval_command)
 
 
 if __name__ == "__main__":

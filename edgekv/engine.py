@@ -9,6 +9,7 @@ from edgekv.models import ModelConfig
 from .block_manager import BlockManager
 from .config import CacheConfig
 from .detokenizer import IncrementalDetokenizer
+from .eviction import EvictionConfig, Evictor
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, sample
@@ -26,13 +27,20 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
                  cache_config: CacheConfig, tokenizer, device: torch.device, seed: int = 0,
-                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64):
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
+                 eviction: EvictionConfig | None = None):
         self.model_config, self.cache_config = model_config, cache_config
         self.tokenizer, self.device, self.seed = tokenizer, device, seed
         self.manager = BlockManager(cache_config.num_blocks, cache_config.block_size)
         self.cache = PagedKVCache(cache_config, device)
-        self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs)
-        self.runner = ModelRunner(model, self.cache, self.manager, device)
+        self.evictor = None
+        if eviction is not None:
+            budget = eviction.resolve(cache_config.block_size, cache_config.num_blocks)
+            self.evictor = Evictor(budget, self.manager,
+                                   mass_norm=model_config.num_layers * model_config.num_heads)
+        self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
+                                   self.evictor)
+        self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor)
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -154,7 +162,9 @@ class Engine:
 
         The tokens go through the cache in chunks of ``chunk_size`` (None: one prefill;
         1: token by token, each reading its history from the cache exactly as decode
-        does). Runs outside the scheduler, between steps, and frees its blocks after.
+        does). With an eviction policy, chunks are capped at the KV budget and blocks are
+        evicted between them, as in generation. Runs outside the scheduler, between steps,
+        and frees its blocks after.
         """
         seq = self.new_sequence(token_ids, SamplingParams(max_tokens=1))
         chunk = chunk_size or max(len(token_ids), 1)
@@ -162,6 +172,8 @@ class Engine:
         try:
             while seq.num_computed < seq.num_tokens:
                 n = min(chunk, seq.num_tokens - seq.num_computed)
+                if self.evictor is not None:
+                    n = self.evictor.fit(seq, n)
                 if not self.manager.can_append(seq.seq_id, n):
                     raise ValueError(f"{seq.num_tokens} tokens do not fit in the KV pool "
                                      f"({self.cache_config.num_blocks} blocks of "
@@ -174,10 +186,13 @@ class Engine:
         finally:
             if seq.seq_id in self.manager.tables:
                 self.manager.free(seq.seq_id)
+            if self.evictor is not None:
+                self.evictor.forget(seq.seq_id)
         return torch.cat(out)
 
     # ---- accounting --------------------------------------------------------------------
     def kv_stats(self) -> dict:
         s = self.cache.stats(self.manager)
         s["preemptions"] = self.scheduler.num_preemptions
+        s.update(self.evictor.stats() if self.evictor is not None else {"eviction": None})
         return s

@@ -16,13 +16,13 @@ from edgekv.quant import get_format
 
 from .config import CacheConfig, parse_memory
 from .engine import Engine
-from .memory import auto_kv_budget
+from .eviction import EVICTION_POLICIES, EvictionConfig
+from .memory import auto_kv_plan
 from .sampling import SamplingParams
 from .sequence import Sequence
 
 log = logging.getLogger("edgekv")
 
-EVICTION_POLICIES: tuple[str, ...] = ()  # filled in by the eviction work
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"  # package data, see its README.md
 
 
@@ -39,19 +39,22 @@ class LLM:
 
     ``model``: a local HF-format directory or a hub id. ``kv_format``: how K/V are stored
     (``edgekv.quant.FORMATS``). ``kv_memory``: the KV pool's size in bytes or as "512MiB";
-    None sizes it from free memory. ``weights``: None, "int8" or "nf4" (bitsandbytes).
+    None or "auto" sizes it from free memory (``edgekv.memory``; ``llm.kv_plan`` says what was
+    chosen, and "auto" logs it at INFO). ``weights``: None, "int8" or "nf4" (bitsandbytes).
     ``dtype``: torch dtype or its name; None keeps the checkpoint's.
+    ``eviction``: None (a sequence that outgrows the pool is preempted, or cut short when
+    alone), a policy name (``EVICTION_POLICIES``) or an ``EvictionConfig`` (sinks, window);
+    ``max_kv_tokens``: the tokens one sequence may keep cached (default: the whole pool).
     """
 
     def __init__(self, model: str | Path | None = None, kv_format: str = "int8",
                  kv_memory: int | str | None = None, block_size: int = 16,
-                 eviction: str | None = None, weights: str | None = None,
+                 eviction: str | EvictionConfig | None = None,
+                 max_kv_tokens: int | None = None, weights: str | None = None,
                  device: str | torch.device | None = None, dtype=None, seed: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None):
-        get_format(kv_format)  # fail fast on a bad name, before loading anything
-        if eviction is not None and eviction not in EVICTION_POLICIES:
-            raise ValueError(f"unknown eviction policy {eviction!r}; valid: None"
-                             + "".join(f", {p!r}" for p in EVICTION_POLICIES))
+        get_format(kv_format)  # fail fast on bad input, before loading anything
+        eviction = _eviction_config(eviction, max_kv_tokens)
         if model is None:
             model = DEMO_MODEL_DIR
             if not (model / "config.json").is_file():
@@ -63,10 +66,13 @@ class LLM:
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.chat_stop = _chat_stop_strings(self.model_dir)
         mc = self.model_config
-        fmt_cost = get_format(kv_format).bytes_per_token(mc.num_kv_heads, mc.head_dim)
-        if kv_memory is None:
-            budget = auto_kv_budget(self.device, fmt_cost * mc.num_layers,
-                                    max_num_seqs * mc.max_position)
+        self.kv_plan = None  # what kv_memory=None / "auto" chose (edgekv.memory.KVPlan)
+        if kv_memory is None or kv_memory == "auto":
+            self.kv_plan = auto_kv_plan(self.device, mc, kv_format, block_size, max_num_seqs,
+                                        max_num_batched_tokens, weights)
+            log.log(logging.INFO if kv_memory == "auto" else logging.DEBUG, "%s",
+                    self.kv_plan.summary())
+            budget = self.kv_plan.kv_bytes
         else:
             budget = parse_memory(kv_memory)
         self.cache_config = CacheConfig.for_budget(budget, mc.num_layers, mc.num_kv_heads,
@@ -74,7 +80,8 @@ class LLM:
         self.engine = Engine(self.model, mc, self.cache_config, self.tokenizer, self.device,
                              seed=seed, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens
-                             or (2048 if self.device.type == "cuda" else 512))
+                             or (2048 if self.device.type == "cuda" else 512),
+                             eviction=eviction)
 
     # ---- prompts -----------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -129,6 +136,23 @@ class LLM:
         """What the KV cache costs now: blocks_total, blocks_used, bytes_used,
         bytes_per_token, live_tokens, utilization, preemptions, ..."""
         return self.engine.kv_stats()
+
+
+def _eviction_config(eviction, max_kv_tokens: int | None) -> EvictionConfig | None:
+    if isinstance(eviction, EvictionConfig):
+        if max_kv_tokens is not None and max_kv_tokens != eviction.max_kv_tokens:
+            raise ValueError("give max_kv_tokens either in the EvictionConfig or as an "
+                             "argument, not both")
+        return eviction
+    if eviction is None:
+        if max_kv_tokens is not None:
+            raise ValueError("max_kv_tokens needs an eviction policy to keep sequences "
+                             f"inside it: eviction= one of {', '.join(EVICTION_POLICIES)}")
+        return None
+    if not isinstance(eviction, str):
+        raise ValueError(f"eviction must be None, a policy name or an EvictionConfig, "
+                         f"got {type(eviction).__name__}")
+    return EvictionConfig(eviction, max_kv_tokens=max_kv_tokens)
 
 
 def _chat_stop_strings(model_dir: Path) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ import torch
 from edgekv.models import AttentionMetadata
 
 from .block_manager import BlockManager
+from .eviction import Evictor
 from .kv_cache import PagedKVCache
 from .scheduler import ScheduledBatch
 
@@ -15,8 +16,9 @@ class ModelRunner:
     """Owns no state between steps except the model and the cache it writes into."""
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, manager: BlockManager,
-                 device: torch.device):
+                 device: torch.device, evictor: Evictor | None = None):
         self.model, self.cache, self.manager, self.device = model, cache, manager, device
+        self.evictor = evictor  # gets each step's block mass when its policy reads it
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, all_logits: bool = False
@@ -29,11 +31,11 @@ class ModelRunner:
         ids, pos, slots, seq_lens, cu, last = [], [], [], [], [0], []
         rows = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new, strict=True)):
-            start = seq.num_computed
+            start, c = seq.num_computed, seq.num_cached  # position, cache index
             ids.extend(seq.token_ids[start : start + n])
             pos.extend(range(start, start + n))
-            slots.extend(self.manager.slots(seq.seq_id, start, start + n))
-            seq_lens.append(start + n)
+            slots.extend(self.manager.slots(seq.seq_id, c, c + n))
+            seq_lens.append(c + n)
             cu.append(cu[-1] + n)
             if start + n == seq.num_tokens:
                 rows.append(i)
@@ -53,9 +55,15 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             kv_cache=self.cache,
         )
+        ev = self.evictor
+        if ev is not None and ev.needs_mass:
+            meta.block_mass = torch.zeros(len(tables), width, dtype=torch.float32, device=dev)
+            meta.mass_window = ev.budget.obs_window
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # (T,)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)  # (T,)
         hidden = self.model(input_ids, positions, meta)  # (T, hidden)
+        if meta.block_mass is not None:
+            ev.observe(batch.seqs, batch.num_new, meta.block_mass)
         if all_logits:
             return self.model.compute_logits(hidden), rows
         if not rows:

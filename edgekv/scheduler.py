@@ -8,6 +8,10 @@ sequence needs a block and none is free, the most recently admitted sequence is
 preempted: its blocks are freed and it waits to be recomputed from its tokens. Nothing
 runs out of memory; at worst a lone sequence that outgrows the whole pool is finished
 with reason "length".
+
+With an eviction policy (an ``Evictor``), a sequence never outgrows its own budget: its
+chunks are capped at what the budget can take and blocks are evicted before each append;
+when the pool runs short, a sequence first evicts its own blocks, and only then preempts.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .eviction import Evictor
 from .sequence import Sequence, Status
 
 log = logging.getLogger("edgekv")
@@ -33,8 +38,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int):
-        self.manager = manager
+    def __init__(self, manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 evictor: Evictor | None = None):
+        self.manager, self.evictor = manager, evictor
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -60,7 +66,7 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, budget)
             while not self._room(seq, n):
                 victim = self.running[-1]
                 if victim is seq and len(self.running) == 1:
@@ -77,7 +83,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, budget)
             if not self._room(seq, n):
                 if not self.running and not batch:  # it cannot fit even alone
                     self.waiting.popleft()
@@ -106,16 +112,26 @@ class Scheduler:
         self.parked.pop(seq.seq_id, None)
         if seq.seq_id in self.manager.tables:
             self.manager.free(seq.seq_id)
-        seq.num_computed = 0
+        if self.evictor is not None:
+            self.evictor.forget(seq.seq_id)
+        seq.num_computed = seq.num_evicted = 0
 
     # ---- internals ---------------------------------------------------------------------
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of ``seq`` to compute this step; with eviction, capped at its KV budget
+        (evicting what appending them needs)."""
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        return self.evictor.fit(seq, n) if self.evictor is not None else n
+
     def _room(self, seq: Sequence, n: int) -> bool:
-        """Whether ``n`` more tokens of ``seq`` fit, after dropping parked caches if needed."""
+        """Whether ``n`` more tokens of ``seq`` fit, after dropping parked caches, then
+        evicting the sequence's own blocks, if needed."""
         while not self.manager.can_append(seq.seq_id, n):
             others = [s for s in self.parked.values() if s is not seq]
-            if not others:
+            if others:
+                self.release(others[0])
+            elif self.evictor is None or not self.evictor.shrink(seq):
                 return False
-            self.release(others[0])
         return True
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:

@@ -21,8 +21,11 @@ class Status(enum.Enum):
 class Sequence:
     """One request's state. ``token_ids`` holds the prompt then the outputs.
 
-    ``num_computed`` tokens have their K/V in the cache; the rest are computed by the next
-    steps (a prompt chunk, or the last sampled token). ``num_prompt`` marks where this
+    ``num_computed`` tokens have been through the model; the rest are computed by the next
+    steps (a prompt chunk, or the last sampled token). ``num_evicted`` of the computed
+    tokens were dropped from the cache by an eviction policy, so the cache holds
+    ``num_cached`` of them and token position p (p >= the evicted ones) sits at cache
+    index ``p - num_evicted``. ``num_prompt`` marks where this
     request's outputs begin (for a chat session, where the current turn's reply begins).
     """
 
@@ -31,6 +34,7 @@ class Sequence:
     params: SamplingParams
     num_prompt: int = 0
     num_computed: int = 0
+    num_evicted: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
@@ -42,6 +46,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_cached(self) -> int:
+        return self.num_computed - self.num_evicted
 
     @property
     def output_ids(self) -> list[int]:

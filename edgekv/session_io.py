@@ -3,8 +3,9 @@
 File layout (one safetensors file):
     tokens                   (n,) int64       the conversation's tokens
     L{i}.{k|v}.{data|scale|zero}  (num_blocks, Hkv, B, ...)  layer i's blocks, in table order
+    eviction_scores          (num_blocks,) fp32   an eviction policy's block scores, if any
     metadata (str -> str):   format, model, kv_format, block_size, num_computed,
-                             num_prompt, messages (JSON), system
+                             num_evicted, num_prompt, messages (JSON), system
 The blocks are stored as they are in the cache (codes and their scales), so loading
 restores the exact cache without recomputing it. A file made by another model (identity
 hash), another KV format or block size is refused, as is a damaged file.
@@ -42,12 +43,15 @@ def save_session(chat, path: str | Path) -> int:
     """Write the session to ``path``; returns the number of cached tokens saved."""
     llm, seq = chat.llm, chat.seq
     tensors: dict[str, torch.Tensor] = {}
-    num_computed = 0
+    num_computed = num_evicted = 0
     if seq is not None:
         tensors["tokens"] = torch.tensor(seq.token_ids, dtype=torch.int64)
         if seq.seq_id in llm.engine.manager.tables:
-            num_computed = seq.num_computed
+            num_computed, num_evicted = seq.num_computed, seq.num_evicted
             ids = torch.tensor(llm.engine.manager.block_ids(seq.seq_id), dtype=torch.long)
+            ev = llm.engine.evictor
+            if ev is not None and seq.seq_id in ev.scores:  # what h2o/snapkv have seen
+                tensors["eviction_scores"] = ev.scores[seq.seq_id].clone()
             for i, layer in enumerate(llm.engine.cache.layers):
                 for name, store in zip("kv", layer, strict=True):
                     for part in ("data", "scale", "zero"):
@@ -62,12 +66,13 @@ def save_session(chat, path: str | Path) -> int:
         "kv_format": llm.cache_config.kv_format,
         "block_size": str(llm.cache_config.block_size),
         "num_computed": str(num_computed),
+        "num_evicted": str(num_evicted),
         "num_prompt": str(seq.num_prompt if seq else 0),
         "messages": json.dumps(chat.messages),
         "prompt_text": chat._prompt_text,
     }
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
-    return num_computed
+    return num_computed - num_evicted
 
 
 def load_session(chat, path: str | Path) -> int:
@@ -94,9 +99,12 @@ def load_session(chat, path: str | Path) -> int:
     try:
         tokens = tensors["tokens"].tolist()
         num_computed, num_prompt = int(meta["num_computed"]), int(meta["num_prompt"])
+        num_evicted = int(meta.get("num_evicted", "0"))
+        num_cached = num_computed - num_evicted
         messages = json.loads(meta["messages"])
         assert 0 <= num_computed <= len(tokens) and 0 <= num_prompt <= len(tokens)
-        nb = -(-num_computed // llm.cache_config.block_size)
+        assert 0 <= num_evicted <= num_computed
+        nb = -(-num_cached // llm.cache_config.block_size)
         layers = llm.engine.cache.layers
         blocks = {}
         for i, layer in enumerate(layers):
@@ -119,16 +127,19 @@ def load_session(chat, path: str | Path) -> int:
     seq = engine.new_sequence(tokens, SamplingParams(), keep_cache=True)
     seq.num_prompt = num_prompt
     if nb:
-        if not engine.manager.can_append(seq.seq_id, num_computed):
-            raise ValueError(f"{path} holds {num_computed} cached tokens; the KV pool has "
+        if not engine.manager.can_append(seq.seq_id, num_cached):
+            raise ValueError(f"{path} holds {num_cached} cached tokens; the KV pool has "
                              f"room for {engine.manager.pool.num_free} blocks")
-        engine.manager.append_slots(seq.seq_id, num_computed)
+        engine.manager.append_slots(seq.seq_id, num_cached)
         ids = torch.tensor(engine.manager.block_ids(seq.seq_id), dtype=torch.long)
         for (i, name, part), saved in blocks.items():
             store = layers[i][0 if name == "k" else 1]
             t = getattr(store, part)
             t[ids.to(t.device)] = saved.to(t.device)
-        seq.num_computed = num_computed
+        seq.num_computed, seq.num_evicted = num_computed, num_evicted
+        scores = tensors.get("eviction_scores")
+        if engine.evictor is not None and scores is not None and len(scores) <= nb:
+            engine.evictor.scores[seq.seq_id] = scores.float()
     engine.scheduler.finish(seq, "stop")  # parked: blocks kept for the next turn
     chat.seq = seq
-    return num_computed
+    return num_cached

@@ -20,6 +20,7 @@ from .dispatch import (
     get_backend,
     paged_decode_attention,
     paged_prefill_attention,
+    paged_prefill_block_mass,
     set_backend,
     write_kv,
 )
@@ -28,12 +29,13 @@ from .reference import (
     gather_blocks,
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
+    prefill_block_mass_ref,
     write_kv_ref,
 )
 
 __all__ = [
     "gather_blocks", "paged_decode_attention_ref", "paged_prefill_attention_ref",
-    "decode_block_mass_ref", "write_kv_ref",
-    "paged_decode_attention", "paged_prefill_attention", "write_kv",
+    "decode_block_mass_ref", "prefill_block_mass_ref", "write_kv_ref",
+    "paged_decode_attention", "paged_prefill_attention", "paged_prefill_block_mass", "write_kv",
     "set_backend", "get_backend",
 ]

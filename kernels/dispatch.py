@@ -2,6 +2,7 @@
 
     paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, fmt, ...)
     paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, fmt, ...)
+    paged_prefill_block_mass(q, k_cache, block_tables, seq_lens, cu_seqlens_q, fmt, ...)
     write_kv(k_store, v_store, k, v, slots, fmt)
 
 Routing (``auto``): CUDA tensors go to the fused Triton kernels, CPU tensors to the torch
@@ -31,9 +32,9 @@ import torch
 from edgekv.quant import KVFormat, QuantizedKV, get_format
 
 from .reference import (
-    decode_block_mass_ref,
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
+    prefill_block_mass_ref,
     write_kv_ref,
 )
 
@@ -135,11 +136,8 @@ def paged_decode_attention(
     fmt = get_format(fmt)
 
     def torch_path():
-        out = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, fmt,
-                                         sm_scale)
-        if not return_block_mass:
-            return out
-        return out, decode_block_mass_ref(q, k_cache, block_tables, seq_lens, fmt, sm_scale)
+        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, fmt,
+                                          sm_scale, return_block_mass=return_block_mass)
 
     if not _use_triton(q.device, fmt, q.shape[-1]):
         return torch_path()
@@ -167,6 +165,18 @@ def paged_prefill_attention(
     return _run(lambda: run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, fmt,
                             sm_scale, **kernel_options),
                 torch_path, f"prefill kernel for {fmt.name}")
+
+
+def paged_prefill_block_mass(
+    q: torch.Tensor, k_cache: QuantizedKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, fmt: KVFormat | str, sm_scale: float | None = None,
+    last_n: int = 32,
+) -> torch.Tensor:
+    """(S, max_blocks) block mass of each sequence's last ``last_n`` new queries (see
+    reference.prefill_block_mass_ref). One implementation, in torch, on every device: it
+    scores a small observation window once per prefill chunk, not a hot loop."""
+    return prefill_block_mass_ref(q, k_cache, block_tables, seq_lens, cu_seqlens_q,
+                                  get_format(fmt), sm_scale, last_n)
 
 
 def write_kv(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v: torch.Tensor,

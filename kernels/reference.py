@@ -89,12 +89,15 @@ def paged_decode_attention_ref(
     seq_lens: torch.Tensor,      # (S,) KV length, the new token included
     fmt: KVFormat,
     sm_scale: float | None = None,
-) -> torch.Tensor:               # (S, Hq, D)
+    return_block_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # (S, Hq, D) [, (S, max_blocks)]
     """Attention of one new token per sequence over its whole paged history.
 
     Batched over sequences (the CPU decode path): every sequence's blocks are gathered up
     to the longest one, and slots past a sequence's length are masked out of the scores
-    and zeroed in V, whatever they hold.
+    and zeroed in V, whatever they hold. With ``return_block_mass`` also returns the
+    block mass of ``decode_block_mass_ref``, taken from the same probabilities (no second
+    pass over the history).
     """
     S, Hq, D = q.shape
     Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
@@ -103,7 +106,10 @@ def paged_decode_attention_ref(
     G = Hq // Hkv
     sm_scale = D**-0.5 if sm_scale is None else sm_scale
     if S == 0:
-        return torch.empty_like(q)
+        out = torch.empty_like(q)
+        if return_block_mass:
+            return out, torch.zeros(0, block_tables.shape[1], device=q.device)
+        return out
     max_len = int(seq_lens.max())
     nb = -(-max_len // B)
     owned = torch.arange(nb, device=q.device)[None, :] < (seq_lens.to(q.device)[:, None]
@@ -124,7 +130,12 @@ def paged_decode_attention_ref(
     scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)
     out = torch.einsum("shgl,shld->shgd", p, v).reshape(S, Hq, D)
-    return fmt.from_storage_basis(out).to(q.dtype)
+    out = fmt.from_storage_basis(out).to(q.dtype)
+    if not return_block_mass:
+        return out
+    mass = torch.zeros(S, block_tables.shape[1], dtype=torch.float32, device=q.device)
+    mass[:, :nb] = p.sum((1, 2)).view(S, nb, B).sum(-1)  # masked slots hold 0
+    return out, mass
 
 
 def decode_block_mass_ref(
@@ -152,6 +163,45 @@ def decode_block_mass_ref(
         k = gather_blocks(k_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
         scores = torch.einsum("hgd,hld->hgl", qs[s].reshape(Hkv, G, D), k) * sm_scale
         p = torch.softmax(scores, dim=-1).sum((0, 1))  # (L,)
+        nb = -(-L // B)
+        mass[s, :nb] = torch.nn.functional.pad(p, (0, nb * B - L)).reshape(nb, B).sum(1)
+    return mass
+
+
+def prefill_block_mass_ref(
+    q: torch.Tensor,             # (T, Hq, D)
+    k_cache: QuantizedKV,
+    block_tables: torch.Tensor,  # (S, max_blocks)
+    seq_lens: torch.Tensor,      # (S,) KV length, new tokens included
+    cu_seqlens_q: torch.Tensor,  # (S + 1,)
+    fmt: KVFormat,
+    sm_scale: float | None = None,
+    last_n: int = 32,
+) -> torch.Tensor:               # (S, max_blocks) fp32
+    """Block mass from the last ``last_n`` queries of each sequence's new tokens (an
+    observation window, as SnapKV scores a prompt), causal, summed over queries and Hq
+    heads: row s sums to ``min(last_n, q_len_s) * Hq``. Same scores as
+    paged_prefill_attention_ref. Only the window's scores are computed, so this costs
+    ``last_n`` rows of attention per sequence, not the chunk's."""
+    T, Hq, D = q.shape
+    Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
+    G = Hq // Hkv
+    sm_scale = D**-0.5 if sm_scale is None else sm_scale
+    mass = torch.zeros(len(seq_lens), block_tables.shape[1], dtype=torch.float32,
+                       device=q.device)
+    cu = cu_seqlens_q.tolist()
+    for s, L in enumerate(seq_lens.tolist()):
+        n = min(last_n, cu[s + 1] - cu[s])
+        if n <= 0:
+            continue
+        qs = fmt.to_storage_basis(q[cu[s + 1] - n : cu[s + 1]].float())  # (n, Hq, D)
+        k = gather_blocks(k_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
+        qh = qs.reshape(n, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, n, D)
+        scores = torch.einsum("hgnd,hld->hgnl", qh, k) * sm_scale  # (Hkv, G, n, L)
+        qpos = torch.arange(L - n, L, device=q.device)
+        kpos = torch.arange(L, device=q.device)
+        scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+        p = torch.softmax(scores, dim=-1).sum((0, 1, 2))  # (L,)
         nb = -(-L // B)
         mass[s, :nb] = torch.nn.functional.pad(p, (0, nb * B - L)).reshape(nb, B).sum(1)
     return mass

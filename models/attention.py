@@ -12,7 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgekv.kernels import paged_decode_attention, paged_prefill_attention
+from edgekv.kernels import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    paged_prefill_block_mass,
+)
 
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding
@@ -28,6 +32,9 @@ class AttentionMetadata:
     cu_seqlens_q: (S + 1,) int32  offsets of each sequence's new tokens in T
     max_query_len: largest number of new tokens of one sequence (1 means pure decode)
     max_seq_len:   largest seq_lens entry (known on the host: kernels size grids with it)
+    block_mass:    (S, max_blocks) fp32 or None: when set, every layer adds the attention
+                   mass each block receives (decode: from the step's query; prefill: from
+                   each sequence's last ``mass_window`` queries); eviction policies read it
     """
 
     slot_mapping: torch.Tensor
@@ -37,6 +44,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     kv_cache: object  # edgekv.kv_cache.PagedKVCache
+    block_mass: torch.Tensor | None = None
+    mass_window: int = 32
 
 
 class PagedAttention(nn.Module):
@@ -69,11 +78,20 @@ class PagedAttention(nn.Module):
         cache = meta.kv_cache
         cache.write(self.layer_idx, k, v, meta.slot_mapping)
         k_store, v_store = cache.layers[self.layer_idx]
+        mass = meta.block_mass
         if meta.max_query_len == 1:
             o = paged_decode_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
-                                       cache.format, self.scale, max_seq_len=meta.max_seq_len)
+                                       cache.format, self.scale, max_seq_len=meta.max_seq_len,
+                                       return_block_mass=mass is not None)
+            if mass is not None:
+                o, step_mass = o
+                mass += step_mass
         else:
             o = paged_prefill_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
                                         meta.cu_seqlens_q, cache.format, self.scale,
                                         max_q_len=meta.max_query_len)
+            if mass is not None:
+                mass += paged_prefill_block_mass(q, k_store, meta.block_tables, meta.seq_lens,
+                                                 meta.cu_seqlens_q, cache.format, self.scale,
+                                                 last_n=meta.mass_window)
         return self.o_proj(o.reshape(T, -1).to(x.dtype))  # (T, hidden)

@@ -80,12 +80,14 @@ def test_failed_append_changes_nothing():
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random allocate / fork / write / free sequences never break integrity or leak."""
+    """Random allocate / fork / write / evict / free sequences never break integrity or
+    leak, and every sequence reads back exactly what it wrote and kept."""
 
     def __init__(self):
         super().__init__()
         self.m = BlockManager(num_blocks=24, block_size=4)
         self.next_id = 0
+        self.writes = 0
         self.tokens: dict[int, list[int]] = {}  # what each sequence wrote, by position
         self.slot_owner: dict[int, tuple] = {}  # slot -> (seq, position) of its last write
 
@@ -117,6 +119,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.m.fork(parent, child)
         self.tokens[child] = list(self.tokens[parent])
 
+    @precondition(lambda self: any(len(t) > 4 for t in self.tokens.values()))
+    @rule(data=st.data())
+    def evict(self, data):
+        """Drop some full blocks (never the last) from one table, as an eviction policy
+        does; a block shared with another sequence stays for it."""
+        sid = data.draw(st.sampled_from(sorted(s for s, t in self.tokens.items()
+                                               if len(t) > 4)))
+        nb = len(self.m.block_ids(sid))
+        idx = data.draw(st.sets(st.integers(0, nb - 2), min_size=1))
+        self.m.evict(sid, sorted(idx))
+        bs = self.m.block_size
+        self.tokens[sid] = [t for i, t in enumerate(self.tokens[sid]) if i // bs not in idx]
+
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def free(self, data):
@@ -126,7 +141,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def _write(self, sid, n):
         """Simulate the bytes: copies move slot contents, writes stamp (seq, position)."""
-        start = self.m.num_tokens(sid) if sid in self.m.tables else 0
         slots, copies = self.m.append_slots(sid, n)
         bs = self.m.block_size
         for src, dst in copies:
@@ -134,9 +148,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 if src * bs + o in self.slot_owner:
                     self.slot_owner[dst * bs + o] = self.slot_owner[src * bs + o]
         toks = self.tokens.setdefault(sid, [])
-        for i, s in enumerate(slots):
-            self.slot_owner[s] = (sid, start + i)
-            toks.append((sid, start + i))
+        for s in slots:  # a stamp no other write has, so stale slots cannot pass for it
+            self.writes += 1
+            self.slot_owner[s] = (sid, self.writes)
+            toks.append((sid, self.writes))
 
     @invariant()
     def integrity(self):

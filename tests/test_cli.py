@@ -80,3 +80,28 @@ def test_bad_options_exit_with_code_2(model_args):
     assert r.returncode == 2 and "not a model directory" in r.stderr
     r = run_cli(["chat", "--kv", "int3"])
     assert r.returncode == 2
+
+
+def test_chat_with_eviction_stays_inside_its_budget(tmp_path):
+    """A long piped chat with a 64-token budget: every status line shows the blocks in
+    use within 4 blocks, and tokens evicted once the budget is full."""
+    args = ["--kv-memory", "16MiB", "--max-tokens", "40", "--temperature", "0",
+            "--eviction", "streaming", "--max-kv-tokens", "64"]
+    r = run_cli(["chat", *args], "".join(f"Tell me more, part {i}.\n" for i in range(4)))
+    assert r.returncode == 0, r.stderr
+    status = status_lines(r.stdout)
+    assert len(status) == 4
+    assert all(int(re.search(r"blocks (\d+)/", s).group(1)) <= 4 for s in status)
+    evicted = [int(re.search(r"streaming budget 64 tokens, evicted (\d+)", s).group(1))
+               for s in status]
+    assert evicted[-1] > 0 and evicted == sorted(evicted)
+
+
+def test_bad_eviction_options_exit_with_code_2():
+    r = run_cli(["chat", "--eviction", "lru"])
+    assert r.returncode == 2 and "h2o" in r.stderr
+    r = run_cli(["chat", "--max-kv-tokens", "64"])
+    assert r.returncode == 2 and "need --eviction" in r.stderr
+    r = run_cli(["chat", "--kv-memory", "16MiB", "--eviction", "h2o", "--max-kv-tokens", "64",
+                 "--sink-tokens", "32", "--window-tokens", "32"])
+    assert r.returncode == 2 and "budget is 4 blocks" in r.stderr

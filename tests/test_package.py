@@ -42,3 +42,18 @@ def test_console_script_is_installed():
     assert exe, "the edgekv console script is not on PATH"
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     assert edgekv.__version__ in out.stdout
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject lists packages explicitly (the folder mapping needs it): a new
+    subpackage missing from the list would be left out of a wheel, silently."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(edgekv.__file__).parent
+    cfg = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    listed = set(cfg["tool"]["setuptools"]["packages"])
+    found = {"edgekv." + ".".join(p.parent.relative_to(root).parts)
+             for p in root.glob("*/**/__init__.py")}
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"

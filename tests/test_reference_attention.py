@@ -91,3 +91,56 @@ def test_query_heads_must_be_a_multiple_of_kv_heads():
     with pytest.raises(ValueError, match="multiple of KV heads"):
         paged_decode_attention_ref(torch.randn(1, 3, D), *cache.layers[0], tables,
                                    torch.tensor([4]), cfg.format)
+
+
+def dense_block_mass(q, k, fmt, causal_offset, block_size, last_n):
+    """Block mass of the last ``last_n`` queries, from plain dense attention: (nb,)."""
+    kd = fmt.dequantize(fmt.quantize(k)).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    n, L = q.shape[0], k.shape[0]
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), kd) / D**0.5
+    mask = torch.arange(L)[None, :] > (torch.arange(n)[:, None] + causal_offset)
+    p = torch.softmax(scores.masked_fill(mask, float("-inf")), -1)[:, n - last_n :]
+    per_token = p.sum((0, 1))  # (L,)
+    nb = -(-L // block_size)
+    return torch.nn.functional.pad(per_token, (0, nb * block_size - L)).view(nb, -1).sum(1)
+
+
+@pytest.mark.parametrize("kv_format", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("last_n", [1, 3, 64])
+def test_prefill_block_mass_matches_dense(kv_format, last_n):
+    from edgekv.kernels import prefill_block_mass_ref
+
+    bs, gqa = 16, 4
+    lens = lengths(bs)
+    cfg, cache, tables, kvs = build(kv_format, bs, lens, seed=3)
+    fmt = cfg.format
+    nq = [min(n, 5) for n in lens]
+    q = torch.randn(sum(nq), HKV * gqa, D)
+    cu = torch.tensor([0] + nq).cumsum(0).to(torch.int32)
+    k_store, _ = cache.layers[0]
+    mass = prefill_block_mass_ref(q, k_store, tables, torch.tensor(lens), cu, fmt,
+                                  last_n=last_n)
+    for s, (n, (k, _)) in enumerate(zip(lens, kvs, strict=True)):
+        qs = q[cu[s] : cu[s + 1]]
+        want = dense_block_mass(qs, k, fmt, n - nq[s], bs, min(last_n, nq[s]))
+        torch.testing.assert_close(mass[s, : len(want)], want, atol=1e-4, rtol=1e-4)
+        assert mass[s, len(want) :].abs().sum() == 0
+        assert mass[s].sum().item() == pytest.approx(min(last_n, nq[s]) * HKV * gqa, rel=1e-5)
+
+
+@pytest.mark.parametrize("kv_format", ["fp16", "int4"])
+def test_decode_returns_block_mass_from_the_same_pass(kv_format):
+    from edgekv.kernels import decode_block_mass_ref
+
+    bs = 16
+    lens = lengths(bs)
+    cfg, cache, tables, _ = build(kv_format, bs, lens, seed=4)
+    q = torch.randn(len(lens), HKV * 4, D)
+    k_store, v_store = cache.layers[0]
+    sl = torch.tensor(lens)
+    out, mass = paged_decode_attention_ref(q, k_store, v_store, tables, sl, cfg.format,
+                                           return_block_mass=True)
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, k_store, v_store, tables, sl,
+                                                               cfg.format))
+    torch.testing.assert_close(mass, decode_block_mass_ref(q, k_store, tables, sl, cfg.format),
+                               atol=1e-5, rtol=1e-5)
