@@ -7,6 +7,15 @@ The one exception is copy-on-write: before a sequence writes into a partially fi
 block that it shares with another sequence (after a fork), that entry is swapped for a
 private copy. Full blocks are never written again, so sharing them needs no copy.
 
+Prefix cache: ``match_prefix`` starts a new table with the cached blocks of the longest
+matching prefix (``prefix_cache.py`` names blocks by chained hashes), and ``register``
+records a sequence's newly computed full blocks. A table stops registering once token
+eviction has dropped one of its blocks (its entries no longer sit at their positions).
+
+Offload: with a host pool, ``swap_out`` moves a table's unshared blocks to host blocks
+(``block_ids[i]`` becomes None and ``host[i]`` holds the host id) and ``swap_in`` brings
+them back into fresh device blocks. Shared blocks stay on the device, held as before.
+
 ::
 
     table:   [ b7 | b2 | b9 ]          block_size = 4, num_tokens = 10
@@ -23,8 +32,11 @@ from .block_pool import BlockPool, NoFreeBlocks
 
 @dataclass
 class BlockTable:
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[int | None] = field(default_factory=list)  # None: swapped to host
     num_tokens: int = 0  # tokens written (or reserved) in these blocks
+    num_registered: int = 0  # leading full blocks already offered to the prefix cache
+    hashable: bool = True  # False once eviction dropped a block: entries != positions
+    host: dict[int, int] = field(default_factory=dict)  # table index -> host block id
 
 
 class BlockManager:
@@ -35,9 +47,10 @@ class BlockManager:
     caller must copy in the KV storage before writing.
     """
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.host_pool = BlockPool(num_host_blocks) if num_host_blocks else None
         self.tables: dict[int, BlockTable] = {}
 
     # ---- queries -----------------------------------------------------------------------
@@ -51,7 +64,7 @@ class BlockManager:
         """Free blocks that ``append_slots(seq_id, num_new_tokens)`` would take."""
         t = self.tables.get(seq_id, BlockTable())
         total = -(-(t.num_tokens + num_new_tokens) // self.block_size)
-        needed = total - len(t.block_ids)
+        needed = total - len(t.block_ids) + len(t.host)  # swapped blocks come back first
         if num_new_tokens > 0 and self._last_block_shared(t):
             needed += 1  # copy-on-write of the partially filled last block
         return needed
@@ -63,6 +76,7 @@ class BlockManager:
         """Flat slot ids of token positions [start, end) of a sequence."""
         t, bs = self.tables[seq_id], self.block_size
         assert 0 <= start <= end <= len(t.block_ids) * bs
+        assert not t.host, f"sequence {seq_id} is swapped out"
         return [t.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
 
     # ---- changes -----------------------------------------------------------------------
@@ -79,6 +93,7 @@ class BlockManager:
             raise NoFreeBlocks(f"sequence {seq_id} needs {needed} blocks, "
                                f"{self.pool.num_free} free")
         t = self.tables.setdefault(seq_id, BlockTable())
+        assert not t.host, f"sequence {seq_id} is swapped out"
         copies = []
         if num_new_tokens > 0 and self._last_block_shared(t):
             (new,) = self.pool.allocate(1)
@@ -93,22 +108,31 @@ class BlockManager:
         return self.slots(seq_id, start, t.num_tokens), copies
 
     def fork(self, parent_id: int, child_id: int) -> None:
-        """The child shares every block of the parent (no bytes are copied now)."""
+        """The child shares every block of the parent (no bytes are copied now). The
+        parent must not be swapped out."""
         assert child_id not in self.tables, f"sequence {child_id} exists"
         p = self.tables[parent_id]
+        assert not p.host, f"forking swapped-out sequence {parent_id}"
         for b in p.block_ids:
             self.pool.share(b)
-        self.tables[child_id] = BlockTable(list(p.block_ids), p.num_tokens)
+        self.tables[child_id] = BlockTable(list(p.block_ids), p.num_tokens, p.num_registered,
+                                           p.hashable)
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
-        """Keep only the first ``num_tokens`` tokens; blocks past them lose a reference."""
-        t = self.tables[seq_id]
+        """Keep only the first ``num_tokens`` tokens; blocks past them lose a reference.
+        A kept last block that becomes partial will be written again: if this table is its
+        only holder it leaves the prefix cache (a shared one is copied on write instead)."""
+        t, bs = self.tables[seq_id], self.block_size
         assert 0 <= num_tokens <= t.num_tokens
-        keep = -(-num_tokens // self.block_size)
-        for b in t.block_ids[keep:]:
-            self.pool.release(b)
+        keep = -(-num_tokens // bs)
+        for i in range(keep, len(t.block_ids)):
+            self._release_entry(t, i)
         del t.block_ids[keep:]
         t.num_tokens = num_tokens
+        t.num_registered = min(t.num_registered, num_tokens // bs)
+        last = t.block_ids[-1] if t.block_ids else None
+        if num_tokens % bs and last is not None and not self.pool.is_shared(last):
+            self.pool.unregister(last)
 
     def evict(self, seq_id: int, indices: list[int]) -> None:
         """Drop the full blocks at table ``indices`` (never the last entry): each loses one
@@ -117,32 +141,128 @@ class BlockManager:
         t = self.tables[seq_id]
         drop = set(indices)
         assert drop and all(0 <= i < len(t.block_ids) - 1 for i in drop), (indices, t)
+        assert not t.host, f"evicting from swapped-out sequence {seq_id}"
         for i in sorted(drop):
             self.pool.release(t.block_ids[i])
         t.block_ids = [b for i, b in enumerate(t.block_ids) if i not in drop]
         t.num_tokens -= len(drop) * self.block_size
+        t.num_registered = min(t.num_registered, min(drop))
+        t.hashable = False
 
     def free(self, seq_id: int) -> None:
-        """Drop the sequence; each of its blocks loses one reference."""
-        for b in self.tables.pop(seq_id).block_ids:
-            self.pool.release(b)
+        """Drop the sequence; each of its blocks (device or host) loses one reference."""
+        t = self.tables.pop(seq_id)
+        for i in range(len(t.block_ids)):
+            self._release_entry(t, i)
+
+    # ---- prefix cache ------------------------------------------------------------------
+    def match_prefix(self, seq_id: int, hashes: list[bytes], max_blocks: int) -> int:
+        """Start a table for new sequence ``seq_id`` holding the cached blocks of its
+        longest matching prefix, at most ``max_blocks``; returns the number of blocks hit
+        (their tokens need no compute). ``hashes``: the sequence's full-block chain."""
+        assert seq_id not in self.tables, f"sequence {seq_id} already has blocks"
+        hit = []
+        for h in hashes[:max_blocks]:
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hit.append(b)
+        for b in hit:
+            self.pool.take(b)
+        n = len(hit)
+        self.tables[seq_id] = BlockTable(hit, n * self.block_size, num_registered=n)
+        return n
+
+    def register(self, seq_id: int, hashes: list[bytes], num_computed: int) -> int:
+        """Offer the sequence's newly computed full blocks (of its first ``num_computed``
+        tokens, whose bytes are written) to the prefix cache; returns how many joined it."""
+        t = self.tables.get(seq_id)
+        if t is None or not t.hashable:
+            return 0
+        end = min(num_computed // self.block_size, len(hashes), len(t.block_ids))
+        added = 0
+        for i in range(t.num_registered, end):
+            b = t.block_ids[i]
+            if b is not None:
+                added += self.pool.register(b, hashes[i])
+        t.num_registered = max(t.num_registered, end)
+        return added
+
+    # ---- offload -----------------------------------------------------------------------
+    def num_swappable(self, seq_id: int) -> int:
+        """Device blocks ``swap_out`` would move (those this table alone holds)."""
+        t = self.tables.get(seq_id)
+        if t is None:
+            return 0
+        return sum(b is not None and not self.pool.is_shared(b) for b in t.block_ids)
+
+    def can_swap_out(self, seq_id: int) -> bool:
+        n = self.num_swappable(seq_id)
+        return self.host_pool is not None and 0 < n <= self.host_pool.num_free
+
+    def swap_out(self, seq_id: int) -> list[tuple[int, int]]:
+        """Move the table's unshared blocks to host blocks. Returns the (device, host)
+        pairs whose bytes the caller must copy before any device block is written again."""
+        assert self.can_swap_out(seq_id)
+        t = self.tables[seq_id]
+        idx = [i for i, b in enumerate(t.block_ids) if b is not None
+               and not self.pool.is_shared(b)]
+        pairs = list(zip([t.block_ids[i] for i in idx], self.host_pool.allocate(len(idx)),
+                         strict=True))
+        for i, (dev, host) in zip(idx, pairs, strict=True):
+            self.pool.release(dev)  # keeps its prefix hash: still a cache hit until reused
+            t.block_ids[i] = None
+            t.host[i] = host
+        return pairs
+
+    def is_swapped(self, seq_id: int) -> bool:
+        t = self.tables.get(seq_id)
+        return t is not None and bool(t.host)
+
+    def swap_in(self, seq_id: int) -> list[tuple[int, int]]:
+        """Bring swapped blocks back into fresh device blocks. Returns the (host, device)
+        pairs whose bytes the caller must copy before any host block is reused. Raises
+        NoFreeBlocks, changing nothing, if the device pool is short."""
+        t = self.tables[seq_id]
+        idx = sorted(t.host)
+        pairs = list(zip([t.host[i] for i in idx], self.pool.allocate(len(idx)), strict=True))
+        for i, (host, dev) in zip(idx, pairs, strict=True):
+            self.host_pool.release(host)
+            t.block_ids[i] = dev
+        t.host.clear()
+        return pairs
 
     # ---- invariants --------------------------------------------------------------------
     def check_integrity(self) -> None:
         """Pool invariants hold, and each block's ref count equals its holders in tables."""
         self.pool.check_integrity()
         holders = [0] * self.pool.num_blocks
+        host = [0] * (self.host_pool.num_blocks if self.host_pool else 0)
         for sid, t in self.tables.items():
             assert len(t.block_ids) == -(-t.num_tokens // self.block_size), (
                 f"sequence {sid}: {len(t.block_ids)} blocks for {t.num_tokens} tokens")
-            assert len(set(t.block_ids)) == len(t.block_ids), f"sequence {sid} repeats a block"
-            for b in t.block_ids:
+            dev = [b for b in t.block_ids if b is not None]
+            assert len(set(dev)) == len(dev), f"sequence {sid} repeats a block"
+            assert sorted(t.host) == [i for i, b in enumerate(t.block_ids) if b is None]
+            assert t.num_registered <= len(t.block_ids)
+            for b in dev:
                 holders[b] += 1
+            for h in t.host.values():
+                host[h] += 1
         assert holders == self.pool.ref_counts, "ref counts differ from block-table holders"
+        if self.host_pool is not None:
+            self.host_pool.check_integrity()
+            assert host == self.host_pool.ref_counts, "host ref counts differ from holders"
 
     def _last_block_shared(self, t: BlockTable) -> bool:
         partial = t.num_tokens % self.block_size != 0
-        return partial and self.pool.is_shared(t.block_ids[-1])
+        return partial and t.block_ids[-1] is not None and self.pool.is_shared(t.block_ids[-1])
+
+    def _release_entry(self, t: BlockTable, i: int) -> None:
+        if t.block_ids[i] is None:
+            self.host_pool.release(t.host.pop(i))
+        else:
+            self.pool.release(t.block_ids[i])
 
 
 __all__ = ["BlockManager", "BlockTable", "NoFreeBlocks"]

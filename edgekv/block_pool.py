@@ -1,4 +1,5 @@
-"""Block pool: which KV blocks are free, and how many sequences hold each one.
+"""Block pool: which KV blocks are free, how many sequences hold each, and which hold a
+cached prefix.
 
 Pure Python metadata: no tensors here. The bytes of block ``i`` live in every layer's
 storage at index ``i`` (see ``kv_cache.py``); this module only hands ids out and takes
@@ -6,13 +7,23 @@ them back.
 
 Free-list order: ``allocate`` takes the block at the head of the queue and a block whose
 last reference is dropped joins its tail. The block freed longest ago is therefore reused
-first (FIFO = least-recently-freed first), which is the order a prefix cache wants when it
-lets freed blocks linger as reusable.
+first (FIFO = least-recently-freed first). That is the prefix cache's eviction order (LRU):
+
+::
+
+    free list:  head [ b4  b9  b2* b7* ] tail        * = still holds a cached prefix block
+                 ^ allocate() takes b4 first; b2 keeps its hash until it is reallocated
+
+A full block may carry a content hash (``prefix_cache.block_hash``); ``cached`` maps each
+hash to the one block holding it. A freed block keeps its hash and stays findable by
+``lookup`` until ``allocate`` hands it out again (its hash is dropped then, since it will be
+overwritten). ``take`` (a cache hit) adds a holder; on a free block it also takes it off
+the free list, wherever it sits.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 
 class NoFreeBlocks(RuntimeError):
@@ -24,24 +35,40 @@ class BlockPool:
         assert num_blocks > 0
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks  # number of block tables holding each block
-        self.free_ids: deque[int] = deque(range(num_blocks))
+        # free ids in LRU order (head = freed longest ago); an ordered dict so that a cache
+        # hit can take a block from the middle in O(1)
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # content hash -> block id
+
+    @property
+    def free_ids(self) -> list[int]:
+        """Free block ids, next to be allocated first."""
+        return list(self._free)
 
     @property
     def num_free(self) -> int:
-        return len(self.free_ids)
+        return len(self._free)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self.free_ids)
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a cached prefix block, in use or free."""
+        return len(self.cached)
 
     def allocate(self, n: int = 1) -> list[int]:
-        """Take ``n`` free blocks (ref count 1 each). All or nothing: raises NoFreeBlocks."""
-        if n > len(self.free_ids):
-            raise NoFreeBlocks(f"need {n} blocks, {len(self.free_ids)} free")
-        ids = [self.free_ids.popleft() for _ in range(n)]
+        """Take ``n`` free blocks (ref count 1 each), least recently freed first, dropping
+        any cached hash they held. All or nothing: raises NoFreeBlocks."""
+        if n > len(self._free):
+            raise NoFreeBlocks(f"need {n} blocks, {len(self._free)} free")
+        ids = [self._free.popitem(last=False)[0] for _ in range(n)]
         for i in ids:
             assert self.ref_counts[i] == 0, f"block {i} on the free list is referenced"
             self.ref_counts[i] = 1
+            self.unregister(i)
         return ids
 
     def share(self, block_id: int) -> None:
@@ -54,17 +81,47 @@ class BlockPool:
         assert self.ref_counts[block_id] > 0, f"releasing free block {block_id}"
         self.ref_counts[block_id] -= 1
         if self.ref_counts[block_id] == 0:
-            self.free_ids.append(block_id)
+            self._free[block_id] = None
 
     def is_shared(self, block_id: int) -> bool:
         return self.ref_counts[block_id] > 1
 
+    # ---- prefix cache ------------------------------------------------------------------
+    def register(self, block_id: int, h: bytes) -> bool:
+        """Record that allocated full block ``block_id`` holds content ``h``. False (and no
+        change) if another block already holds ``h`` or this one holds another hash."""
+        assert self.ref_counts[block_id] > 0, f"registering free block {block_id}"
+        if h in self.cached or self.block_hash[block_id] is not None:
+            return False
+        self.cached[h] = block_id
+        self.block_hash[block_id] = h
+        return True
+
+    def unregister(self, block_id: int) -> None:
+        """Forget the block's hash (it is about to be overwritten)."""
+        h = self.block_hash[block_id]
+        if h is not None:
+            del self.cached[h]
+            self.block_hash[block_id] = None
+
+    def lookup(self, h: bytes) -> int | None:
+        return self.cached.get(h)
+
+    def take(self, block_id: int) -> None:
+        """A cache hit: one more holder; a free block leaves the free list."""
+        if self.ref_counts[block_id] == 0:
+            del self._free[block_id]
+        self.ref_counts[block_id] += 1
+
     def check_integrity(self) -> None:
-        """free + used == total; the free list holds exactly the unreferenced ids, once."""
-        free = set(self.free_ids)
-        assert len(free) == len(self.free_ids), "a block is on the free list twice"
+        """free + used == total; the free list holds exactly the unreferenced ids, once;
+        the hash map and per-block hashes agree."""
+        free = set(self._free)
         assert all(0 <= i < self.num_blocks for i in free), "foreign id on the free list"
         for i, rc in enumerate(self.ref_counts):
             assert rc >= 0, f"block {i} has ref count {rc}"
             assert (rc == 0) == (i in free), f"block {i}: ref count {rc}, free={i in free}"
         assert self.num_free + sum(rc > 0 for rc in self.ref_counts) == self.num_blocks
+        for h, b in self.cached.items():
+            assert self.block_hash[b] == h, f"block {b}: hash map and block hash differ"
+        assert sum(h is not None for h in self.block_hash) == len(self.cached)

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 
 from edgekv.models import ModelConfig
 
+from .beam_search import BeamSearch
 from .block_manager import BlockManager
 from .config import CacheConfig
 from .detokenizer import IncrementalDetokenizer
 from .eviction import EvictionConfig, Evictor
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
+from .offload import Offloader
+from .prefix_cache import cache_salt
 from .sampling import SamplingParams, sample
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, Status
 
 
 class Engine:
@@ -23,23 +29,37 @@ class Engine:
     Contract: ``add`` queues a sequence; each ``step`` advances every scheduled sequence
     by one chunk or one token and returns the sequences that produced a token (finished
     ones included). Token ids and text are appended to the Sequence objects in place.
+    A request with ``params.n > 1`` forks its other samples when its prompt is computed
+    (``seq.samples``); one with ``beam_width`` set is driven by ``seq.beam``.
+
+    ``prefix_caching``: reuse cached blocks of matching prompt prefixes. ``num_host_blocks``
+    > 0: a host pool of that many blocks for offload (swap instead of recompute).
     """
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
                  cache_config: CacheConfig, tokenizer, device: torch.device, seed: int = 0,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
-                 eviction: EvictionConfig | None = None):
+                 eviction: EvictionConfig | None = None, prefix_caching: bool = True,
+                 num_host_blocks: int = 0):
         self.model_config, self.cache_config = model_config, cache_config
         self.tokenizer, self.device, self.seed = tokenizer, device, seed
-        self.manager = BlockManager(cache_config.num_blocks, cache_config.block_size)
+        self.manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
+                                    num_host_blocks)
         self.cache = PagedKVCache(cache_config, device)
+        self.offloader = None
+        if num_host_blocks:
+            host_cfg = dataclasses.replace(cache_config, num_blocks=num_host_blocks)
+            host = PagedKVCache(host_cfg, "cpu", pin_memory=torch.device(device).type == "cuda")
+            self.offloader = Offloader(self.manager, self.cache, host)
         self.evictor = None
         if eviction is not None:
             budget = eviction.resolve(cache_config.block_size, cache_config.num_blocks)
             self.evictor = Evictor(budget, self.manager,
                                    mass_norm=model_config.num_layers * model_config.num_heads)
+        salt = cache_salt(cache_config.kv_format, cache_config.block_size)
         self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
-                                   self.evictor)
+                                   self.evictor, self.offloader,
+                                   salt if prefix_caching else None)
         self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor)
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -70,9 +90,13 @@ class Engine:
                              f"{min(seq.token_ids)}..{max(seq.token_ids)}")
         seq.num_prompt, seq.text, seq.finish_reason = seq.num_tokens, "", None
         seq.new_text.clear()
-        seed = seq.params.seed if seq.params.seed is not None else self.seed * 1_000_003 + \
-            seq.seq_id
-        seq.generator = torch.Generator().manual_seed(seed)
+        p = seq.params
+        if seq.keep_cache and (p.n > 1 or p.beam_width is not None):
+            raise ValueError("a chat turn takes n=1 and no beam_width")
+        seq.seed = p.seed if p.seed is not None else self.seed * 1_000_003 + seq.seq_id
+        seq.generator = torch.Generator().manual_seed(seq.seed)
+        seq.samples = None
+        seq.beam = BeamSearch(seq, p.beam_width) if p.beam_width is not None else None
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
         self.scheduler.add(seq)
@@ -108,13 +132,74 @@ class Engine:
         logits, rows = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
-        sampled = [batch.seqs[i] for i in rows]
-        if not sampled:  # only prompt chunks ran: nothing to sample yet
+            self.scheduler.computed(seq)
+        sampled, rows = self._fork_samples([batch.seqs[i] for i in rows])
+        self._beam_steps(sampled, rows, logits)
+        sampled, rows = [s for s in sampled if s.beam is None], \
+            [r for s, r in zip(sampled, rows, strict=True) if s.beam is None]
+        if not sampled:  # only prompt chunks (or beams) ran: nothing to sample
             return []
+        logits = logits[torch.tensor(rows, device=logits.device)]  # (N, vocab)
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         for seq, tok in zip(sampled, tokens, strict=True):
             self._postprocess(seq, tok)
         return sampled
+
+    def _beam_steps(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor
+                    ) -> None:
+        """Hand beams their next-token logits; advance each search all of whose live
+        beams have reported."""
+        searches = []
+        for seq, r in zip(seqs, rows, strict=True):
+            if seq.beam is not None:
+                seq.beam.observe(seq, logits[r])
+                if seq.beam not in searches:
+                    searches.append(seq.beam)
+        for b in searches:
+            if b.ready:
+                b.advance(self)
+
+    def _fork_samples(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """Fork the other samples of each n > 1 request whose prompt was just computed;
+        each sample shares the prompt's blocks and samples from the same logits row.
+        Returns the sequences to sample and their logits rows."""
+        out, rows = [], []
+        for i, seq in enumerate(seqs):
+            out.append(seq)
+            rows.append(i)
+            if seq.params.n > 1 and seq.samples is None:
+                seq.samples = [seq]
+                for j in range(1, seq.params.n):
+                    child = self.fork(seq)
+                    child.generator = torch.Generator().manual_seed(seq.seed + j)
+                    child.seed = seq.seed + j
+                    seq.samples.append(child)
+                    out.append(child)
+                    rows.append(i)
+        return out, rows
+
+    def fork(self, parent: Sequence) -> Sequence:
+        """A running copy of ``parent`` that shares its blocks (copy-on-write on its first
+        write into the shared partial block) and, with eviction, its block scores."""
+        child = copy.copy(parent)
+        child.seq_id, self._next_id = self._next_id, self._next_id + 1
+        child.token_ids = list(parent.token_ids)
+        child.block_hashes, child.hashed_ids = list(parent.block_hashes), \
+            list(parent.hashed_ids)
+        child.new_text, child.samples = [], None
+        child.detok = copy.copy(parent.detok)
+        if parent.seq_id in self.manager.tables and not self.manager.is_swapped(
+                parent.seq_id):
+            self.manager.fork(parent.seq_id, child.seq_id)
+            if self.evictor is not None and parent.seq_id in self.evictor.scores:
+                self.evictor.scores[child.seq_id] = self.evictor.scores[parent.seq_id].clone()
+            child.status = Status.RUNNING
+            self.scheduler.running.append(child)
+        else:  # the parent has no resident blocks: the child recomputes (prefix cache hits)
+            child.num_computed = child.num_evicted = 0
+            child.status = Status.WAITING
+            self.scheduler.waiting.appendleft(child)
+        return child
 
     def _postprocess(self, seq: Sequence, token: int) -> None:
         """Append the token, extend the text, and finish the sequence if it should stop."""
@@ -193,6 +278,12 @@ class Engine:
     # ---- accounting --------------------------------------------------------------------
     def kv_stats(self) -> dict:
         s = self.cache.stats(self.manager)
-        s["preemptions"] = self.scheduler.num_preemptions
+        sch = self.scheduler
+        s["preemptions"] = sch.num_preemptions
+        s["prefix_caching"] = sch.prefix_salt is not None
+        s["prefix_query_tokens"] = sch.prefix_query_tokens
+        s["prefix_hit_tokens"] = sch.prefix_hit_tokens
+        s["prefix_hit_rate"] = sch.prefix_hit_tokens / max(sch.prefix_query_tokens, 1)
+        s.update(self.offloader.stats() if self.offloader is not None else {"offload": None})
         s.update(self.evictor.stats() if self.evictor is not None else {"eviction": None})
         return s

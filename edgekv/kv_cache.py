@@ -29,9 +29,11 @@ class PagedKVCache:
     ``copy_blocks`` performs the copies the manager asks for (copy-on-write).
     """
 
-    def __init__(self, config: CacheConfig, device: str | torch.device = "cpu"):
+    def __init__(self, config: CacheConfig, device: str | torch.device = "cpu",
+                 pin_memory: bool = False):
         self.config = config
         self.device = torch.device(device)
+        self.pin_memory = pin_memory  # a host pool for offload from a CUDA device
         self.format = config.format
         self.layers: list[tuple[QuantizedKV, QuantizedKV]] = [
             (self._empty(), self._empty()) for _ in range(config.num_layers)
@@ -40,13 +42,11 @@ class PagedKVCache:
     def _empty(self) -> QuantizedKV:
         c, f = self.config, self.format
         shape = (c.num_blocks, c.num_kv_heads, c.block_size)
-        data = torch.zeros(*shape, f.packed_dim(c.head_dim), dtype=f.storage_dtype,
-                           device=self.device)
+        kw = {"device": self.device, "pin_memory": self.pin_memory}
+        data = torch.zeros(*shape, f.packed_dim(c.head_dim), dtype=f.storage_dtype, **kw)
         groups = (*shape, f.num_groups(c.head_dim))
-        scale = torch.ones(groups, dtype=torch.float16, device=self.device) if f.has_scale \
-            else None
-        zero = torch.zeros(groups, dtype=torch.float16, device=self.device) if f.has_zero \
-            else None
+        scale = torch.ones(groups, dtype=torch.float16, **kw) if f.has_scale else None
+        zero = torch.zeros(groups, dtype=torch.float16, **kw) if f.has_zero else None
         return QuantizedKV(data, scale, zero)
 
     # ---- bytes in --------------------------------------------------------------------
@@ -93,6 +93,8 @@ class PagedKVCache:
         filled: dict[int, int] = {}
         for t in manager.tables.values():
             for i, b in enumerate(t.block_ids):
+                if b is None:  # swapped out to the host pool
+                    continue
                 n = min(bs, t.num_tokens - i * bs)
                 filled[b] = max(filled.get(b, 0), n)
         used = manager.pool.num_used
@@ -108,5 +110,6 @@ class PagedKVCache:
             "bytes_per_token": c.bytes_per_token,
             "live_tokens": live,
             "num_seqs": len(manager.tables),
+            "cached_blocks": manager.pool.num_cached,  # prefix-cache blocks, used or free
             "utilization": live / (used * bs) if used else 0.0,
         }

@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,11 +27,26 @@ DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"  # package data, see its R
 
 
 @dataclass
+class CompletionOutput:
+    """One sample (``n`` > 1) or one beam (``beam_width``) of a request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    cumulative_logprob: float | None = None  # beam search only
+
+
+@dataclass
 class RequestOutput:
+    """A request's result. ``outputs`` holds its completions: ``n`` samples in sample
+    order, or ``beam_width`` beams best first (one for a plain request). ``text``,
+    ``token_ids`` and ``finish_reason`` are those of ``outputs[0]``."""
+
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
 
 
 class LLM:
@@ -45,6 +60,11 @@ class LLM:
     ``eviction``: None (a sequence that outgrows the pool is preempted, or cut short when
     alone), a policy name (``EVICTION_POLICIES``) or an ``EvictionConfig`` (sinks, window);
     ``max_kv_tokens``: the tokens one sequence may keep cached (default: the whole pool).
+    ``prefix_caching`` (default on): requests reuse the cached blocks of a matching prompt
+    prefix (system prompts, few-shot headers); ``kv_stats()`` reports the hits.
+    ``offload_memory``: bytes or "1GiB" of host memory for KV blocks swapped out of the
+    device pool when it runs short (pinned on CUDA); 0 (default): off, preempted
+    sequences are recomputed instead.
     """
 
     def __init__(self, model: str | Path | None = None, kv_format: str = "int8",
@@ -52,7 +72,8 @@ class LLM:
                  eviction: str | EvictionConfig | None = None,
                  max_kv_tokens: int | None = None, weights: str | None = None,
                  device: str | torch.device | None = None, dtype=None, seed: int = 0,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None):
+                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
+                 prefix_caching: bool = True, offload_memory: int | str = 0):
         get_format(kv_format)  # fail fast on bad input, before loading anything
         eviction = _eviction_config(eviction, max_kv_tokens)
         if model is None:
@@ -77,11 +98,18 @@ class LLM:
             budget = parse_memory(kv_memory)
         self.cache_config = CacheConfig.for_budget(budget, mc.num_layers, mc.num_kv_heads,
                                                    mc.head_dim, block_size, kv_format)
+        host_blocks = 0
+        if offload_memory:
+            host_blocks = parse_memory(offload_memory) // self.cache_config.bytes_per_block
+            if host_blocks == 0:
+                raise ValueError(f"offload_memory={offload_memory!r} holds no KV block "
+                                 f"({self.cache_config.bytes_per_block} bytes each)")
         self.engine = Engine(self.model, mc, self.cache_config, self.tokenizer, self.device,
                              seed=seed, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens
                              or (2048 if self.device.type == "cuda" else 512),
-                             eviction=eviction)
+                             eviction=eviction, prefix_caching=prefix_caching,
+                             num_host_blocks=host_blocks)
 
     # ---- prompts -----------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -101,19 +129,21 @@ class LLM:
     # ---- generation --------------------------------------------------------------------
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Complete every prompt; outputs come back in the prompts' order."""
+        """Complete every prompt; outputs come back in the prompts' order, each with its
+        ``n`` samples or ``beam_width`` beams in ``.outputs``."""
         seqs = self._sequences(prompts, params)
         for s in seqs:
             self.engine.add(s)
-        while any(not s.finished for s in seqs):
+        while not all(_done(s) for s in seqs):
             self.engine.step()
-        return [RequestOutput(s.text, s.output_ids, s.finish_reason,
-                              s.token_ids[: s.num_prompt]) for s in seqs]
+        return [_request_output(s) for s in seqs]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None
                ) -> Iterator[str]:
         """Yield the completion's text as it is produced (whole characters only)."""
         (seq,) = self._sequences(prompt, params)
+        if seq.params.n > 1 or seq.params.beam_width is not None:
+            raise ValueError("stream takes n=1 and no beam_width: use generate")
         self.engine.add(seq)
         yield from self.engine.drive(seq)
 
@@ -136,6 +166,23 @@ class LLM:
         """What the KV cache costs now: blocks_total, blocks_used, bytes_used,
         bytes_per_token, live_tokens, utilization, preemptions, ..."""
         return self.engine.kv_stats()
+
+
+def _done(seq: Sequence) -> bool:
+    if seq.beam is not None:
+        return seq.beam.finished
+    return all(s.finished for s in seq.samples or [seq])
+
+
+def _request_output(seq: Sequence) -> RequestOutput:
+    if seq.beam is not None:
+        outs = [CompletionOutput(*o) for o in seq.beam.results()]
+    else:
+        outs = [CompletionOutput(s.text, s.output_ids, s.finish_reason)
+                for s in seq.samples or [seq]]
+    best = outs[0]
+    return RequestOutput(best.text, best.token_ids, best.finish_reason,
+                         seq.token_ids[: seq.num_prompt], outs)
 
 
 def _eviction_config(eviction, max_kv_tokens: int | None) -> EvictionConfig | None:

@@ -15,6 +15,13 @@ class SamplingParams:
     this request's random stream (None: derived from the LLM's seed and the request's id).
     Generation stops at EOS (unless ``ignore_eos``), at any of ``stop_token_ids``, when the
     text contains one of ``stop`` (the text is cut before it), or after ``max_tokens``.
+
+    ``n``: samples per prompt. They fork off one prefilled prompt and share its blocks;
+    sample ``j`` draws from the random stream seeded with ``seed + j`` (seed as above), so
+    with a fixed seed it equals a separate ``n=1`` request with ``seed=seed + j``.
+    ``beam_width`` (None: off): beam search instead of sampling (deterministic; temperature,
+    top-k, top-p and stop strings are not used). Hypotheses are ranked by cumulative log-prob
+    divided by (output length) ** ``length_penalty``; beam width 1 is greedy decoding.
     """
 
     max_tokens: int = 64
@@ -25,6 +32,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
+    beam_width: int | None = None
+    length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -39,6 +49,12 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("n", "beam_width"):
+            v = getattr(self, name)
+            if (v is not None or name == "n") and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.n > 1 and self.beam_width is not None:
+            raise ValueError("beam search returns beam_width outputs: leave n at 1")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 

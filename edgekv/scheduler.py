@@ -5,9 +5,16 @@ Continuous batching: sequences join and leave between steps. Each step has a tok
 takes 1 token, a prefilling one takes the next chunk of its prompt. Then waiting ones are
 admitted, first come first served, while the budget and free blocks allow. When a running
 sequence needs a block and none is free, the most recently admitted sequence is
-preempted: its blocks are freed and it waits to be recomputed from its tokens. Nothing
-runs out of memory; at worst a lone sequence that outgrows the whole pool is finished
-with reason "length".
+preempted: with a host pool (offload) its unshared blocks are swapped out and come back
+when it is admitted again; otherwise its blocks are freed and it waits to be recomputed
+from its tokens. Parked chat caches (the least recently scheduled sequences) give their
+blocks up first, to the host pool when there is room. Nothing runs out of memory; at worst
+a lone sequence that outgrows the whole pool is finished with reason "length".
+
+Prefix caching: a sequence admitted with no blocks starts from the cached blocks of its
+longest matching prefix (``BlockManager.match_prefix``), and its full blocks join the cache
+once computed (``computed``). A request whose next uncached block is being computed by a
+running sequence waits a step or more for it rather than compute the same block twice.
 
 With an eviction policy (an ``Evictor``), a sequence never outgrows its own budget: its
 chunks are capped at what the budget can take and blocks are evicted before each append;
@@ -22,6 +29,8 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .eviction import Evictor
+from .offload import Offloader
+from .prefix_cache import sequence_hashes
 from .sequence import Sequence, Status
 
 log = logging.getLogger("edgekv")
@@ -39,8 +48,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 evictor: Evictor | None = None):
-        self.manager, self.evictor = manager, evictor
+                 evictor: Evictor | None = None, offloader: Offloader | None = None,
+                 prefix_salt: bytes | None = None):
+        self.manager, self.evictor, self.offloader = manager, evictor, offloader
+        self.prefix_salt = prefix_salt  # None: prefix caching off
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -49,6 +60,8 @@ class Scheduler:
         # are the first to give their blocks up when the pool runs short
         self.parked: dict[int, Sequence] = {}
         self.num_preemptions = 0
+        self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # of which found there (not computed again)
 
     def add(self, seq: Sequence) -> None:
         self.parked.pop(seq.seq_id, None)
@@ -64,8 +77,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not Status.RUNNING or seq.num_computed == seq.num_tokens:
+                continue  # preempted earlier in this loop, or waits for its beam group
             n = self._chunk(seq, budget)
             while not self._room(seq, n):
                 victim = self.running[-1]
@@ -83,19 +96,34 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            n = self._chunk(seq, budget)
-            if not self._room(seq, n):
+            ready = self._resume(seq, budget)
+            if ready is None:  # waits for blocks another sequence is computing
+                break
+            todo = ready and seq.num_computed < seq.num_tokens  # else a beam that waits
+            n = self._chunk(seq, budget) if todo else 0
+            if not ready or not self._room(seq, n):
                 if not self.running and not batch:  # it cannot fit even alone
                     self.waiting.popleft()
                     self._finish_out_of_blocks(seq)
                     continue
+                self._unmatch(seq)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            self._take(batch, seq, n)
-            budget -= n
+            if todo:
+                self._take(batch, seq, n)
+                budget -= n
         return batch
+
+    def computed(self, seq: Sequence) -> None:
+        """``seq.num_computed`` advanced and its K/V are written: offer its new full blocks
+        to the prefix cache (never past an evicted block)."""
+        if self.prefix_salt is None or seq.num_evicted:
+            return
+        bs = self.manager.block_size
+        hashes = sequence_hashes(seq, seq.num_computed, bs, self.prefix_salt)
+        self.manager.register(seq.seq_id, hashes, seq.num_computed)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark finished and release its blocks (a chat session parks them instead)."""
@@ -117,20 +145,75 @@ class Scheduler:
         seq.num_computed = seq.num_evicted = 0
 
     # ---- internals ---------------------------------------------------------------------
+    def _resume(self, seq: Sequence, budget: int) -> bool | None:
+        """Before admitting ``seq``: bring its swapped blocks back, or start it from the
+        prefix cache. False: no room to swap in; None: wait for a running sequence to
+        compute the block it would hit next."""
+        mgr = self.manager
+        if mgr.is_swapped(seq.seq_id):
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._room(seq, n, shrink=False):
+                return False
+            self.offloader.swap_in(seq.seq_id)
+            return True
+        if self.prefix_salt is None or seq.seq_id in mgr.tables or seq.num_computed:
+            return True
+        bs = mgr.block_size
+        limit = seq.num_tokens - 1  # the last token is always computed: it gives the logits
+        if self.evictor is not None:
+            limit = min(limit, self.evictor.budget.tokens - 1)
+        max_blocks = max(limit, 0) // bs
+        hashes = sequence_hashes(seq, max_blocks * bs, bs, self.prefix_salt)[:max_blocks]
+        hit = mgr.match_prefix(seq.seq_id, hashes, max_blocks)
+        if hit < max_blocks and hashes[hit] in self._pending_hashes():
+            mgr.free(seq.seq_id)
+            return None
+        seq.num_computed = hit * bs
+        self.prefix_query_tokens += seq.num_tokens
+        self.prefix_hit_tokens += hit * bs
+        return True
+
+    def _unmatch(self, seq: Sequence) -> None:
+        """Undo a prefix match of a sequence that is not admitted after all (its cached
+        blocks go back to the free list, still cached)."""
+        if (self.prefix_salt is not None and seq.seq_id in self.manager.tables
+                and not seq.keep_cache and seq.num_computed == self.manager.num_tokens(
+                    seq.seq_id) and not self.manager.is_swapped(seq.seq_id)
+                and seq.num_evicted == 0):
+            self.prefix_query_tokens -= seq.num_tokens
+            self.prefix_hit_tokens -= seq.num_computed
+            self.manager.free(seq.seq_id)
+            seq.num_computed = 0
+
+    def _pending_hashes(self) -> set[bytes]:
+        """Hashes of full blocks that running sequences will compute but have not yet."""
+        bs, pending = self.manager.block_size, set()
+        for s in self.running:
+            if s.num_evicted:
+                continue
+            hashes = sequence_hashes(s, s.num_tokens, bs, self.prefix_salt)
+            pending.update(hashes[s.num_computed // bs :])
+        return pending
+
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of ``seq`` to compute this step; with eviction, capped at its KV budget
         (evicting what appending them needs)."""
         n = min(seq.num_tokens - seq.num_computed, budget)
         return self.evictor.fit(seq, n) if self.evictor is not None else n
 
-    def _room(self, seq: Sequence, n: int) -> bool:
-        """Whether ``n`` more tokens of ``seq`` fit, after dropping parked caches, then
-        evicting the sequence's own blocks, if needed."""
+    def _room(self, seq: Sequence, n: int, shrink: bool = True) -> bool:
+        """Whether ``n`` more tokens of ``seq`` fit, after moving parked caches out (to the
+        host pool if it has room, else dropping them), then evicting the sequence's own
+        blocks (if ``shrink``), if needed."""
         while not self.manager.can_append(seq.seq_id, n):
-            others = [s for s in self.parked.values() if s is not seq]
+            others = [s for s in self.parked.values()
+                      if s is not seq and self.manager.num_swappable(s.seq_id) > 0]
             if others:
-                self.release(others[0])
-            elif self.evictor is None or not self.evictor.shrink(seq):
+                if self.offloader is not None and self.manager.can_swap_out(others[0].seq_id):
+                    self.offloader.swap_out(others[0].seq_id)
+                else:
+                    self.release(others[0])
+            elif not shrink or self.evictor is None or not self.evictor.shrink(seq):
                 return False
         return True
 
@@ -141,9 +224,13 @@ class Scheduler:
         batch.copies.extend(copies)
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free the sequence's blocks; it waits to be recomputed from all its tokens."""
+        """Swap the sequence's blocks out if the host pool has room; else free them, and it
+        waits to be recomputed from all its tokens."""
         self.running.remove(seq)
-        self.release(seq)
+        if self.offloader is not None and self.manager.can_swap_out(seq.seq_id):
+            self.offloader.swap_out(seq.seq_id)
+        else:
+            self.release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

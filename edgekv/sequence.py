@@ -38,10 +38,18 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    seed: int = 0  # what seeded ``generator`` (sample j of an n > 1 request: seed + j)
     detok: IncrementalDetokenizer | None = None
     text: str = ""  # output text so far (stop strings removed)
     keep_cache: bool = False  # a chat session keeps its blocks after finishing a turn
     new_text: list[str] = field(default_factory=list)  # deltas not yet taken by a stream
+    # prefix-cache chain hashes of the full blocks of hashed_ids (a copy of the tokens they
+    # cover: a chat turn may rewrite token_ids, and stale hashes are then cut back)
+    block_hashes: list[bytes] = field(default_factory=list)
+    hashed_ids: list[int] = field(default_factory=list)
+    # n > 1: the request's samples, this sequence (sample 0) first; set on sample 0 only
+    samples: list[Sequence] | None = None
+    beam: object | None = None  # beam_search.BeamSearch driving this sequence, if any
 
     @property
     def num_tokens(self) -> int:
