@@ -6,7 +6,7 @@ budget of --budget tokens. Reported per configuration:
   tok/s        generated tokens / wall time (fastest of --repeats runs after a warm-up)
   vs none      tok/s over the no-eviction run's at the same batch
   peak KV MiB  the most KV bytes in use after any step (``kv_stats()["bytes_used"]``)
-  evicted      tokens evicted in the last run
+  evicted      tokens evicted during that run
 Streaming reads no attention; h2o and snapkv collect per-block attention mass in every
 layer of every step, which is what their extra time pays for.
 
@@ -32,13 +32,15 @@ def run(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, int
     eng = llm.engine
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     seqs = [eng.new_sequence(p, params) for p in prompts]
+    evicted = llm.kv_stats().get("evicted_tokens") or 0  # counted since the LLM was made
     peak, start = 0, time.perf_counter()
     for s in seqs:
         eng.add(s)
     while any(not s.finished for s in seqs):
         eng.step()
         peak = max(peak, eng.manager.pool.num_used * llm.cache_config.bytes_per_block)
-    return time.perf_counter() - start, peak, llm.kv_stats().get("evicted_tokens") or 0
+    seconds = time.perf_counter() - start
+    return seconds, peak, (llm.kv_stats().get("evicted_tokens") or 0) - evicted
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
