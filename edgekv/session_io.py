@@ -48,16 +48,17 @@ def save_session(chat, path: str | Path) -> int:
         tensors["tokens"] = torch.tensor(seq.token_ids, dtype=torch.int64)
         if seq.seq_id in llm.engine.manager.tables:
             num_computed, num_evicted = seq.num_computed, seq.num_evicted
-            ids = torch.tensor(llm.engine.manager.block_ids(seq.seq_id), dtype=torch.long)
+            sources = _block_sources(llm.engine, seq.seq_id)
             ev = llm.engine.evictor
             if ev is not None and seq.seq_id in ev.scores:  # what h2o/snapkv have seen
                 tensors["eviction_scores"] = ev.scores[seq.seq_id].clone()
-            for i, layer in enumerate(llm.engine.cache.layers):
-                for name, store in zip("kv", layer, strict=True):
+            for i in range(len(llm.engine.cache.layers)):
+                for j, name in enumerate("kv"):
                     for part in ("data", "scale", "zero"):
-                        t = getattr(store, part)
-                        if t is not None:
-                            tensors[f"L{i}.{name}.{part}"] = t[ids.to(t.device)].cpu()
+                        if getattr(llm.engine.cache.layers[i][j], part) is None:
+                            continue
+                        tensors[f"L{i}.{name}.{part}"] = torch.stack(
+                            [getattr(c.layers[i][j], part)[b].cpu() for c, b in sources])
     else:
         tensors["tokens"] = torch.zeros(0, dtype=torch.int64)
     meta = {
@@ -73,6 +74,15 @@ def save_session(chat, path: str | Path) -> int:
     }
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
     return num_computed - num_evicted
+
+
+def _block_sources(engine, seq_id: int) -> list[tuple[object, int]]:
+    """(cache, block id) of each table entry, in order: the device cache, or the host
+    pool's cache for blocks offloaded there (read in place, nothing is swapped back)."""
+    t = engine.manager.tables[seq_id]
+    host = engine.scheduler.offloader.host_cache if t.host else None
+    return [(engine.cache, b) if b is not None else (host, t.host[i])
+            for i, b in enumerate(t.block_ids)]
 
 
 def load_session(chat, path: str | Path) -> int:

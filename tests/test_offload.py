@@ -59,3 +59,28 @@ def test_swapping_with_prefix_cache_and_samples(llama_dir):
 def test_offload_memory_too_small_raises(llama_dir):
     with pytest.raises(ValueError):
         LLM(llama_dir, kv_memory="1MiB", offload_memory=16)
+
+
+def test_a_chat_whose_blocks_were_offloaded_saves_and_loads(llama_dir, tmp_path):
+    """Chat A is parked, chat B's turns push A's blocks out to the host pool; saving A
+    brings them back, and the saved session continues exactly as A itself does."""
+    from edgekv.session_io import load_session, save_session
+
+    kw = dict(kv_format="int8", dtype=torch.float32, prefix_caching=False)
+    per_block = LLM(llama_dir, kv_memory="1MiB", **kw).cache_config.bytes_per_block
+    llm = LLM(llama_dir, kv_memory=16 * per_block, offload_memory=64 * per_block, **kw)
+    a, b = llm.chat(system="A"), llm.chat(system="B")
+    a.send("Hi.", GREEDY)
+    for i in range(6):
+        b.send(f"Turn {i}.", GREEDY)
+        if llm.engine.manager.is_swapped(a.seq.seq_id):
+            break
+    assert llm.engine.manager.is_swapped(a.seq.seq_id)
+    path = tmp_path / "a.safetensors"
+    saved = save_session(a, path)
+    assert saved == a.num_cached_tokens > 0
+    want = a.send("And then?", GREEDY)
+    other = LLM(llama_dir, kv_memory="1MiB", **kw)
+    c = other.chat(system="A")
+    assert load_session(c, path) == saved
+    assert c.send("And then?", GREEDY) == want
