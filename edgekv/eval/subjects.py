@@ -1,0 +1,88 @@
+"""What is measured: one configuration under test (a KV format, a policy and budget, or a
+peer's cache), behind one small interface the runner drives.
+
+``EdgeKVSubject`` is an ``edgekv.LLM``; ``peers.HFSubject`` is a transformers model with
+one of its caches. Both score windows teacher-forced and continue prompts greedily.
+"""
+
+from __future__ import annotations
+
+import gc
+from abc import ABC, abstractmethod
+
+import torch
+
+from edgekv.quant import get_format
+
+
+class Subject(ABC):
+    """One configuration under test.
+
+    Contract: ``logits(ids, decode)`` returns next-token logits (T, vocab) fp32 for the
+    T tokens of ``ids``, teacher-forced, from a fresh cache (nothing carries over between
+    calls). ``decode=True`` feeds the tokens one at a time, so each reads its history
+    from the cache exactly as generation does; ``decode=False`` is one prefill.
+    ``greedy(prompts, n)`` returns n greedy tokens per prompt (EOS does not stop it).
+    ``prefill_reflects_cache`` is False where a prefill never reads the stored form
+    (transformers' quantized caches, which attend over the unquantized prompt) or where
+    the configuration acts only between tokens (eviction): such subjects report the
+    decode perplexity only.
+    """
+
+    name: str  # the row's ``format``
+    backend: str = "edgekv"
+    eviction: str | None = None
+    kv_budget: int | None = None  # tokens one sequence may keep cached
+    prefill_reflects_cache: bool = True
+    bytes_per_token: int | None = None  # KV bytes of one token, all layers (None: unknown)
+    note: str = ""  # how this configuration differs from what its name says, if it does
+
+    @abstractmethod
+    def logits(self, ids: list[int], decode: bool) -> torch.Tensor:
+        """(T, vocab) fp32 next-token logits of every position of ``ids``."""
+
+    @abstractmethod
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        """``max_new`` greedy tokens after each prompt."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook: most subjects hold nothing)
+        """Release the model and its memory."""
+
+
+class EdgeKVSubject(Subject):
+    """An ``edgekv.LLM`` over a cache of ``kv_format``, optionally with eviction."""
+
+    def __init__(self, model, kv_format: str, kv_memory: int, *, eviction: str | None = None,
+                 kv_budget: int | None = None, block_size: int = 16, dtype: str = "float32",
+                 device: str | None = None, seed: int = 0, max_num_seqs: int = 64):
+        from edgekv import LLM
+
+        kwargs = {}
+        if eviction is not None:  # the eviction contract: LLM(eviction=NAME, max_kv_tokens=N)
+            kwargs = {"eviction": eviction, "max_kv_tokens": kv_budget}
+        torch.manual_seed(seed)
+        self.llm = LLM(model, kv_format=kv_format, kv_memory=kv_memory, block_size=block_size,
+                       device=device, dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
+                       **kwargs)
+        self.name, self.eviction, self.kv_budget = kv_format, eviction, kv_budget
+        self.prefill_reflects_cache = eviction is None
+        mc = self.llm.model_config
+        self.bytes_per_token = mc.num_layers * get_format(kv_format).bytes_per_token(
+            mc.num_kv_heads, mc.head_dim)
+
+    def logits(self, ids: list[int], decode: bool) -> torch.Tensor:
+        return self.llm.score(ids, chunk_size=1 if decode else None).float().cpu()
+
+    def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+        from edgekv import SamplingParams
+
+        if not prompts or max_new == 0:
+            return [[] for _ in prompts]
+        params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
+        return [list(o.token_ids) for o in self.llm.generate(prompts, params)]
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
