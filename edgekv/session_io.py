@@ -51,7 +51,7 @@ def save_session(chat, path: str | Path) -> int:
             sources = _block_sources(llm.engine, seq.seq_id)
             ev = llm.engine.evictor
             if ev is not None and seq.seq_id in ev.scores:  # what h2o/snapkv have seen
-                tensors["eviction_scores"] = ev.scores[seq.seq_id].clone()
+                tensors["eviction_scores"] = ev.scores[seq.seq_id].cpu().clone()
             for i in range(len(llm.engine.cache.layers)):
                 for j, name in enumerate("kv"):
                     for part in ("data", "scale", "zero"):

@@ -8,6 +8,7 @@ import torch
 from edgekv import LLM, SamplingParams
 from edgekv.eviction import EvictionConfig
 from edgekv.kernels import gather_blocks
+from edgekv.quant import get_format
 from edgekv.session_io import load_session, save_session
 
 from tiny_models import build_tiny_model
@@ -173,9 +174,8 @@ def test_heavy_hitter_block_is_kept_by_h2o_and_dropped_by_streaming(tmp_path, po
 
 def test_several_sequences_in_a_short_pool_evict_instead_of_preempting(llama_dir):
     cfg = EvictionConfig("streaming", sink_tokens=8, window_tokens=8)  # budget: the pool
-    llm = fp32_llm(llama_dir, eviction=cfg, kv_memory=None)
-    llm = LLM(llama_dir, kv_format="fp32", dtype=torch.float32, block_size=8,
-              kv_memory=10 * 8 * llm.kv_stats()["bytes_per_token"], eviction=cfg)
+    per_token = 2 * get_format("fp32").bytes_per_token(2, 32)  # 2 layers, 2 KV heads x 32
+    llm = fp32_llm(llama_dir, eviction=cfg, kv_memory=10 * 8 * per_token)
     assert llm.kv_stats()["blocks_total"] == 10
     ps = [prompt(12, seed=s) for s in range(3)]
     outs = llm.generate(ps, SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True))

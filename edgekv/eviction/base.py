@@ -19,6 +19,10 @@ class EvictionPolicy(ABC):
     name: str = ""
     needs_mass: bool = False
 
+    def __init__(self, obs_window: int = 32):
+        """``obs_window``: the queries one prefill observation spans (EvictionConfig's)."""
+        self.obs_window = obs_window
+
     def observe(self, scores: torch.Tensor, mass: torch.Tensor, num_queries: int
                 ) -> torch.Tensor:
         """New scores after a step. scores, mass: (num_blocks,) fp32; ``num_queries``
@@ -33,7 +37,7 @@ class EvictionPolicy(ABC):
 
 def lowest_scores(candidates: list[int], scores: torch.Tensor, n: int) -> list[int]:
     """The ``n`` candidates with the lowest scores; ties go to the oldest."""
-    cand = torch.tensor(candidates, dtype=torch.long)
+    cand = torch.tensor(candidates, dtype=torch.long, device=scores.device)
     order = torch.argsort(scores[cand], stable=True)  # ascending score, oldest first on ties
     return sorted(cand[order[:n]].tolist())
 

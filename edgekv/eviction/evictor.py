@@ -34,9 +34,10 @@ class Evictor:
     def __init__(self, budget: EvictionBudget, manager: BlockManager, mass_norm: float):
         assert manager.block_size == budget.block_size
         self.budget, self.manager, self.mass_norm = budget, manager, mass_norm
-        cls = POLICIES[budget.policy]
-        self.policy = cls(budget.obs_window) if budget.policy == "snapkv" else cls()
-        self.scores: dict[int, torch.Tensor] = {}  # seq_id -> (num_blocks,) fp32
+        self.policy = POLICIES[budget.policy](budget.obs_window)
+        # seq_id -> (num_blocks,) fp32, on the device the mass comes from: a decode step
+        # adds to it without a host sync; only an eviction reads it back
+        self.scores: dict[int, torch.Tensor] = {}
         self.evicted_blocks = 0
         self.evicted_mass = 0.0
         self.observed_queries = 0
@@ -88,11 +89,11 @@ class Evictor:
     def observe(self, seqs: list[Sequence], num_new: list[int], mass: torch.Tensor) -> None:
         """Add one step's block mass (S, max_blocks), rows in ``seqs`` order, to the scores.
         A prefill chunk's mass comes from its last ``obs_window`` queries only."""
-        mass = mass.float().cpu() / self.mass_norm
+        mass = mass.float() / self.mass_norm
         for i, (seq, n) in enumerate(zip(seqs, num_new, strict=True)):
             nb = len(self.manager.block_ids(seq.seq_id))
             queries = 1 if n == 1 else min(n, self.budget.obs_window)
-            scores = self._scores(seq.seq_id, nb)
+            scores = self._scores(seq.seq_id, nb).to(mass.device)
             self.scores[seq.seq_id] = self.policy.observe(scores, mass[i, :nb], queries)
             self.observed_queries += queries
 
@@ -117,7 +118,7 @@ class Evictor:
     def _scores(self, seq_id: int, num_blocks: int) -> torch.Tensor:
         s = self.scores.get(seq_id, torch.zeros(0))
         if len(s) < num_blocks:
-            s = torch.cat([s, torch.zeros(num_blocks - len(s))])
+            s = torch.cat([s, s.new_zeros(num_blocks - len(s))])
         return s[:num_blocks]
 
     def _evict(self, seq: Sequence, k: int) -> None:
@@ -127,7 +128,7 @@ class Evictor:
         victims = self.policy.choose(cands, scores, k)
         assert len(victims) == k and set(victims) <= set(cands), victims
         self.manager.evict(seq.seq_id, victims)
-        keep = torch.ones(len(scores), dtype=torch.bool)
+        keep = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
         keep[victims] = False
         self.evicted_mass += float(scores[~keep].sum())
         self.scores[seq.seq_id] = scores[keep]

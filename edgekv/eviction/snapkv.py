@@ -20,6 +20,7 @@ class SnapKVPolicy(EvictionPolicy):
     needs_mass = True
 
     def __init__(self, obs_window: int = 32):
+        super().__init__(obs_window)
         self.decay = 1.0 - 1.0 / obs_window
 
     def observe(self, scores: torch.Tensor, mass: torch.Tensor, num_queries: int
