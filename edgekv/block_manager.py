@@ -101,6 +101,11 @@ class BlockManager:
             self.pool.release(old)
             t.block_ids[-1] = new
             copies.append((old, new))
+        elif num_new_tokens > 0 and t.num_tokens % self.block_size:
+            # writing into a partial block this table alone holds: if it still carries the
+            # hash of the full block it was before a truncate (its other holders may have
+            # left since), that hash no longer names what it will hold
+            self.pool.unregister(t.block_ids[-1])
         total = -(-(t.num_tokens + num_new_tokens) // self.block_size)
         t.block_ids.extend(self.pool.allocate(total - len(t.block_ids)))
         start = t.num_tokens
@@ -120,8 +125,9 @@ class BlockManager:
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Keep only the first ``num_tokens`` tokens; blocks past them lose a reference.
-        A kept last block that becomes partial will be written again: if this table is its
-        only holder it leaves the prefix cache (a shared one is copied on write instead)."""
+        A kept last block that becomes partial keeps its prefix hash until this table
+        writes into it again: ``append_slots`` then copies it if it is still shared, or
+        drops its hash if this table alone holds it by then."""
         t, bs = self.tables[seq_id], self.block_size
         assert 0 <= num_tokens <= t.num_tokens
         keep = -(-num_tokens // bs)
@@ -130,9 +136,6 @@ class BlockManager:
         del t.block_ids[keep:]
         t.num_tokens = num_tokens
         t.num_registered = min(t.num_registered, num_tokens // bs)
-        last = t.block_ids[-1] if t.block_ids else None
-        if num_tokens % bs and last is not None and not self.pool.is_shared(last):
-            self.pool.unregister(last)
 
     def evict(self, seq_id: int, indices: list[int]) -> None:
         """Drop the full blocks at table ``indices`` (never the last entry): each loses one

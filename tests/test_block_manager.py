@@ -66,6 +66,21 @@ def test_full_shared_last_block_needs_no_copy():
     assert copies == [] and m.block_ids(1)[0] == m.block_ids(0)[0]
 
 
+def test_truncated_block_leaves_the_prefix_cache_when_rewritten_after_its_sharer_left():
+    # a cached full block, truncated while shared, is written in place once the other
+    # holder has gone: its hash must not keep naming the contents it had
+    m = BlockManager(num_blocks=4, block_size=4)
+    m.append_slots(0, 4)
+    assert m.register(0, [b"h0"], 4) == 1
+    m.fork(0, 1)
+    m.truncate(0, 1)
+    assert m.pool.lookup(b"h0") == m.block_ids(0)[0]  # still holds those bytes: a hit
+    m.free(1)
+    _, copies = m.append_slots(0, 1)  # sole holder now: writes in place
+    assert copies == [] and m.pool.lookup(b"h0") is None
+    m.check_integrity()
+
+
 def test_failed_append_changes_nothing():
     m = BlockManager(num_blocks=2, block_size=4)
     m.append_slots(0, 6)
