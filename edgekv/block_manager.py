@@ -153,9 +153,11 @@ class BlockManager:
         t.hashable = False
 
     def free(self, seq_id: int) -> None:
-        """Drop the sequence; each of its blocks (device or host) loses one reference."""
+        """Drop the sequence; each of its blocks (device or host) loses one reference.
+        Last block first: the free list reuses the blocks freed first, so a cached prefix
+        chain loses its tail before its root (a chain is only found from its root)."""
         t = self.tables.pop(seq_id)
-        for i in range(len(t.block_ids)):
+        for i in reversed(range(len(t.block_ids))):
             self._release_entry(t, i)
 
     # ---- prefix cache ------------------------------------------------------------------

@@ -117,5 +117,7 @@ class ChatSession:
             self.engine.scheduler.release(seq)
         elif seq.seq_id in mgr.tables and common < mgr.num_tokens(seq.seq_id):
             mgr.truncate(seq.seq_id, common)
+            if self.engine.evictor is not None:
+                self.engine.evictor.truncated(seq.seq_id)
         seq.num_computed = min(seq.num_computed, common)
         seq.token_ids = list(ids)

@@ -18,7 +18,7 @@ from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .offload import Offloader
 from .prefix_cache import cache_salt
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, request_seed, sample
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
 
@@ -58,7 +58,7 @@ class Engine:
                                    mass_norm=model_config.num_layers * model_config.num_heads)
         salt = cache_salt(cache_config.kv_format, cache_config.block_size)
         self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
-                                   self.evictor, self.offloader,
+                                   self.cache.copy_blocks, self.evictor, self.offloader,
                                    salt if prefix_caching else None)
         self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor)
         eos = set(model_config.eos_token_ids)
@@ -93,7 +93,7 @@ class Engine:
         p = seq.params
         if seq.keep_cache and (p.n > 1 or p.beam_width is not None):
             raise ValueError("a chat turn takes n=1 and no beam_width")
-        seq.seed = p.seed if p.seed is not None else self.seed * 1_000_003 + seq.seq_id
+        seq.seed = p.seed if p.seed is not None else request_seed(self.seed, seq.seq_id)
         seq.generator = torch.Generator().manual_seed(seq.seed)
         seq.samples = None
         seq.beam = BeamSearch(seq, p.beam_width) if p.beam_width is not None else None
@@ -167,10 +167,11 @@ class Engine:
         for i, seq in enumerate(seqs):
             out.append(seq)
             rows.append(i)
-            if seq.params.n > 1 and seq.samples is None:
+            if seq.params.n > 1 and seq.samples is None and seq.sample_index == 0:
                 seq.samples = [seq]
                 for j in range(1, seq.params.n):
                     child = self.fork(seq)
+                    child.sample_index = j
                     child.generator = torch.Generator().manual_seed(seq.seed + j)
                     child.seed = seq.seed + j
                     seq.samples.append(child)
@@ -264,8 +265,8 @@ class Engine:
                                      f"({self.cache_config.num_blocks} blocks of "
                                      f"{self.cache_config.block_size})")
                 _, copies = self.manager.append_slots(seq.seq_id, n)
-                logits, _ = self.runner.run(ScheduledBatch([seq], [n], copies),
-                                            all_logits=True)
+                self.cache.copy_blocks(copies)
+                logits, _ = self.runner.run(ScheduledBatch([seq], [n]), all_logits=True)
                 seq.num_computed += n
                 out.append(logits)
         finally:

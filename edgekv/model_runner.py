@@ -27,7 +27,6 @@ class ModelRunner:
         sequence whose known tokens are now all computed (it samples next); ``rows`` are the
         indices into ``batch.seqs`` of those sequences. With ``all_logits``, the logits of
         every new token (T, vocab) instead."""
-        self.cache.copy_blocks(batch.copies)
         ids, pos, slots, seq_lens, cu, last = [], [], [], [], [0], []
         rows = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new, strict=True)):

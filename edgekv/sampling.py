@@ -7,12 +7,24 @@ from dataclasses import dataclass
 import torch
 
 
+def request_seed(base: int, request_id: int) -> int:
+    """A request's default seed: a SplitMix64 mix of (LLM seed, request id) into 63 bits.
+    Consecutive ids land far apart, so ``seed + j`` (sample j) never meets another
+    request's stream in practice, and the same LLM seed replays the same streams."""
+    mask = (1 << 64) - 1
+    z = (base * 0x9E3779B97F4A7C15 + request_id + 1) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1  # 63 bits: seed + j stays a valid generator seed
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
 
     temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters. ``seed`` fixes
-    this request's random stream (None: derived from the LLM's seed and the request's id).
+    this request's random stream (None: ``request_seed(llm_seed, request_id)``, a 63-bit mix,
+    so the ``seed + j`` streams of neighbouring requests' samples do not coincide).
     Generation stops at EOS (unless ``ignore_eos``), at any of ``stop_token_ids``, when the
     text contains one of ``stop`` (the text is cut before it), or after ``max_tokens``.
 

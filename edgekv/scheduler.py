@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -40,17 +41,23 @@ log = logging.getLogger("edgekv")
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)  # tokens computed per sequence
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block pairs
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
 
 class Scheduler:
+    """``copy_blocks`` performs copy-on-write pairs in the KV storage. It is called as soon
+    as a sequence's slots are reserved, not when the batch runs: later in the same
+    ``schedule`` a parked cache may be released and its blocks reused by a swap-in, which
+    writes bytes at once, so a pending copy's source would already be overwritten."""
+
     def __init__(self, manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 copy_blocks: Callable[[list[tuple[int, int]]], None],
                  evictor: Evictor | None = None, offloader: Offloader | None = None,
                  prefix_salt: bytes | None = None):
         self.manager, self.evictor, self.offloader = manager, evictor, offloader
+        self.copy_blocks = copy_blocks
         self.prefix_salt = prefix_salt  # None: prefix caching off
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -219,9 +226,9 @@ class Scheduler:
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         _, copies = self.manager.append_slots(seq.seq_id, n)
+        self.copy_blocks(copies)  # now: see the class docstring
         batch.seqs.append(seq)
         batch.num_new.append(n)
-        batch.copies.extend(copies)
 
     def _preempt(self, seq: Sequence) -> None:
         """Swap the sequence's blocks out if the host pool has room; else free them, and it

@@ -49,6 +49,7 @@ class Sequence:
     hashed_ids: list[int] = field(default_factory=list)
     # n > 1: the request's samples, this sequence (sample 0) first; set on sample 0 only
     samples: list[Sequence] | None = None
+    sample_index: int = 0  # which sample of its request this is (forks are 1..n-1)
     beam: object | None = None  # beam_search.BeamSearch driving this sequence, if any
 
     @property

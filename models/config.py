@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("edgekv")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ class ModelConfig:
         if missing:
             raise ValueError(f"config.json lacks required fields: {', '.join(missing)}")
         heads = cfg["num_attention_heads"]
+        if not isinstance(heads, int) or heads <= 0:
+            raise ValueError(f"config field num_attention_heads must be a positive integer, "
+                             f"got {heads!r}")
+        if "max_position_embeddings" not in cfg:
+            log.warning("config.json has no max_position_embeddings: assuming a context of "
+                        "2,048 tokens")
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
         if "type" in rope and "rope_type" not in rope:  # older configs

@@ -24,8 +24,9 @@ import torch
 from edgekv import LLM, SamplingParams
 
 
-def prompts(n: int, prefix_len: int, suffix_len: int, vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
+def prompts(n: int, prefix_len: int, suffix_len: int, vocab: int, seed: int = 0
+            ) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(3, vocab, (prefix_len,), generator=g).tolist()
     return [prefix + torch.randint(3, vocab, (suffix_len,), generator=g).tolist()
             for _ in range(n)]
@@ -68,7 +69,8 @@ def main() -> None:
         llm = LLM(args.model, kv_format=args.kv_format, kv_memory="64MiB", prefix_caching=on)
         ps = prompts(args.requests, args.prefix_tokens, args.suffix_tokens,
                      llm.model_config.vocab_size)
-        prefill_then_finish(llm, [ps[0][:64]], params)  # warm-up (not cached: other tokens)
+        warm = prompts(1, 64, 0, llm.model_config.vocab_size, seed=1)  # shares no block
+        prefill_then_finish(llm, warm, params)  # warm-up
         blocks, secs, outs = prefill_then_finish(llm, ps, params)
         want = want or outs
         s = llm.kv_stats()

@@ -13,7 +13,7 @@ With random weights (the default: a tiny random Llama) logits are nearly flat, s
 ties flip easily; the KL column is the meaningful one. ``--model DIR`` runs a real
 checkpoint instead.
 
-    python scripts/hf_cache_divergence.py                 # ~10 s on 2 CPUs
+    python scripts/hf_cache_divergence.py                 # a few minutes on 2 CPUs
     python scripts/hf_cache_divergence.py --model DIR --formats fp16,int8,int4
 """
 

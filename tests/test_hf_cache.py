@@ -87,10 +87,11 @@ def test_fp16_batch_with_left_padding_matches_default_cache(model):
     assert torch.equal(out, greedy(model, ids, attention_mask=mask))
 
 
+# the engine's bounds (tests/test_engine.py) on the same kind of random tiny Llama
 @pytest.mark.parametrize("fmt, max_kl, min_top1", [
     ("fp16", 1e-6, 0.99),
-    ("int8", 5e-4, 0.95),   # measured: mean KL 4-5e-5, top-1 0.98-0.99 (3 seeds)
-    ("int4", 5e-2, 0.60),   # measured: mean KL ~8e-3, top-1 0.77-0.80
+    ("int8", 2e-4, 0.95),   # measured: mean KL 4-5e-5, top-1 0.98-0.99 (3 seeds)
+    ("int4", 2e-2, 0.75),   # measured: mean KL ~8e-3, top-1 0.77-0.80
 ])
 def test_quantized_formats_stay_within_bounds(model, fmt, max_kl, min_top1):
     ids = prompts(2, 96, seed=1)

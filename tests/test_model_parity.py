@@ -32,7 +32,8 @@ def test_logits_match_transformers_over_prompt_and_decode_steps(family, tiny_mod
     logits = []
     for n in [20] + [1] * 16:
         _, copies = llm.engine.manager.append_slots(seq.seq_id, n)
-        out, _ = llm.engine.runner.run(ScheduledBatch([seq], [n], copies), all_logits=True)
+        llm.engine.cache.copy_blocks(copies)
+        out, _ = llm.engine.runner.run(ScheduledBatch([seq], [n]), all_logits=True)
         seq.num_computed += n
         logits.append(out)
     got = torch.cat(logits)

@@ -15,6 +15,7 @@ from edgekv.cli import main
 from edgekv.memory import auto_kv_plan
 from edgekv.plan import (
     KNOWN_MODELS,
+    config_from_hf_dict,
     kv_capacity,
     num_params,
     plan_memory,
@@ -156,6 +157,11 @@ def test_bad_input_raises_clear_value_errors(tmp_path):
         plan_memory(spec, "8GiB", context=131073)
     with pytest.raises(ValueError, match="batch must be"):
         plan_memory(spec, "8GiB", batch=0)
+    with pytest.raises(ValueError, match="is 8 bytes: give a unit"):
+        plan_memory(spec, "8")
+    with pytest.raises(ValueError, match="num_attention_heads must be a positive integer"):
+        config_from_hf_dict({"hidden_size": 64, "vocab_size": 10, "intermediate_size": 8,
+                             "num_hidden_layers": 1, "num_attention_heads": 0})
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "vocab_size": 10}))
     with pytest.raises(ValueError, match="lacks required fields: intermediate_size, "
                                          "num_hidden_layers, num_attention_heads"):
@@ -188,6 +194,8 @@ def test_cli_table_and_json():
     (["--model", "llama-3.1-8b", "--gpu-memory", "8GiB", "--context", "200000"],
      "context 200,000 is beyond llama-3.1-8b's maximum"),
     (["--model", "nowhere", "--gpu-memory", "8GiB"], "is not a config.json"),
+    (["--model", "Qwen/Qwen2.5-7B-Instruct", "--gpu-memory", "8GiB", "--context", "65536"],
+     "maximum of 32,768"),
 ])
 def test_cli_bad_input_is_a_one_line_usage_error(args, message):
     r = run_plan(*args)

@@ -67,6 +67,7 @@ def test_n_samples_equal_separate_requests_with_derived_seeds(llama_dir):
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
     out = llm.generate([p], SamplingParams(**{**params.__dict__, "n": 4}))[0]
     assert len(out.outputs) == 4 and out.token_ids == out.outputs[0].token_ids
+    assert not llm.engine.has_unfinished() and llm.kv_stats()["blocks_used"] == 0
     sep = [llm.generate([p], SamplingParams(**{**params.__dict__, "seed": 7 + j}))[0]
            for j in range(4)]
     assert [o.token_ids for o in out.outputs] == [o.token_ids for o in sep]
@@ -86,20 +87,35 @@ def test_samples_share_the_prompt_blocks(llama_dir):
     llm.engine.step()  # each sample writes its first token: the partial block is copied
     tables = [mgr.block_ids(s.seq_id) for s in seq.samples]
     assert len({t[2] for t in tables}) == 4
+    for _ in range(3):  # the forks are samples, not requests: they never fork again
+        llm.engine.step()
+        assert len(llm.engine.scheduler.running) == 4
     mgr.check_integrity()
 
 
+def test_default_seeds_of_neighbouring_requests_samples_differ(llama_dir):
+    llm = make(llama_dir)
+    (p,) = shared_prompts(1, prefix_len=20, suffix_len=0, seed=5)
+    params = SamplingParams(max_tokens=8, temperature=1.0, n=2, ignore_eos=True)
+    a, b = llm.generate([p, p], params)
+    streams = [tuple(o.token_ids) for o in a.outputs + b.outputs]
+    assert len(set(streams)) == 4  # request 0's sample 1 is not request 1's sample 0
+
+
 @pytest.mark.parametrize("kv_format", ["fp16", "int4"])
-def test_copy_on_write_keeps_forked_greedy_samples_identical(llama_dir, kv_format):
-    """Greedy samples write the same tokens at the same positions into their own copies
-    of the shared partial block; any write into a shared block would show up as a
-    difference against the lone run."""
+def test_copy_on_write_isolates_forked_samples_that_write_different_tokens(llama_dir,
+                                                                        kv_format):
+    """Samples forked off one prompt write different first tokens into the shared partial
+    block's position; each must read only its own (codes and scales: int4) and so equal a
+    lone request with its seed. Any write into the shared block would change another's."""
     llm = make(llama_dir, kv_format)
-    (p,) = shared_prompts(1, prefix_len=20, suffix_len=0, seed=4)
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    want = llm.generate([p], params)[0].token_ids
+    (p,) = shared_prompts(1, prefix_len=20, suffix_len=0, seed=4)  # 1 full block + 4
+    params = SamplingParams(max_tokens=12, temperature=1.5, seed=11, ignore_eos=True)
     out = llm.generate([p], SamplingParams(**{**params.__dict__, "n": 3}))[0]
-    assert [o.token_ids for o in out.outputs] == [want] * 3
+    assert len({o.token_ids[0] for o in out.outputs}) > 1  # they write different tokens
+    alone = [llm.generate([p], SamplingParams(**{**params.__dict__, "seed": 11 + j}))[0]
+             for j in range(3)]
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in alone]
 
 
 def test_bad_sampling_params_raise():

@@ -101,6 +101,13 @@ class Evictor:
         """The sequence's blocks were freed (finished, preempted, reset)."""
         self.scores.pop(seq_id, None)
 
+    def truncated(self, seq_id: int) -> None:
+        """The sequence's table was cut back (a rewound chat): drop the scores of the
+        blocks it no longer holds, so the blocks that take their places start at zero."""
+        if seq_id in self.scores:
+            nb = len(self.manager.block_ids(seq_id))
+            self.scores[seq_id] = self.scores[seq_id][:nb]
+
     def stats(self) -> dict:
         b = self.budget
         return {

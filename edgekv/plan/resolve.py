@@ -32,6 +32,11 @@ KNOWN_MODELS: dict[str, tuple[str, ...]] = {
     "qwen2.5-7b": ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct"),
     "mistral-7b": ("mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1"),
 }
+# Hub ids whose published context differs from their shipped file's (lower-case id -> tokens)
+PUBLISHED_CONTEXT: dict[str, int] = {
+    "qwen/qwen2.5-1.5b-instruct": 32768,
+    "qwen/qwen2.5-7b-instruct": 32768,
+}
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,10 @@ def resolve_model(model: str | Path) -> ModelSpec:
         cached = _hf_cache_config(s) if "/" in s else None
         if cached is not None:
             return _spec(name, f"HF cache ({s})", _read(cached))
-        return _spec(name, "shipped config", _read(CONFIG_DIR / f"{name}.json"))
+        raw = _read(CONFIG_DIR / f"{name}.json")
+        if s.strip().lower() in PUBLISHED_CONTEXT:
+            raw["max_position_embeddings"] = PUBLISHED_CONTEXT[s.strip().lower()]
+        return _spec(name, "shipped config", raw)
     if s.count("/") == 1 and not s.startswith((".", "/", "~")):
         return _spec(s, "hub", _read(_hub_config(s)))
     raise ValueError(f"model {s!r} is not a config.json, a model directory, a hub id like "
