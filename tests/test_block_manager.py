@@ -81,6 +81,18 @@ def test_truncated_block_leaves_the_prefix_cache_when_rewritten_after_its_sharer
     m.check_integrity()
 
 
+def test_freeing_a_table_keeps_its_cached_chain_root_longest():
+    # blocks are released last first, so the free list reuses a chain's tail before its
+    # root: after one allocation the prefix is still found from its first block
+    m = BlockManager(num_blocks=3, block_size=4)
+    m.append_slots(0, 12)
+    assert m.register(0, [b"h0", b"h1", b"h2"], 12) == 3
+    m.free(0)
+    m.append_slots(1, 1)  # takes one free block
+    assert m.match_prefix(2, [b"h0", b"h1", b"h2"], 3) == 2
+    m.check_integrity()
+
+
 def test_failed_append_changes_nothing():
     m = BlockManager(num_blocks=2, block_size=4)
     m.append_slots(0, 6)

@@ -169,3 +169,17 @@ def test_shrink_gives_up_only_evictable_blocks():
     assert ev.shrink(seq) and ev.shrink(seq)
     assert not ev.shrink(seq)  # sink + window left
     assert len(mgr.block_ids(0)) == 2 and seq.num_evicted == 2 * BS
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_a_rewound_table_drops_the_scores_of_its_cut_blocks(policy):
+    mgr, ev = make(policy, budget=8 * BS)
+    seq = Sequence(0, [0], SamplingParams())
+    mgr.append_slots(0, 6 * BS)
+    seq.num_computed = 6 * BS
+    ev.observe([seq], [1], torch.tensor([[0, 0, 0, 0, 9.0, 9.0]]))  # blocks 4, 5 read
+    mgr.truncate(0, 3 * BS)  # a chat rewinds to 3 blocks
+    ev.truncated(0)
+    mgr.append_slots(0, 3 * BS)  # new blocks take indices 3..5
+    ev.observe([seq], [1], torch.zeros(1, 6))
+    assert ev.scores[0][3:].tolist() == [0.0, 0.0, 0.0]
