@@ -132,6 +132,17 @@ def test_eviction_rows_are_token_by_token(llama_dir, text_file):
     assert ev["kl"] > 0  # 64 tokens through a 32-token budget lose something
 
 
+def test_eviction_in_prefill_chunks_streams_the_window_as_a_long_prompt(llama_dir,
+                                                                       text_file):
+    kw = dict(formats=("fp16",), eviction=("snapkv",), budgets=(32,), peers="none",
+              window=64, prompts=0, layer_tokens=0)
+    _, by_token = tiny(llama_dir, text_file, **kw)
+    _, chunked = tiny(llama_dir, text_file, eviction_chunk=16, **kw)
+    assert "in prefill chunks of 16" in chunked["notes"] and chunked["eviction_chunk"] == 16
+    assert math.isfinite(chunked["ppl"]) and chunked["kl"] > 0
+    assert chunked["ppl"] != by_token["ppl"]  # chunks see one another's tokens differently
+
+
 # ---- bad input: one line, exit code 2 ----------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["--formats", "fp16,int3"], "unknown KV format 'int3'"),

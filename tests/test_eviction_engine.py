@@ -185,6 +185,23 @@ def test_several_sequences_in_a_short_pool_evict_instead_of_preempting(llama_dir
     llm.engine.manager.check_integrity()
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_forked_samples_evict_from_shared_blocks_like_separate_requests(llama_dir, policy):
+    """n=3 samples share the prompt's blocks, then each evicts inside its own budget:
+    dropping a shared block only drops that sample's reference, so each sample still
+    equals a separate request with its seed (the forks copy the prompt's block scores)."""
+    p = prompt(40, seed=9)
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=5, ignore_eos=True)
+    kw = dict(eviction=policy, max_kv_tokens=32, block_size=8, kv_memory="2MiB")
+    llm = fp32_llm(llama_dir, prefix_caching=False, **kw)
+    out = llm.generate([p], SamplingParams(**{**params.__dict__, "n": 3}))[0]
+    alone = [fp32_llm(llama_dir, prefix_caching=False, **kw).generate(
+        [p], SamplingParams(**{**params.__dict__, "seed": 5 + j}))[0] for j in range(3)]
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in alone]
+    assert llm.kv_stats()["evicted_blocks"] > 0 and llm.kv_stats()["blocks_used"] == 0
+    llm.engine.manager.check_integrity()
+
+
 def test_a_long_chat_stays_inside_the_budget_and_survives_save_and_load(llama_dir, tmp_path):
     budget = 64
     kw = dict(eviction="h2o", max_kv_tokens=budget)

@@ -34,9 +34,13 @@ def _numbers(value: str, kind, what: str) -> tuple:
               help=f"Comma-separated KV formats, or 'all'. Formats: {', '.join(FORMATS)}; "
               f"variants: {', '.join(VARIANTS)}.")
 @click.option("--eviction", default="", help="Comma-separated eviction policies, each "
-              "measured for every format and budget (token by token).")
+              "measured for every format and budget (see --eviction-chunk).")
 @click.option("--budgets", default="0.125,0.25,0.5", show_default=True,
               help="KV budgets per sequence: fractions (<= 1) of the window, or tokens.")
+@click.option("--eviction-chunk", type=click.IntRange(1), default=1, show_default=True,
+              help="Tokens per step through an eviction budget: 1 reads it as decode does; "
+              "more streams the text as a long prompt prefilled in chunks (a chunk's last "
+              "queries score the blocks, as SnapKV's observation window).")
 @click.option("--text", default=None, help="Text file (.txt) or dataset (.jsonl/.json/.csv "
               "with a 'text' field) (default: the model's heldout.txt).")
 @click.option("--window", type=int, default=None, help="Perplexity window in tokens "

@@ -18,7 +18,10 @@ class EvalConfig:
     formats:        KV formats to compare (``edgekv.quant`` FORMATS or VARIANTS); the fp16
                     baseline is always measured and comes first
     eviction:       eviction policies (``edgekv.llm.EVICTION_POLICIES``); each is measured
-                    for every format and every budget, token by token
+                    for every format and every budget over the decode windows
+    eviction_chunk: tokens per step through the budget: 1 = token by token, as decode
+                    reads the cache; more = the window streamed as a long prompt prefilled
+                    in chunks, eviction between them (the prefill-time selection)
     budgets:        per-sequence KV budgets: a value <= 1 is a fraction of ``window``,
                     a larger one a token count
     text:           a text file (.txt), or a dataset file (.jsonl / .json / .csv with a
@@ -44,6 +47,7 @@ class EvalConfig:
     formats: tuple[str, ...] = ("fp16", "int8", "int4")
     eviction: tuple[str, ...] = ()
     budgets: tuple[float, ...] = (0.125, 0.25, 0.5)
+    eviction_chunk: int = 1
     text: str | None = None
     window: int | None = None
     stride: int | None = None
@@ -93,6 +97,9 @@ class EvalConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.peer_residual is not None and self.peer_residual < 0:
             raise ValueError(f"peer_residual must be >= 0, got {self.peer_residual}")
+        if not isinstance(self.eviction_chunk, int) or self.eviction_chunk < 1:
+            raise ValueError(f"eviction_chunk must be a positive integer, got "
+                             f"{self.eviction_chunk!r}")
         for name in ("decode_windows", "prompts", "gen_len", "layer_tokens", "passkey_trials"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:

@@ -53,12 +53,16 @@ def legend(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     r = rows[0]
+    chunk = r.get("eviction_chunk", 1)
+    evict = "" if chunk == 1 or not any(x.get("eviction") for x in rows) else (
+        f"; eviction rows stream the window through the budget in prefill chunks of {chunk}")
     lines = [
         f"model {r['model']}, {r['dtype']} on {r['device']}; text {r['text']} "
         f"({r['text_tokens']:,} tokens)",
         f"ppl: {r['ppl_windows']} windows of {r['window']} tokens, stride {r['stride']}, "
         f"each from its own start (prefill: new tokens are written to the cache and read "
-        f"back); * = token by token over the first {r['decode_windows']} window(s) only",
+        f"back); * = token by token over the first {r['decode_windows']} window(s) only"
+        f"{evict}",
         f"tok-by-tok ppl, KL(fp16 || row), top-1: first {r['decode_windows']} window(s), "
         f"each token reading its history from the cache as decode does",
     ]

@@ -4,7 +4,8 @@
     fp32      per-layer attention reference (inputs and outputs of every layer)
     fp16      the baseline: prefill perplexity, token-by-token logits, greedy continuations
     formats   each requested KV format, measured the same way and compared with fp16
-    eviction  each format x policy x budget, token by token (eviction acts between tokens)
+    eviction  each format x policy x budget over the decode windows, token by token
+              (eviction acts between tokens) or in prefill chunks (``eviction_chunk``)
     peers     transformers' caches on the same model, text and windows
 
 One model is loaded at a time (each configuration gets a fresh ``LLM``), so peak memory
@@ -132,7 +133,7 @@ def make_plan(cfg: EvalConfig) -> Plan:
                          f"model's context ({mc.max_position})")
     prompts = make_prompts(ids, cfg.prompts, cfg.prompt_len) if cfg.gen_len else []
     if cfg.eviction and not cfg.decode_windows:
-        raise ValueError("eviction is measured token by token: give decode_windows >= 1")
+        raise ValueError("eviction is measured over the decode windows: give decode_windows >= 1")
     notes, lengths = [], []
     if cfg.passkey and cfg.passkey_lengths:
         lengths = sorted(cfg.passkey_lengths)
@@ -161,6 +162,7 @@ def make_plan(cfg: EvalConfig) -> Plan:
         "decode_windows": min(cfg.decode_windows, len(windows)),
         "prompts": len(prompts), "prompt_len": cfg.prompt_len, "gen_len": cfg.gen_len,
         "layer_tokens": min(cfg.layer_tokens, window), "block_size": bs, "seed": cfg.seed,
+        "eviction_chunk": cfg.eviction_chunk,
         "edgekv": edgekv.__version__, "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -175,7 +177,8 @@ def _edgekv(plan: Plan, fmt: str, policy: str | None = None,
     seqs = max(len(plan.prompts), len(cfg.passkey_depths) * cfg.passkey_trials, 1)
     return EdgeKVSubject(plan.model_dir, fmt, plan.kv_tokens * per_token, eviction=policy,
                          kv_budget=budget, block_size=cfg.block_size, dtype=cfg.dtype,
-                         device=cfg.device, seed=cfg.seed, max_num_seqs=seqs)
+                         device=cfg.device, seed=cfg.seed, max_num_seqs=seqs,
+                         decode_chunk=cfg.eviction_chunk if policy is not None else 1)
 
 
 def _run_peers(peers: list[str], plan: Plan, base: Baseline, counter, emit) -> None:
@@ -261,8 +264,9 @@ def _row(subject: Subject, plan: Plan, base: Baseline, prefill: Tally, decode: T
         plan.model_config.num_kv_heads, plan.model_config.head_dim)
     notes = [subject.note] if subject.note else []
     if subject.eviction:
-        notes.append(f"eviction: perplexity token by token (chunk_size=1) over "
-                     f"{len(plan.decode)} window(s)")
+        n = plan.cfg.eviction_chunk
+        how = "token by token (chunk_size=1)" if n == 1 else f"in prefill chunks of {n}"
+        notes.append(f"eviction: perplexity {how} over {len(plan.decode)} window(s)")
     elif not use_prefill:
         notes.append(f"perplexity token by token over {len(plan.decode)} window(s): a "
                      f"prefill does not read this cache back")

@@ -54,7 +54,8 @@ class EdgeKVSubject(Subject):
 
     def __init__(self, model, kv_format: str, kv_memory: int, *, eviction: str | None = None,
                  kv_budget: int | None = None, block_size: int = 16, dtype: str = "float32",
-                 device: str | None = None, seed: int = 0, max_num_seqs: int = 64):
+                 device: str | None = None, seed: int = 0, max_num_seqs: int = 64,
+                 decode_chunk: int = 1):
         from edgekv import LLM
 
         kwargs = {}
@@ -66,12 +67,14 @@ class EdgeKVSubject(Subject):
                        **kwargs)
         self.name, self.eviction, self.kv_budget = kv_format, eviction, kv_budget
         self.prefill_reflects_cache = eviction is None
+        self.decode_chunk = decode_chunk  # tokens per step of logits(decode=True)
         mc = self.llm.model_config
         self.bytes_per_token = mc.num_layers * get_format(kv_format).bytes_per_token(
             mc.num_kv_heads, mc.head_dim)
 
     def logits(self, ids: list[int], decode: bool) -> torch.Tensor:
-        return self.llm.score(ids, chunk_size=1 if decode else None).float().cpu()
+        chunk = self.decode_chunk if decode else None
+        return self.llm.score(ids, chunk_size=chunk).float().cpu()
 
     def greedy(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
         from edgekv import SamplingParams
