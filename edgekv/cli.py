@@ -27,6 +27,9 @@ def model_options(fn):
                      type=click.Choice(FORMATS + VARIANTS), help="KV cache format."),
         click.option("--kv-memory", default=None, help="KV pool size, e.g. 256MiB "
                      "(default: sized from free memory)."),
+        click.option("--kv-residual", type=click.IntRange(0), default=0, show_default=True,
+                     help="Newest tokens of each sequence also kept in fp16 and read "
+                     "exact (quantized formats, no eviction)."),
         click.option("--eviction", type=click.Choice(EVICTION_POLICIES), default=None,
                      help="Keep each sequence inside --max-kv-tokens by evicting blocks "
                      "(default: no eviction)."),
@@ -72,7 +75,7 @@ def build(opts: dict):
                              "--eviction")
         llm = LLM(opts["model"], kv_format=opts["kv_format"], kv_memory=opts["kv_memory"],
                   eviction=eviction, weights=opts["weights"], device=opts["device"],
-                  dtype=opts["dtype"], seed=opts["seed"])
+                  dtype=opts["dtype"], seed=opts["seed"], kv_residual=opts["kv_residual"])
         params = SamplingParams(max_tokens=opts["max_tokens"],
                                 temperature=opts["temperature"], top_p=opts["top_p"],
                                 seed=opts["seed"])

@@ -18,6 +18,7 @@ from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .offload import Offloader
 from .prefix_cache import cache_salt
+from .residual import ResidualWindow
 from .sampling import SamplingParams, request_seed, sample
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
@@ -34,13 +35,15 @@ class Engine:
 
     ``prefix_caching``: reuse cached blocks of matching prompt prefixes. ``num_host_blocks``
     > 0: a host pool of that many blocks for offload (swap instead of recompute).
+    ``residual_tokens`` > 0: each sequence's newest tokens are also kept exact and read
+    from there (residual.py); not with eviction.
     """
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
                  cache_config: CacheConfig, tokenizer, device: torch.device, seed: int = 0,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  eviction: EvictionConfig | None = None, prefix_caching: bool = True,
-                 num_host_blocks: int = 0):
+                 num_host_blocks: int = 0, residual_tokens: int = 0):
         self.model_config, self.cache_config = model_config, cache_config
         self.tokenizer, self.device, self.seed = tokenizer, device, seed
         self.manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
@@ -60,7 +63,15 @@ class Engine:
         self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
                                    self.cache.copy_blocks, self.evictor, self.offloader,
                                    salt if prefix_caching else None)
-        self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor)
+        self.residual = None
+        if residual_tokens:
+            assert eviction is None, "a residual window needs cache indices = positions"
+            self.residual = ResidualWindow(model_config.num_layers, model_config.num_kv_heads,
+                                           model_config.head_dim, residual_tokens, device,
+                                           max_slots=max_num_seqs,
+                                           alive=lambda s: s in self.manager.tables)
+        self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor,
+                                  self.residual)
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -194,6 +205,8 @@ class Engine:
             self.manager.fork(parent.seq_id, child.seq_id)
             if self.evictor is not None and parent.seq_id in self.evictor.scores:
                 self.evictor.scores[child.seq_id] = self.evictor.scores[parent.seq_id].clone()
+            if self.residual is not None:
+                self.residual.fork(parent.seq_id, child.seq_id)
             child.status = Status.RUNNING
             self.scheduler.running.append(child)
         else:  # the parent has no resident blocks: the child recomputes (prefix cache hits)
@@ -287,4 +300,6 @@ class Engine:
         s["prefix_hit_rate"] = sch.prefix_hit_tokens / max(sch.prefix_query_tokens, 1)
         s.update(self.offloader.stats() if self.offloader is not None else {"offload": None})
         s.update(self.evictor.stats() if self.evictor is not None else {"eviction": None})
+        s.update(self.residual.stats() if self.residual is not None else
+                 {"residual_tokens": 0})
         return s

@@ -65,6 +65,10 @@ class LLM:
     ``offload_memory``: bytes or "1GiB" of host memory for KV blocks swapped out of the
     device pool when it runs short (pinned on CUDA); 0 (default): off, preempted
     sequences are recomputed instead.
+    ``kv_residual``: the newest N tokens of each sequence are also kept in fp16 and
+    attention reads them exact (``edgekv/residual.py``); they cost N x the fp16 bytes per
+    token per running sequence, on top of ``kv_memory``. 0 (default): off. For quantized
+    formats; not with eviction.
     """
 
     def __init__(self, model: str | Path | None = None, kv_format: str = "int8",
@@ -73,9 +77,11 @@ class LLM:
                  max_kv_tokens: int | None = None, weights: str | None = None,
                  device: str | torch.device | None = None, dtype=None, seed: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
-                 prefix_caching: bool = True, offload_memory: int | str = 0):
+                 prefix_caching: bool = True, offload_memory: int | str = 0,
+                 kv_residual: int = 0):
         get_format(kv_format)  # fail fast on bad input, before loading anything
         eviction = _eviction_config(eviction, max_kv_tokens)
+        _check_residual(kv_residual, kv_format, eviction)
         if model is None:
             model = DEMO_MODEL_DIR
             if not (model / "config.json").is_file():
@@ -109,7 +115,7 @@ class LLM:
                              max_num_batched_tokens=max_num_batched_tokens
                              or (2048 if self.device.type == "cuda" else 512),
                              eviction=eviction, prefix_caching=prefix_caching,
-                             num_host_blocks=host_blocks)
+                             num_host_blocks=host_blocks, residual_tokens=kv_residual)
 
     # ---- prompts -----------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -183,6 +189,16 @@ def _request_output(seq: Sequence) -> RequestOutput:
     best = outs[0]
     return RequestOutput(best.text, best.token_ids, best.finish_reason,
                          seq.token_ids[: seq.num_prompt], outs)
+
+
+def _check_residual(tokens, kv_format: str, eviction: EvictionConfig | None) -> None:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"kv_residual must be a number of tokens >= 0, got {tokens!r}")
+    if tokens and kv_format in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"kv_residual keeps the newest tokens unquantized; {kv_format} is "
+                         f"not quantized")
+    if tokens and eviction is not None:
+        raise ValueError("kv_residual cannot be combined with eviction yet")
 
 
 def _eviction_config(eviction, max_kv_tokens: int | None) -> EvictionConfig | None:

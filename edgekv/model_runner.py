@@ -9,6 +9,7 @@ from edgekv.models import AttentionMetadata
 from .block_manager import BlockManager
 from .eviction import Evictor
 from .kv_cache import PagedKVCache
+from .residual import ResidualWindow
 from .scheduler import ScheduledBatch
 
 
@@ -16,9 +17,11 @@ class ModelRunner:
     """Owns no state between steps except the model and the cache it writes into."""
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, manager: BlockManager,
-                 device: torch.device, evictor: Evictor | None = None):
+                 device: torch.device, evictor: Evictor | None = None,
+                 residual: ResidualWindow | None = None):
         self.model, self.cache, self.manager, self.device = model, cache, manager, device
         self.evictor = evictor  # gets each step's block mass when its policy reads it
+        self.residual = residual  # exact rings of the newest tokens (kv_residual)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, all_logits: bool = False
@@ -54,6 +57,11 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             kv_cache=self.cache,
         )
+        if self.residual is not None:  # no eviction here: cache indices are positions
+            starts = [s.num_computed for s in batch.seqs]
+            ends = [a + n for a, n in zip(starts, batch.num_new, strict=True)]
+            step = self.residual.step([s.seq_id for s in batch.seqs], starts, ends)
+            meta.residual = (self.residual, step)
         ev = self.evictor
         if ev is not None and ev.needs_mass:
             meta.block_mass = torch.zeros(len(tables), width, dtype=torch.float32, device=dev)

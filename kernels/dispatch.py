@@ -31,6 +31,7 @@ import torch
 
 from edgekv.quant import KVFormat, QuantizedKV, get_format
 
+from .exact_tail import ExactTail
 from .reference import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -41,6 +42,7 @@ from .reference import (
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
+_NO_EXACT = "the kernels do not read the exact residual window (kv_residual) yet"
 ENV_VAR = "EDGEKV_ATTENTION_BACKEND"
 _forced: str | None = None
 _warned: set[str] = set()
@@ -93,12 +95,14 @@ def _warn_once(reason: str) -> None:
                        reason)
 
 
-def _use_triton(device: torch.device, fmt: KVFormat, head_dim: int) -> bool:
-    """Route one call: True for the Triton kernels. Raises or warns as the module says."""
+def _use_triton(device: torch.device, fmt: KVFormat, head_dim: int,
+                unsupported: str | None = None) -> bool:
+    """Route one call: True for the Triton kernels. Raises or warns as the module says.
+    ``unsupported``: an option of this call the kernel does not take (why it cannot run)."""
     backend = get_backend()
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return False
-    problem = _triton_problem(device, fmt, head_dim)
+    problem = unsupported or _triton_problem(device, fmt, head_dim)
     if problem is None:
         return True
     if backend == "triton":
@@ -127,19 +131,21 @@ def _run(kernel, fallback, reason: str):
 def paged_decode_attention(
     q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, fmt: KVFormat | str, sm_scale: float | None = None, *,
-    return_block_mass: bool = False, **kernel_options,
+    return_block_mass: bool = False, exact: ExactTail | None = None, **kernel_options,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention, (S, Hq, D) -> (S, Hq, D); see paged_decode.py for the contract and
     for ``kernel_options`` (num_splits, block_n, ...; the torch path ignores them).
     With ``return_block_mass`` also returns (S, max_blocks) fp32 block mass (rows sum to Hq).
+    ``exact``: each sequence's newest tokens read exact (exact_tail.py).
     """
     fmt = get_format(fmt)
 
     def torch_path():
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, fmt,
-                                          sm_scale, return_block_mass=return_block_mass)
+                                          sm_scale, return_block_mass=return_block_mass,
+                                          exact=exact)
 
-    if not _use_triton(q.device, fmt, q.shape[-1]):
+    if not _use_triton(q.device, fmt, q.shape[-1], _NO_EXACT if exact is not None else None):
         return torch_path()
     run = _kernels("paged_decode").paged_decode_attention
     return _run(lambda: run(q, k_cache, v_cache, block_tables, seq_lens, fmt, sm_scale,
@@ -150,16 +156,17 @@ def paged_decode_attention(
 def paged_prefill_attention(
     q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, fmt: KVFormat | str,
-    sm_scale: float | None = None, **kernel_options,
+    sm_scale: float | None = None, exact: ExactTail | None = None, **kernel_options,
 ) -> torch.Tensor:
-    """Causal prefill / append attention, (T, Hq, D) -> (T, Hq, D); see paged_prefill.py."""
+    """Causal prefill / append attention, (T, Hq, D) -> (T, Hq, D); see paged_prefill.py.
+    ``exact``: each sequence's newest tokens read exact (exact_tail.py)."""
     fmt = get_format(fmt)
 
     def torch_path():
         return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, seq_lens,
-                                           cu_seqlens_q, fmt, sm_scale)
+                                           cu_seqlens_q, fmt, sm_scale, exact=exact)
 
-    if not _use_triton(q.device, fmt, q.shape[-1]):
+    if not _use_triton(q.device, fmt, q.shape[-1], _NO_EXACT if exact is not None else None):
         return torch_path()
     run = _kernels("paged_prefill").paged_prefill_attention
     return _run(lambda: run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, fmt,

@@ -21,6 +21,8 @@ import torch
 
 from edgekv.quant import KVFormat, QuantizedKV
 
+from .exact_tail import ExactTail, overlay_exact
+
 
 def gather_blocks(cache: QuantizedKV, block_ids: torch.Tensor, length: int,
                   fmt: KVFormat) -> torch.Tensor:
@@ -51,8 +53,10 @@ def paged_prefill_attention_ref(
     cu_seqlens_q: torch.Tensor,  # (S + 1,) query offsets into T
     fmt: KVFormat,
     sm_scale: float | None = None,
+    exact: ExactTail | None = None,
 ) -> torch.Tensor:               # (T, Hq, D) in q's dtype
-    """Causal attention of each sequence's query tokens over its paged, quantized history."""
+    """Causal attention of each sequence's query tokens over its paged, quantized history
+    (its newest tokens read from ``exact`` when given: exact_tail.py)."""
     T, Hq, D = q.shape
     Hkv = k_cache.data.shape[1]
     if Hq % Hkv:
@@ -70,6 +74,11 @@ def paged_prefill_attention_ref(
         assert 0 < n <= L, f"sequence {s}: {n} queries over {L} KV tokens"
         k = gather_blocks(k_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
         v = gather_blocks(v_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
+        if exact is not None:
+            one = ExactTail(exact.k, exact.v, exact.slots[s : s + 1],
+                            exact.num_exact[s : s + 1])
+            k = overlay_exact(k[None], exact.k, one, seq_lens[s : s + 1], fmt)[0]
+            v = overlay_exact(v[None], exact.v, one, seq_lens[s : s + 1], fmt)[0]
         qh = qs[q0:q1].reshape(n, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, n, D)
         scores = torch.einsum("hgnd,hld->hgnl", qh, k) * sm_scale  # (Hkv, G, n, L)
         qpos = torch.arange(L - n, L, device=q.device)  # (n,)
@@ -90,14 +99,16 @@ def paged_decode_attention_ref(
     fmt: KVFormat,
     sm_scale: float | None = None,
     return_block_mass: bool = False,
+    exact: ExactTail | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # (S, Hq, D) [, (S, max_blocks)]
     """Attention of one new token per sequence over its whole paged history.
 
     Batched over sequences (the CPU decode path): every sequence's blocks are gathered up
     to the longest one, and slots past a sequence's length are masked out of the scores
-    and zeroed in V, whatever they hold. With ``return_block_mass`` also returns the
-    block mass of ``decode_block_mass_ref``, taken from the same probabilities (no second
-    pass over the history).
+    and zeroed in V, whatever they hold. With ``exact``, each sequence's newest tokens are
+    read from its exact ring instead of its blocks (exact_tail.py). With
+    ``return_block_mass`` also returns the block mass of ``decode_block_mass_ref``, taken
+    from the same probabilities (no second pass over the history).
     """
     S, Hq, D = q.shape
     Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
@@ -124,6 +135,9 @@ def paged_decode_attention_ref(
 
     pad = torch.arange(nb * B, device=q.device)[None, :] >= seq_lens.to(q.device)[:, None]
     k, v = gather(k_cache), gather(v_cache)
+    if exact is not None:  # the newest tokens from the exact ring (exact_tail.py)
+        k = overlay_exact(k, exact.k, exact, seq_lens, fmt)
+        v = overlay_exact(v, exact.v, exact, seq_lens, fmt)
     v = v.masked_fill(pad[:, None, :, None], 0.0)  # unwritten slots may hold anything
     qs = fmt.to_storage_basis(q.float()).view(S, Hkv, G, D)
     scores = torch.einsum("shgd,shld->shgl", qs, k) * sm_scale  # (S, Hkv, G, nb * B)

@@ -35,6 +35,9 @@ class AttentionMetadata:
     block_mass:    (S, max_blocks) fp32 or None: when set, every layer adds the attention
                    mass each block receives (decode: from the step's query; prefill: from
                    each sequence's last ``mass_window`` queries); eviction policies read it
+    residual:      (edgekv.residual.ResidualWindow, ResidualStep) or None: each layer also
+                   writes the new K/V to the sequences' exact rings and reads their newest
+                   tokens from there (``LLM(kv_residual=...)``)
     """
 
     slot_mapping: torch.Tensor
@@ -46,6 +49,7 @@ class AttentionMetadata:
     kv_cache: object  # edgekv.kv_cache.PagedKVCache
     block_mass: torch.Tensor | None = None
     mass_window: int = 32
+    residual: tuple | None = None
 
 
 class PagedAttention(nn.Module):
@@ -78,18 +82,23 @@ class PagedAttention(nn.Module):
         cache = meta.kv_cache
         cache.write(self.layer_idx, k, v, meta.slot_mapping)
         k_store, v_store = cache.layers[self.layer_idx]
+        exact = None
+        if meta.residual is not None:
+            window, step = meta.residual
+            window.write(self.layer_idx, k, v, step)
+            exact = window.tail(self.layer_idx, step)
         mass = meta.block_mass
         if meta.max_query_len == 1:
             o = paged_decode_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
                                        cache.format, self.scale, max_seq_len=meta.max_seq_len,
-                                       return_block_mass=mass is not None)
+                                       return_block_mass=mass is not None, exact=exact)
             if mass is not None:
                 o, step_mass = o
                 mass += step_mass
         else:
             o = paged_prefill_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
                                         meta.cu_seqlens_q, cache.format, self.scale,
-                                        max_q_len=meta.max_query_len)
+                                        max_q_len=meta.max_query_len, exact=exact)
             if mass is not None:
                 mass += paged_prefill_block_mass(q, k_store, meta.block_tables, meta.seq_lens,
                                                  meta.cu_seqlens_q, cache.format, self.scale,

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from edgekv.cli import main
-from edgekv.eval import COLUMNS, EvalConfig, run
+from edgekv.eval import COLUMNS, EvalConfig, report, run
 from edgekv.eval.data import make_prompts, make_windows, read_documents
 from edgekv.eval.metrics import kl_top1, nll_sum, relative_error, tokens_until_divergence
 from edgekv.llm import EVICTION_POLICIES
@@ -130,6 +130,16 @@ def test_eviction_rows_are_token_by_token(llama_dir, text_file):
     assert ev["eviction"] == policy and ev["kv_budget"] == 32 and ev["ppl_mode"] == "decode"
     assert "token by token" in ev["notes"] and math.isfinite(ev["ppl"])
     assert ev["kl"] > 0  # 64 tokens through a 32-token budget lose something
+
+
+def test_residual_rows_measure_each_quantized_format_with_its_window(llama_dir, text_file):
+    rows = tiny(llama_dir, text_file, formats=("fp16", "int4"), kv_residual=(0, 48),
+                peers="none", prompts=0, layer_tokens=0)
+    assert [(r["format"], r["kv_residual"]) for r in rows] == [
+        ("fp16", 0), ("int4", 0), ("int4", 48)]  # fp16 has nothing to keep unquantized
+    _, plain, windowed = rows
+    assert windowed["kl"] < 1e-5 < plain["kl"]  # a 48-token window holds all 48 tokens
+    assert "int4 +r48" in report.table_line(windowed)
 
 
 def test_eviction_in_prefill_chunks_streams_the_window_as_a_long_prompt(llama_dir,

@@ -37,6 +37,9 @@ def _numbers(value: str, kind, what: str) -> tuple:
               "measured for every format and budget (see --eviction-chunk).")
 @click.option("--budgets", default="0.125,0.25,0.5", show_default=True,
               help="KV budgets per sequence: fractions (<= 1) of the window, or tokens.")
+@click.option("--kv-residual", "kv_residual", default="0", show_default=True,
+              help="Comma-separated residual windows: each quantized format is also "
+              "measured with its newest N tokens read unquantized (LLM(kv_residual=N)).")
 @click.option("--eviction-chunk", type=click.IntRange(1), default=1, show_default=True,
               help="Tokens per step through an eviction budget: 1 reads it as decode does; "
               "more streams the text as a long prompt prefilled in chunks (a chunk's last "
@@ -76,6 +79,7 @@ def _numbers(value: str, kind, what: str) -> tuple:
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")
 def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str,
+                 kv_residual: str,
                  peers: str, json_out, csv_out, md_out, plot_out, progress, **opts) -> None:
     """Measure what each KV format (and eviction policy) costs in accuracy, against the
     fp16 cache on the same model and tokens: perplexity, KL and top-1 agreement, greedy
@@ -99,6 +103,7 @@ def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str
         cfg = EvalConfig(formats=names, eviction=_names(eviction),
                          budgets=_numbers(budgets, float, "--budgets"),
                          passkey_lengths=_numbers(passkey_lengths, int, "--passkey-lengths"),
+                         kv_residual=_numbers(kv_residual, int, "--kv-residual"),
                          peers=peer_sel, **opts)
         if plot_out:
             import importlib.util

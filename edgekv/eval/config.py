@@ -31,6 +31,8 @@ class EvalConfig:
     max_windows:    use only the first N perplexity windows (None: all that fit)
     decode_windows: the first N windows are also scored token by token, each token reading
                     its history from the cache as decode does: KL, top-1, decode perplexity
+    kv_residual:    residual windows (``LLM(kv_residual=R)``: the newest R tokens read
+                    unquantized) to measure each quantized format with; 0 = none
     prompts, prompt_len, gen_len: greedy continuations compared with fp16's
     layer_tokens:   tokens of the first window used for the per-layer attention error
     peers:          "auto" (those installed), "none", or names from PEERS
@@ -48,6 +50,7 @@ class EvalConfig:
     eviction: tuple[str, ...] = ()
     budgets: tuple[float, ...] = (0.125, 0.25, 0.5)
     eviction_chunk: int = 1
+    kv_residual: tuple[int, ...] = (0,)
     text: str | None = None
     window: int | None = None
     stride: int | None = None
@@ -97,6 +100,9 @@ class EvalConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.peer_residual is not None and self.peer_residual < 0:
             raise ValueError(f"peer_residual must be >= 0, got {self.peer_residual}")
+        if not self.kv_residual or any(
+                isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.kv_residual):
+            raise ValueError(f"kv_residual takes token counts >= 0, got {self.kv_residual!r}")
         if not isinstance(self.eviction_chunk, int) or self.eviction_chunk < 1:
             raise ValueError(f"eviction_chunk must be a positive integer, got "
                              f"{self.eviction_chunk!r}")
@@ -117,6 +123,12 @@ class EvalConfig:
         resolve_dtype(self.dtype, None)  # a bad name raises the one-line error now
         if any(not 0 <= d <= 1 for d in self.passkey_depths):
             raise ValueError("passkey depths are fractions in [0, 1]")
+
+    def residuals(self, fmt: str) -> tuple[int, ...]:
+        """The residual windows ``fmt`` is measured with (unquantized formats: 0 only)."""
+        if fmt in ("fp16", "bf16", "fp32"):
+            return (0,)
+        return tuple(dict.fromkeys(self.kv_residual))
 
     @property
     def measured_formats(self) -> tuple[str, ...]:

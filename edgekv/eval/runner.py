@@ -75,8 +75,8 @@ def run(config: EvalConfig | None = None, *, progress: Progress | None = None,
     plan.notes.extend(peer_notes)
     evict = [(f, p, b) for f in cfg.measured_formats for p in cfg.eviction
              for b in cfg.budget_tokens(len(plan.windows[0].inputs))]
-    counter = _Counter(progress, _total_units(plan, len(cfg.measured_formats), len(evict),
-                                              peers))
+    configs = sum(len(cfg.residuals(f)) for f in cfg.measured_formats)
+    counter = _Counter(progress, _total_units(plan, configs, len(evict), peers))
     rows: list[dict] = []
 
     def emit(row: dict) -> None:
@@ -94,7 +94,8 @@ def run(config: EvalConfig | None = None, *, progress: Progress | None = None,
             ref.close()
         counter.tick()
     for fmt in cfg.measured_formats:
-        emit(_measure(_edgekv(plan, fmt), plan, base, counter))
+        for r in cfg.residuals(fmt):
+            emit(_measure(_edgekv(plan, fmt, residual=r), plan, base, counter))
     for fmt, policy, budget in evict:
         emit(_measure(_edgekv(plan, fmt, policy, budget), plan, base, counter))
     if peers:
@@ -171,14 +172,15 @@ def make_plan(cfg: EvalConfig) -> Plan:
 
 
 def _edgekv(plan: Plan, fmt: str, policy: str | None = None,
-            budget: int | None = None) -> EdgeKVSubject:
+            budget: int | None = None, residual: int = 0) -> EdgeKVSubject:
     cfg, mc = plan.cfg, plan.model_config
     per_token = mc.num_layers * get_format(fmt).bytes_per_token(mc.num_kv_heads, mc.head_dim)
     seqs = max(len(plan.prompts), len(cfg.passkey_depths) * cfg.passkey_trials, 1)
     return EdgeKVSubject(plan.model_dir, fmt, plan.kv_tokens * per_token, eviction=policy,
                          kv_budget=budget, block_size=cfg.block_size, dtype=cfg.dtype,
                          device=cfg.device, seed=cfg.seed, max_num_seqs=seqs,
-                         decode_chunk=cfg.eviction_chunk if policy is not None else 1)
+                         decode_chunk=cfg.eviction_chunk if policy is not None else 1,
+                         kv_residual=residual)
 
 
 def _run_peers(peers: list[str], plan: Plan, base: Baseline, counter, emit) -> None:
@@ -209,9 +211,10 @@ def _run_peers(peers: list[str], plan: Plan, base: Baseline, counter, emit) -> N
 def _measure(subject: Subject, plan: Plan, base: Baseline, counter: _Counter) -> dict:
     """All metrics of one configuration; the fp16 baseline run fills ``base`` first."""
     is_base = subject.name == BASELINE and subject.backend == "edgekv" and \
-        subject.eviction is None
+        subject.eviction is None and not subject.kv_residual
     label = subject.name + (f" {subject.eviction}@{subject.kv_budget}" if subject.eviction
-                            else "")
+                            else "") + (f" +r{subject.kv_residual}" if subject.kv_residual
+                                        and subject.backend == "edgekv" else "")
     prefill, decode = Tally(), Tally()
     layers, passkey = None, None
     try:
@@ -273,7 +276,7 @@ def _row(subject: Subject, plan: Plan, base: Baseline, prefill: Tally, decode: T
     window = len(plan.windows[0].inputs)
     row = {
         "format": subject.name, "backend": subject.backend, "eviction": subject.eviction,
-        "kv_budget": subject.kv_budget,
+        "kv_budget": subject.kv_budget, "kv_residual": subject.kv_residual,
         "kv_budget_frac": subject.kv_budget / window if subject.kv_budget else None,
         "ppl": tally.ppl, "ppl_mode": "prefill" if use_prefill else "decode",
         "ppl_tokens": tally.tokens, "delta_ppl_pct": delta_pct(tally.ppl, base_ppl),

@@ -33,6 +33,7 @@ class Subject(ABC):
     backend: str = "edgekv"
     eviction: str | None = None
     kv_budget: int | None = None  # tokens one sequence may keep cached
+    kv_residual: int | None = 0  # newest tokens kept unquantized (None: not applicable)
     prefill_reflects_cache: bool = True
     bytes_per_token: int | None = None  # KV bytes of one token, all layers (None: unknown)
     note: str = ""  # how this configuration differs from what its name says, if it does
@@ -55,17 +56,20 @@ class EdgeKVSubject(Subject):
     def __init__(self, model, kv_format: str, kv_memory: int, *, eviction: str | None = None,
                  kv_budget: int | None = None, block_size: int = 16, dtype: str = "float32",
                  device: str | None = None, seed: int = 0, max_num_seqs: int = 64,
-                 decode_chunk: int = 1):
+                 decode_chunk: int = 1, kv_residual: int = 0):
         from edgekv import LLM
 
         kwargs = {}
         if eviction is not None:  # the eviction contract: LLM(eviction=NAME, max_kv_tokens=N)
             kwargs = {"eviction": eviction, "max_kv_tokens": kv_budget}
+        if kv_residual:
+            kwargs["kv_residual"] = kv_residual
         torch.manual_seed(seed)
         self.llm = LLM(model, kv_format=kv_format, kv_memory=kv_memory, block_size=block_size,
                        device=device, dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
                        **kwargs)
         self.name, self.eviction, self.kv_budget = kv_format, eviction, kv_budget
+        self.kv_residual = kv_residual
         self.prefill_reflects_cache = eviction is None
         self.decode_chunk = decode_chunk  # tokens per step of logits(decode=True)
         mc = self.llm.model_config

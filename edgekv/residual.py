@@ -1,0 +1,173 @@
+"""Residual window: each sequence's newest tokens kept exact beside the quantized blocks.
+
+Quantization error hurts most where attention looks most: the newest tokens. With
+``LLM(kv_residual=R)`` every new K/V is written to its quantized block as always, and also,
+in fp16, to a ring of R entries that belongs to its sequence (cache index c at ring index
+``c % R``). Attention reads each sequence's last ``num_exact`` tokens (at most R) from the
+ring, the rest from the blocks (``kernels/exact_tail.py``). Nothing is ever re-quantized:
+a token leaves the window simply by being overwritten in the ring.
+
+::
+
+    positions:  0 ........................ L-R ........ L-1
+    read from:  quantized blocks           | ring (fp16)  |      R = kv_residual
+
+A ring holds positions [start, end). A write of positions [a, b) continues the ring if it
+starts inside it (a chat that rewinds writes again from a < end: the overwritten entries
+leave it); otherwise (a swapped-in, recomputed or newly admitted sequence) the ring starts
+over at a, and older tokens are read from the blocks until the ring fills again.
+
+Rings are handed out on a sequence's first write and taken back least recently written
+first when every ring is in use (a sequence that loses its ring starts over on its next
+write). The ring storage grows with the number of rings in use, up to ``max_slots``; its
+bytes are on top of ``kv_memory`` and reported by ``kv_stats()``. Forks (n > 1 samples,
+beams) get a copy of their parent's ring. Not combined with token eviction (cache indices
+then stop being positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from edgekv.kernels.exact_tail import ExactTail
+
+
+@dataclass
+class _Ring:
+    slot: int
+    start: int  # first position held exactly
+    end: int  # one past the last position written
+    used: int  # step of the last write (least recently written rings are reclaimed first)
+
+
+@dataclass(frozen=True)
+class ResidualStep:
+    """One step's rings: where each new token goes, what each sequence reads exact.
+
+    write_index: (T,) int64 flat ring row (slot * R + position % R) of each new token, -1
+                 for a token whose sequence has no ring this step
+    slots:       (S,) int64 each sequence's ring (0 where num_exact is 0)
+    num_exact:   (S,) int64 tokens each sequence reads from its ring
+    """
+
+    write_index: torch.Tensor
+    slots: torch.Tensor
+    num_exact: torch.Tensor
+
+
+class ResidualWindow:
+    """``alive(seq_id)``: whether a sequence still holds cache blocks; the rings of those
+    that do not are handed out again before the storage grows."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, tokens: int,
+                 device: torch.device | str, max_slots: int, alive: Callable[[int], bool]):
+        assert tokens > 0 and max_slots > 0
+        self.tokens, self.max_slots, self.device = tokens, max_slots, torch.device(device)
+        self.alive = alive
+        self.shape = (tokens, num_kv_heads, head_dim)
+        # per layer (K, V): (slots, R, Hkv, D) fp16, grown as rings are handed out
+        self.layers = [(self._empty(0), self._empty(0)) for _ in range(num_layers)]
+        self.rings: dict[int, _Ring] = {}
+        self._free: list[int] = []
+        self._steps = 0
+        self.reclaimed = 0  # rings taken from a sequence that still had one
+
+    def _empty(self, slots: int) -> torch.Tensor:
+        return torch.zeros(slots, *self.shape, dtype=torch.float16, device=self.device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.layers[0][0].shape[0] if self.layers else 0
+
+    # ---- per step ----------------------------------------------------------------------
+    def step(self, seq_ids: list[int], starts: list[int], ends: list[int]) -> ResidualStep:
+        """Plan a step in which sequence ``seq_ids[i]`` writes positions
+        [starts[i], ends[i]) (its cache indices; every sequence of the batch, in order).
+        Hands out, continues or restarts rings; the ring bytes are written per layer by
+        ``write``."""
+        self._steps += 1
+        R = self.tokens
+        index, slots, exact = [], [], []
+        batch = set(seq_ids)
+        for sid, a, b in zip(seq_ids, starts, ends, strict=True):
+            ring = self.rings.get(sid)
+            if ring is not None and not ring.start <= a <= ring.end:
+                ring.start = ring.end = a  # not a continuation: start over at a
+            if ring is None:
+                ring = self._acquire(sid, a, batch)
+            if ring is None:  # every ring is in this batch: read the blocks
+                index.extend([-1] * (b - a))
+                slots.append(0)
+                exact.append(0)
+                continue
+            ring.start, ring.end, ring.used = max(ring.start, b - R), b, self._steps
+            first = max(a, b - R)  # a chunk longer than the ring keeps its last R tokens
+            index.extend([-1] * (first - a))
+            index.extend(ring.slot * R + p % R for p in range(first, b))
+            slots.append(ring.slot)
+            exact.append(b - ring.start)
+        dev = self.device
+        return ResidualStep(torch.tensor(index, dtype=torch.long, device=dev),
+                            torch.tensor(slots, dtype=torch.long, device=dev),
+                            torch.tensor(exact, dtype=torch.long, device=dev))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: ResidualStep) -> None:
+        """Store this step's new K/V (T, Hkv, D), original basis, in their rings."""
+        keep = step.write_index >= 0
+        idx = step.write_index[keep]
+        for ring, x in zip(self.layers[layer], (k, v), strict=True):
+            ring.view(-1, *self.shape[1:])[idx] = x[keep].to(ring.dtype)
+
+    def tail(self, layer: int, step: ResidualStep) -> ExactTail:
+        k, v = self.layers[layer]
+        return ExactTail(k, v, step.slots, step.num_exact)
+
+    # ---- sequences ---------------------------------------------------------------------
+    @torch.inference_mode()  # the rings may have been made under inference mode
+    def fork(self, parent: int, child: int) -> None:
+        """The child continues a copy of the parent's ring (if a ring is free for it)."""
+        ring = self.rings.get(parent)
+        if ring is None:
+            return
+        new = self._acquire(child, ring.start, {parent})
+        if new is None:
+            return
+        new.end = ring.end
+        for k, v in self.layers:
+            k[new.slot] = k[ring.slot]
+            v[new.slot] = v[ring.slot]
+
+    def stats(self) -> dict:
+        per_ring = 2 * len(self.layers) * self.tokens * self.shape[1] * self.shape[2] * 2
+        return {"residual_tokens": self.tokens, "residual_rings": len(self.rings),
+                "residual_bytes": self.num_slots * per_ring}
+
+    def _acquire(self, sid: int, start: int, busy: set[int]) -> _Ring | None:
+        if not self._free:  # rings of finished or freed sequences first
+            for s in [s for s in self.rings if s not in busy and not self.alive(s)]:
+                self._free.append(self.rings.pop(s).slot)
+        if not self._free and self.num_slots < self.max_slots:
+            self._grow(min(self.max_slots, max(2 * self.num_slots, 4)))
+        if not self._free:  # reclaim the least recently written ring not in use now
+            idle = [s for s in self.rings if s not in busy]
+            if not idle:
+                return None
+            victim = min(idle, key=lambda s: self.rings[s].used)
+            self._free.append(self.rings.pop(victim).slot)
+            self.reclaimed += 1
+        ring = _Ring(self._free.pop(), start, start, self._steps)
+        self.rings[sid] = ring
+        return ring
+
+    def _grow(self, slots: int) -> None:
+        n = self.num_slots
+        grown = []
+        for k, v in self.layers:
+            k2, v2 = self._empty(slots), self._empty(slots)
+            k2[:n], v2[:n] = k, v
+            grown.append((k2, v2))
+        self.layers = grown
+        self._free.extend(range(slots - 1, n - 1, -1))  # pop() hands out the lowest first

@@ -1,0 +1,51 @@
+"""The newest tokens of each sequence, read exact instead of from the quantized blocks.
+
+A quantized cache loses the most on the tokens attention weighs most: the newest ones.
+With a residual window (``LLM(kv_residual=R)``, see ``edgekv/residual.py``) every token
+is still written to its quantized block, and also, in fp16, to a ring of ``R`` entries
+per sequence; attention then reads each sequence's last ``num_exact`` cached tokens from
+the ring and the rest from the blocks. Cache index ``c`` sits at ring index ``c % R``.
+
+    k, v:       (num_slots, R, Hkv, D)  fp16, original basis (not rotated)
+    slots:      (S,) int64              each sequence's ring (any value where num_exact is 0)
+    num_exact:  (S,) int64              0 <= num_exact[s] <= min(R, L_s)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from edgekv.quant import KVFormat
+
+
+class ExactTail(NamedTuple):
+    k: torch.Tensor
+    v: torch.Tensor
+    slots: torch.Tensor
+    num_exact: torch.Tensor
+
+
+def overlay_exact(x: torch.Tensor, ring: torch.Tensor, tail: ExactTail, seq_lens: torch.Tensor,
+                  fmt: KVFormat) -> torch.Tensor:
+    """Replace the last ``num_exact[s]`` tokens of each row of ``x`` with the ring's.
+
+    x:    (S, Hkv, Lx, D) fp32 K or V gathered from the blocks, in the storage basis,
+          row s holding its cache indices [0, L_s) (Lx >= max L_s)
+    ring: ``tail.k`` or ``tail.v``
+    Mutates and returns ``x``.
+    """
+    R = ring.shape[1]
+    dev = x.device
+    lens = seq_lens.to(device=dev, dtype=torch.long)  # (S,)
+    r = tail.num_exact.to(device=dev, dtype=torch.long)  # (S,)
+    j = torch.arange(R, device=dev)  # (R,)
+    c = lens[:, None] - R + j[None, :]  # (S, R) cache index of the ring's j-th newest slot
+    s_idx, j_idx = (j[None, :] >= (R - r)[:, None]).nonzero(as_tuple=True)  # (N,), (N,)
+    if s_idx.numel() == 0:
+        return x
+    cc = c[s_idx, j_idx]  # (N,) cache indices, all >= 0 since num_exact <= L
+    rows = ring[tail.slots.to(dev).long()[s_idx], cc % R]  # (N, Hkv, D)
+    x[s_idx, :, cc] = fmt.to_storage_basis(rows.float())
+    return x
