@@ -31,7 +31,7 @@ import torch
 
 from edgekv.quant import KVFormat, QuantizedKV, get_format
 
-from .exact_tail import ExactTail
+from .exact_tail import ExactTail, exact_decode_attention, merge_attention
 from .reference import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -42,7 +42,8 @@ from .reference import (
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
-_NO_EXACT = "the kernels do not read the exact residual window (kv_residual) yet"
+_NO_EXACT = "the prefill kernel does not read the exact residual window (kv_residual) yet"
+_NO_EXACT_MASS = "block mass with the exact residual window (kv_residual)"
 ENV_VAR = "EDGEKV_ATTENTION_BACKEND"
 _forced: str | None = None
 _warned: set[str] = set()
@@ -145,9 +146,20 @@ def paged_decode_attention(
                                           sm_scale, return_block_mass=return_block_mass,
                                           exact=exact)
 
-    if not _use_triton(q.device, fmt, q.shape[-1], _NO_EXACT if exact is not None else None):
+    if not _use_triton(q.device, fmt, q.shape[-1],
+                       _NO_EXACT_MASS if exact is not None and return_block_mass else None):
         return torch_path()
     run = _kernels("paged_decode").paged_decode_attention
+    if exact is not None:  # the blocks up to each exact tail in the kernel, the tail here
+        def with_tail():
+            scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+            blocks = seq_lens - exact.num_exact.to(seq_lens)
+            o1, l1 = run(q, k_cache, v_cache, block_tables, blocks, fmt, sm_scale,
+                         return_lse=True, **kernel_options)
+            o2, l2 = exact_decode_attention(q, exact, seq_lens, scale)
+            return merge_attention(o1, l1, o2, l2).to(q.dtype)
+
+        return _run(with_tail, torch_path, f"decode kernel for {fmt.name}")
     return _run(lambda: run(q, k_cache, v_cache, block_tables, seq_lens, fmt, sm_scale,
                             return_block_mass=return_block_mass, **kernel_options),
                 torch_path, f"decode kernel for {fmt.name}")

@@ -49,3 +49,43 @@ def overlay_exact(x: torch.Tensor, ring: torch.Tensor, tail: ExactTail, seq_lens
     rows = ring[tail.slots.to(dev).long()[s_idx], cc % R]  # (N, Hkv, D)
     x[s_idx, :, cc] = fmt.to_storage_basis(rows.float())
     return x
+
+
+def exact_decode_attention(q: torch.Tensor, tail: ExactTail, seq_lens: torch.Tensor,
+                           sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over the exact tails alone, to merge with the blocks' part.
+
+    q: (S, Hq, D). Returns out (S, Hq, D) fp32 (0 where num_exact is 0) and lse2 (S, Hq)
+    fp32, log2 units as the decode kernel's (-inf where num_exact is 0).
+    """
+    S, Hq, D = q.shape
+    R, Hkv = tail.k.shape[1], tail.k.shape[2]
+    G = Hq // Hkv
+    dev = q.device
+    lens = seq_lens.to(device=dev, dtype=torch.long)
+    j = torch.arange(R, device=dev)
+    valid = j[None, :] >= (R - tail.num_exact.to(dev).long())[:, None]  # (S, R)
+    ring = (lens[:, None] - R + j[None, :]).clamp(min=0) % R  # (S, R)
+    slots = tail.slots.to(dev).long()[:, None]
+    k = tail.k[slots, ring].float()  # (S, R, Hkv, D)
+    v = tail.v[slots, ring].float()
+    scores = torch.einsum("shgd,srhd->shgr", q.float().view(S, Hkv, G, D), k) * sm_scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))  # (S, Hkv, G, R)
+    lse = torch.logsumexp(scores, dim=-1)  # (S, Hkv, G), -inf where nothing is valid
+    p = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
+    out = torch.einsum("shgr,srhd->shgd", p, v).reshape(S, Hq, D)
+    return out, lse.reshape(S, Hq) * LOG2E
+
+
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+                    lse2: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets, from each set's normalised
+    output (S, Hq, D) and log2-sum-exp (S, Hq) (-inf: an empty set)."""
+    m = torch.maximum(lse1, lse2)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w1, w2 = torch.exp2(lse1 - m), torch.exp2(lse2 - m)  # (S, Hq)
+    den = (w1 + w2).clamp(min=torch.finfo(torch.float32).tiny)
+    return (o1.float() * (w1 / den)[..., None] + o2.float() * (w2 / den)[..., None])
+
+
+LOG2E = 1.4426950408889634

@@ -168,6 +168,7 @@ def paged_decode_attention(
     block_n: int | None = None,       # tokens per tile; None: 32 (D > 64) or 64, >= B with mass
     precise: bool = True,             # compensated fp16 dots (kv_tiles._mm): ~fp32 accuracy
     num_warps: int = 4,
+    return_lse: bool = False,         # also the (S, Hq) fp32 log2-sum-exp of the scores
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention with the fused Triton kernel; same contract as the reference.
 
@@ -175,8 +176,12 @@ def paged_decode_attention(
     ``mass`` (S, max_blocks) fp32: ``mass[s, b]`` is the softmax probability that the
     tokens of block ``block_tables[s, b]`` received, summed over all Hq query heads. Each
     row sums to Hq (every head's probabilities sum to 1); entries past ``ceil(L_s / B)``
-    are 0. Reads the caches; writes nothing but its outputs.
+    are 0. With ``return_lse`` (not with mass) also ``lse2`` (S, Hq) fp32: log2 of the sum
+    of ``2 ** (score * log2(e))`` over the sequence's tokens, -inf for an empty one (whose
+    output is 0), so that another part of the history can be merged in (exact_tail.py).
+    Reads the caches; writes nothing but its outputs.
     """
+    assert not (return_lse and return_block_mass), "return_lse or return_block_mass"
     S, Hq, D = q.shape
     Hkv, B = check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, fmt)
     kf = kernel_format(fmt, D)
@@ -226,6 +231,8 @@ def paged_decode_attention(
             lse_merge(parts[0], parts[1], parts[2], out, lse2)
     if fmt.rotate:
         out = fmt.from_storage_basis(out).to(q.dtype)
+    if return_lse:
+        return out, lse2
     if not return_block_mass:
         return out
     mass = (raw * torch.exp2(mref - lse2[:, :, None])).nan_to_num_(0.0).sum(1)  # (S, max_blocks)

@@ -9,7 +9,11 @@ from test_reference_attention import HKV, D, build
 from edgekv import LLM, SamplingParams
 from edgekv.cli import main
 from edgekv.kernels import paged_decode_attention_ref, paged_prefill_attention_ref
-from edgekv.kernels.dispatch import paged_decode_attention, set_backend
+from edgekv.kernels.dispatch import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    set_backend,
+)
 from edgekv.kernels.exact_tail import ExactTail
 from edgekv.residual import ResidualWindow
 
@@ -116,17 +120,31 @@ def test_decode_and_prefill_read_the_newest_tokens_from_the_ring(kv_format):
         assert (outp[cu[s] : cu[s + 1]] - want).abs().max() <= 1e-5
 
 
-def test_forced_triton_refuses_the_ring_rather_than_ignore_it():
-    cfg, cache, tables, kvs = build("int8", 16, [4], seed=0)
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+def test_decode_kernel_merges_the_ring_like_the_reference(kv_format, num_splits):
+    """The fused kernel attends over each sequence's blocks up to its exact tail and
+    returns its log-sum-exp; the tail is attended apart and merged (Triton's interpreter
+    on CPU)."""
+    R, lens, r = 12, [1, 5, 16, 37, 50], [1, 0, 12, 12, 7]  # incl. all-exact and none
+    cfg, cache, tables, kvs = build(kv_format, 16, lens, seed=4)
+    tables = tables.clamp(min=0)
+    tail = exact_tail(kvs, lens, R, r)
     k_cache, v_cache = cache.layers[0]
+    q = torch.randn(len(lens), HKV * 4, D)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, sl, cfg.format, exact=tail)
     set_backend("triton")
     try:
-        with pytest.raises(ValueError, match="kv_residual"):
-            paged_decode_attention(torch.randn(1, HKV, D), k_cache, v_cache, tables,
-                                   torch.tensor([4]), cfg.format,
-                                   exact=exact_tail(kvs, [4], 4, [4]))
+        out = paged_decode_attention(q, k_cache, v_cache, tables, sl, cfg.format, exact=tail,
+                                     num_splits=num_splits)
+        with pytest.raises(ValueError, match="kv_residual"):  # refused, never ignored
+            paged_prefill_attention(q, k_cache, v_cache, tables, sl,
+                                    torch.arange(len(lens) + 1, dtype=torch.int32),
+                                    cfg.format, exact=tail)
     finally:
         set_backend(None)
+    assert (out - ref).abs().max() / ref.abs().max() < 2e-5
 
 
 # ---- through the engine ----------------------------------------------------------------
