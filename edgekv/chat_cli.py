@@ -35,7 +35,14 @@ def status_line(stats: dict, tok_per_s: float, prompt_tokens: int, gen_tokens: i
             f"KV {human_bytes(stats['bytes_used'])} / {human_bytes(stats['bytes_total'])} "
             f"{stats['kv_format']}, {stats['bytes_per_token']:,} B/token | "
             f"blocks {stats['blocks_used']}/{stats['blocks_total']} | "
-            f"util {stats['utilization']:.0%}{eviction_note(stats)}]")
+            f"util {stats['utilization']:.0%}{eviction_note(stats)}{residual_note(stats)}]")
+
+
+def residual_note(stats: dict) -> str:
+    if not stats.get("residual_tokens"):
+        return ""
+    return (f" | newest {stats['residual_tokens']} fp16: "
+            f"{human_bytes(stats['residual_bytes'])}")
 
 
 def eviction_note(stats: dict) -> str:

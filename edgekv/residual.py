@@ -3,19 +3,20 @@
 Quantization error hurts most where attention looks most: the newest tokens. With
 ``LLM(kv_residual=R)`` every new K/V is written to its quantized block as always, and also,
 in fp16, to a ring of R entries that belongs to its sequence (cache index c at ring index
-``c % R``). Attention reads each sequence's last ``num_exact`` tokens (at most R) from the
-ring, the rest from the blocks (``kernels/exact_tail.py``). Nothing is ever re-quantized:
-a token leaves the window simply by being overwritten in the ring.
+``c % R``). The query at position p reads its R newest keys (p - R < j <= p) exact and
+older ones from the blocks (``kernels/exact_tail.py``). Nothing is ever re-quantized: a
+token leaves the window simply by being overwritten in the ring.
 
 ::
 
-    positions:  0 ........................ L-R ........ L-1
-    read from:  quantized blocks           | ring (fp16)  |      R = kv_residual
+    keys:       0 ........................ p-R+1 ...... p          (query at position p)
+    read from:  quantized blocks           | exact (fp16) |          R = kv_residual
 
 A ring holds positions [start, end). A write of positions [a, b) continues the ring if it
 starts inside it (a chat that rewinds writes again from a < end: the overwritten entries
-leave it); otherwise (a swapped-in, recomputed or newly admitted sequence) the ring starts
-over at a, and older tokens are read from the blocks until the ring fills again.
+leave it); otherwise (a sequence whose ring went to another while it was swapped out, or
+one that starts from cached prefix blocks) the ring starts over at a, and the tokens
+before a are read from the blocks.
 
 Rings are handed out on a sequence's first write and taken back least recently written
 first when every ring is in use (a sequence that loses its ring starts over on its next
@@ -49,13 +50,14 @@ class ResidualStep:
 
     write_index: (T,) int64 flat ring row (slot * R + position % R) of each new token, -1
                  for a token whose sequence has no ring this step
-    slots:       (S,) int64 each sequence's ring (0 where num_exact is 0)
-    num_exact:   (S,) int64 tokens each sequence reads from its ring
+    slots:       (S,) int64 each sequence's ring (0 where it has none)
+    start:       (S,) int64 first position held exactly, this step's tokens included
+                 (the written end where a sequence has no ring: nothing is exact)
     """
 
     write_index: torch.Tensor
     slots: torch.Tensor
-    num_exact: torch.Tensor
+    start: torch.Tensor
 
 
 class ResidualWindow:
@@ -90,7 +92,7 @@ class ResidualWindow:
         ``write``."""
         self._steps += 1
         R = self.tokens
-        index, slots, exact = [], [], []
+        index, slots, first_exact = [], [], []
         batch = set(seq_ids)
         for sid, a, b in zip(seq_ids, starts, ends, strict=True):
             ring = self.rings.get(sid)
@@ -101,18 +103,18 @@ class ResidualWindow:
             if ring is None:  # every ring is in this batch: read the blocks
                 index.extend([-1] * (b - a))
                 slots.append(0)
-                exact.append(0)
+                first_exact.append(b)
                 continue
+            slots.append(ring.slot)
+            first_exact.append(ring.start)  # held before this step, or a if started now
             ring.start, ring.end, ring.used = max(ring.start, b - R), b, self._steps
             first = max(a, b - R)  # a chunk longer than the ring keeps its last R tokens
             index.extend([-1] * (first - a))
             index.extend(ring.slot * R + p % R for p in range(first, b))
-            slots.append(ring.slot)
-            exact.append(b - ring.start)
         dev = self.device
         return ResidualStep(torch.tensor(index, dtype=torch.long, device=dev),
                             torch.tensor(slots, dtype=torch.long, device=dev),
-                            torch.tensor(exact, dtype=torch.long, device=dev))
+                            torch.tensor(first_exact, dtype=torch.long, device=dev))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: ResidualStep) -> None:
         """Store this step's new K/V (T, Hkv, D), original basis, in their rings."""
@@ -121,9 +123,12 @@ class ResidualWindow:
         for ring, x in zip(self.layers[layer], (k, v), strict=True):
             ring.view(-1, *self.shape[1:])[idx] = x[keep].to(ring.dtype)
 
-    def tail(self, layer: int, step: ResidualStep) -> ExactTail:
+    def tail(self, layer: int, step: ResidualStep, new_k: torch.Tensor | None = None,
+             new_v: torch.Tensor | None = None) -> ExactTail:
+        """What attention reads exact. Decode: after ``write`` (the ring holds the new
+        token). Prefill: before ``write``, with the chunk's own K/V as ``new_k``/``new_v``."""
         k, v = self.layers[layer]
-        return ExactTail(k, v, step.slots, step.num_exact)
+        return ExactTail(k, v, step.slots, step.start, new_k, new_v)
 
     # ---- sequences ---------------------------------------------------------------------
     @torch.inference_mode()  # the rings may have been made under inference mode

@@ -153,7 +153,7 @@ def paged_decode_attention(
     if exact is not None:  # the blocks up to each exact tail in the kernel, the tail here
         def with_tail():
             scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-            blocks = seq_lens - exact.num_exact.to(seq_lens)
+            blocks = seq_lens - exact.num_exact(seq_lens).to(seq_lens)
             o1, l1 = run(q, k_cache, v_cache, block_tables, blocks, fmt, sm_scale,
                          return_lse=True, **kernel_options)
             o2, l2 = exact_decode_attention(q, exact, seq_lens, scale)

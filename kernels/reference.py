@@ -21,7 +21,7 @@ import torch
 
 from edgekv.quant import KVFormat, QuantizedKV
 
-from .exact_tail import ExactTail, overlay_exact
+from .exact_tail import ExactTail, overlay_decode, prefill_exact
 
 
 def gather_blocks(cache: QuantizedKV, block_ids: torch.Tensor, length: int,
@@ -74,18 +74,21 @@ def paged_prefill_attention_ref(
         assert 0 < n <= L, f"sequence {s}: {n} queries over {L} KV tokens"
         k = gather_blocks(k_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
         v = gather_blocks(v_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
-        if exact is not None:
-            one = ExactTail(exact.k, exact.v, exact.slots[s : s + 1],
-                            exact.num_exact[s : s + 1])
-            k = overlay_exact(k[None], exact.k, one, seq_lens[s : s + 1], fmt)[0]
-            v = overlay_exact(v[None], exact.v, one, seq_lens[s : s + 1], fmt)[0]
         qh = qs[q0:q1].reshape(n, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, n, D)
         scores = torch.einsum("hgnd,hld->hgnl", qh, k) * sm_scale  # (Hkv, G, n, L)
+        if exact is not None:  # each query's newest keys exact (exact_tail.py)
+            ke, ve, use = prefill_exact(k, v, exact, s, L, slice(q0, q1), fmt)  # use: (n, L)
+            scores = torch.where(use, torch.einsum("hgnd,hld->hgnl", qh, ke) * sm_scale,
+                                 scores)
         qpos = torch.arange(L - n, L, device=q.device)  # (n,)
         kpos = torch.arange(L, device=q.device)  # (L,)
         scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
         p = torch.softmax(scores, dim=-1)
-        o = torch.einsum("hgnl,hld->hgnd", p, v)  # (Hkv, G, n, D)
+        if exact is None:
+            o = torch.einsum("hgnl,hld->hgnd", p, v)  # (Hkv, G, n, D)
+        else:
+            o = torch.einsum("hgnl,hld->hgnd", p.masked_fill(use, 0.0), v) + \
+                torch.einsum("hgnl,hld->hgnd", p.masked_fill(~use, 0.0), ve)
         out[q0:q1] = o.permute(2, 0, 1, 3).reshape(n, Hq, D)
     return fmt.from_storage_basis(out).to(q.dtype)
 
@@ -136,8 +139,8 @@ def paged_decode_attention_ref(
     pad = torch.arange(nb * B, device=q.device)[None, :] >= seq_lens.to(q.device)[:, None]
     k, v = gather(k_cache), gather(v_cache)
     if exact is not None:  # the newest tokens from the exact ring (exact_tail.py)
-        k = overlay_exact(k, exact.k, exact, seq_lens, fmt)
-        v = overlay_exact(v, exact.v, exact, seq_lens, fmt)
+        k = overlay_decode(k, exact.k, exact, seq_lens, fmt)
+        v = overlay_decode(v, exact.v, exact, seq_lens, fmt)
     v = v.masked_fill(pad[:, None, :, None], 0.0)  # unwritten slots may hold anything
     qs = fmt.to_storage_basis(q.float()).view(S, Hkv, G, D)
     scores = torch.einsum("shgd,shld->shgl", qs, k) * sm_scale  # (S, Hkv, G, nb * B)

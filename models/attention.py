@@ -82,11 +82,14 @@ class PagedAttention(nn.Module):
         cache = meta.kv_cache
         cache.write(self.layer_idx, k, v, meta.slot_mapping)
         k_store, v_store = cache.layers[self.layer_idx]
-        exact = None
-        if meta.residual is not None:
+        exact = window = None
+        if meta.residual is not None:  # exact newest tokens (edgekv/residual.py)
             window, step = meta.residual
-            window.write(self.layer_idx, k, v, step)
-            exact = window.tail(self.layer_idx, step)
+            if meta.max_query_len == 1:  # decode reads the ring with its new token in it
+                window.write(self.layer_idx, k, v, step)
+                exact = window.tail(self.layer_idx, step)
+            else:  # prefill reads the ring as it was, and its own new K/V
+                exact = window.tail(self.layer_idx, step, k, v)
         mass = meta.block_mass
         if meta.max_query_len == 1:
             o = paged_decode_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
@@ -103,4 +106,6 @@ class PagedAttention(nn.Module):
                 mass += paged_prefill_block_mass(q, k_store, meta.block_tables, meta.seq_lens,
                                                  meta.cu_seqlens_q, cache.format, self.scale,
                                                  last_n=meta.mass_window)
+            if window is not None:
+                window.write(self.layer_idx, k, v, step)
         return self.o_proj(o.reshape(T, -1).to(x.dtype))  # (T, hidden)

@@ -27,13 +27,14 @@ def test_ring_continues_keeps_the_last_R_and_restarts_on_a_jump():
     w = window(R=8)
     st = w.step([7], [0], [20])  # a 20-token prefill: only its last 8 enter the ring
     assert st.write_index.tolist() == [-1] * 12 + [p % 8 for p in range(12, 20)]
-    assert st.num_exact.tolist() == [8]
+    assert st.start.tolist() == [0]  # the chunk's queries read their windows exact
+    assert (w.rings[7].start, w.rings[7].end) == (12, 20)
     st = w.step([7], [20], [21])  # decode continues it
-    assert st.num_exact.tolist() == [8] and st.write_index.tolist() == [20 % 8]
-    st = w.step([7], [18], [19])  # a rewind to 18: positions 11..18 stay (18 rewritten)
-    assert (w.rings[7].start, w.rings[7].end) == (13, 19) and st.num_exact.tolist() == [6]
+    assert st.start.tolist() == [12] and st.write_index.tolist() == [20 % 8]
+    st = w.step([7], [18], [19])  # a rewind to 18: the ring still holds 13..17
+    assert st.start.tolist() == [13] and (w.rings[7].start, w.rings[7].end) == (13, 19)
     st = w.step([7], [40], [41])  # not a continuation (swapped back in): starts over
-    assert st.num_exact.tolist() == [1]
+    assert st.start.tolist() == [40]
 
 
 def test_rings_of_freed_sequences_are_reused_before_the_storage_grows():
@@ -55,9 +56,9 @@ def test_when_every_ring_is_busy_the_least_recently_written_is_reclaimed():
     w.step([2], [0], [2])
     w.step([2], [2], [3])
     st = w.step([3], [0], [1])
-    assert 1 not in w.rings and w.reclaimed == 1 and st.num_exact.tolist() == [1]
-    st = w.step([4, 5, 6], [0, 0, 0], [1, 1, 1])  # more sequences than rings: some read
-    assert sorted(st.num_exact.tolist()) == [0, 1, 1]  # the blocks this step
+    assert 1 not in w.rings and w.reclaimed == 1 and st.start.tolist() == [0]
+    st = w.step([4, 5, 6], [0, 0, 0], [1, 1, 1])  # more sequences than rings: one reads
+    assert sorted(st.start.tolist()) == [0, 0, 1]  # the blocks this step (start = end)
 
 
 def test_fork_copies_the_parents_ring():
@@ -67,57 +68,83 @@ def test_fork_copies_the_parents_ring():
     w.write(0, k, -k, st)
     w.fork(1, 2)
     st = w.step([2], [3], [4])
-    assert st.num_exact.tolist() == [4]
+    assert st.start.tolist() == [0]
     ring_k, ring_v = w.layers[0]
     assert torch.equal(ring_k[w.rings[2].slot, :3], k.half())
     assert torch.equal(ring_v[w.rings[2].slot, :3], (-k).half())
 
 
 # ---- attention reads the ring ----------------------------------------------------------
-def exact_tail(kvs, lens, R, num_exact):
-    """Rings holding each sequence's newest ``num_exact`` K/V (fp16), slot = sequence."""
+def ring_tail(kvs, R, held, new=None):
+    """Rings (slot = sequence) holding positions held[s] = (start, end) of each sequence's
+    K/V in fp16; ``new``: (a, L) per sequence, the prefill chunk's own K/V."""
     k = torch.zeros(len(kvs), R, HKV, D, dtype=torch.float16)
     v = torch.zeros_like(k)
-    for s, ((ks, vs), L, r) in enumerate(zip(kvs, lens, num_exact, strict=True)):
-        for c in range(L - r, L):
+    for s, ((ks, vs), (lo, hi)) in enumerate(zip(kvs, held, strict=True)):
+        for c in range(lo, hi):
             k[s, c % R], v[s, c % R] = ks[c].half(), vs[c].half()
-    return ExactTail(k, v, torch.arange(len(kvs)), torch.tensor(num_exact))
+    new_k = new_v = None
+    if new is not None:
+        new_k = torch.cat([ks[a:L] for (ks, _), (a, L) in zip(kvs, new, strict=True)])
+        new_v = torch.cat([vs[a:L] for (_, vs), (a, L) in zip(kvs, new, strict=True)])
+    return ExactTail(k, v, torch.arange(len(kvs)), torch.tensor([lo for lo, _ in held]),
+                     new_k, new_v)
 
 
-def mixed_dense(q, k, v, fmt, r, causal_offset):
-    """Dense attention over the blocks' values for all but the last r tokens, fp16 for those."""
+def windowed_dense(q, k, v, fmt, R, start, causal_offset):
+    """Dense attention: query at position p reads key j in fp16 where start <= j and
+    p - R < j <= p, the blocks' value otherwise."""
     kd, vd = fmt.dequantize(fmt.quantize(k)), fmt.dequantize(fmt.quantize(v))
-    L = k.shape[0]
-    kd[L - r :], vd[L - r :] = k[L - r :].half().float(), v[L - r :].half().float()
+    ke, ve = k.half().float(), v.half().float()
     G = q.shape[1] // HKV
-    kd, vd = kd.repeat_interleave(G, 1), vd.repeat_interleave(G, 1)
-    scores = torch.einsum("nhd,lhd->hnl", q.float(), kd) / D**0.5
-    mask = torch.arange(L)[None, :] > (torch.arange(q.shape[0])[:, None] + causal_offset)
-    p = torch.softmax(scores.masked_fill(mask, float("-inf")), -1)
-    return torch.einsum("hnl,lhd->nhd", p, vd)
+    kd, vd, ke, ve = (x.repeat_interleave(G, 1) for x in (kd, vd, ke, ve))  # (L, Hq, D)
+    n, L = q.shape[0], k.shape[0]
+    qpos = torch.arange(n)[:, None] + causal_offset
+    kpos = torch.arange(L)[None, :]
+    use = (kpos >= start) & (kpos > qpos - R)  # (n, L)
+    scores = torch.where(use, torch.einsum("nhd,lhd->hnl", q.float(), ke),
+                         torch.einsum("nhd,lhd->hnl", q.float(), kd)) / D**0.5
+    p = torch.softmax(scores.masked_fill(kpos > qpos, float("-inf")), -1)
+    return torch.einsum("hnl,lhd->nhd", p * ~use, vd) + torch.einsum("hnl,lhd->nhd",
+                                                                      p * use, ve)
 
 
 @pytest.mark.parametrize("kv_format", ["int8", "int4", "fp8"])
-def test_decode_and_prefill_read_the_newest_tokens_from_the_ring(kv_format):
-    R, bs = 12, 16
-    lens = [1, 5, 16, 37, 50]
-    r = [1, 5, 12, 0, 7]  # full, partial and empty windows
-    cfg, cache, tables, kvs = build(kv_format, bs, lens, seed=3)
-    tail = exact_tail(kvs, lens, R, r)
+def test_decode_reads_each_sequences_window_from_the_ring(kv_format):
+    R, lens = 12, [1, 5, 16, 37, 50]
+    starts = [0, 5, 4, 30, 50]  # whole window, none (a ring restarted at the end), parts
+    cfg, cache, tables, kvs = build(kv_format, 16, lens, seed=3)
+    tail = ring_tail(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
+    tail = tail._replace(start=torch.tensor(starts))
     k_cache, v_cache = cache.layers[0]
     q = torch.randn(len(lens), HKV * 2, D)
     out = paged_decode_attention_ref(q, k_cache, v_cache, tables, torch.tensor(lens),
                                      cfg.format, exact=tail)
-    q_lens = [1, 3, 16, 4, 9]
-    cu = torch.tensor([0] + q_lens).cumsum(0)
-    qp = torch.randn(sum(q_lens), HKV * 2, D)
-    outp = paged_prefill_attention_ref(qp, k_cache, v_cache, tables, torch.tensor(lens), cu,
-                                       cfg.format, exact=tail)
     for s, (k, v) in enumerate(kvs):
-        want = mixed_dense(q[s : s + 1], k, v, cfg.format, r[s], lens[s] - 1)
+        want = windowed_dense(q[s : s + 1], k, v, cfg.format, R, starts[s], lens[s] - 1)
         assert (out[s : s + 1] - want).abs().max() <= 1e-5
-        want = mixed_dense(qp[cu[s] : cu[s + 1]], k, v, cfg.format, r[s], lens[s] - q_lens[s])
-        assert (outp[cu[s] : cu[s + 1]] - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+def test_prefill_gives_every_query_its_own_window(kv_format):
+    """The ring as it was before the chunk, plus the chunk's own K/V: each query reads
+    its R newest keys exact, wherever the chunk starts."""
+    R, lens, q_lens = 8, [6, 20, 40, 33], [6, 3, 30, 1]
+    starts = [0, 9, 0, 33]  # fresh, a ring from 9, long chunk, no ring (start = L)
+    cfg, cache, tables, kvs = build(kv_format, 16, lens, seed=5)
+    chunks = [(L - n, L) for L, n in zip(lens, q_lens, strict=True)]
+    held = [(max(st, a - R), a) if st < L else (L, L)
+            for st, (a, L) in zip(starts, chunks, strict=True)]
+    tail = ring_tail(kvs, R, held, new=chunks)._replace(start=torch.tensor(starts))
+    cu = torch.tensor([0] + q_lens).cumsum(0)
+    q = torch.randn(sum(q_lens), HKV * 2, D)
+    k_cache, v_cache = cache.layers[0]
+    out = paged_prefill_attention_ref(q, k_cache, v_cache, tables, torch.tensor(lens), cu,
+                                      cfg.format, exact=tail)
+    for s, (k, v) in enumerate(kvs):
+        want = windowed_dense(q[cu[s] : cu[s + 1]], k, v, cfg.format, R, starts[s],
+                              lens[s] - q_lens[s])
+        assert (out[cu[s] : cu[s + 1]] - want).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -126,10 +153,11 @@ def test_decode_kernel_merges_the_ring_like_the_reference(kv_format, num_splits)
     """The fused kernel attends over each sequence's blocks up to its exact tail and
     returns its log-sum-exp; the tail is attended apart and merged (Triton's interpreter
     on CPU)."""
-    R, lens, r = 12, [1, 5, 16, 37, 50], [1, 0, 12, 12, 7]  # incl. all-exact and none
+    R, lens, starts = 12, [1, 5, 16, 37, 50], [0, 5, 4, 0, 43]  # incl. all-exact and none
     cfg, cache, tables, kvs = build(kv_format, 16, lens, seed=4)
     tables = tables.clamp(min=0)
-    tail = exact_tail(kvs, lens, R, r)
+    tail = ring_tail(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
+    tail = tail._replace(start=torch.tensor(starts))
     k_cache, v_cache = cache.layers[0]
     q = torch.randn(len(lens), HKV * 4, D)
     sl = torch.tensor(lens, dtype=torch.int32)
@@ -178,6 +206,20 @@ def test_a_wider_window_means_a_smaller_divergence(llama_dir):
 
     kls = [kl(R) for R in (0, 8, 32)]
     assert kls[0] > kls[1] > kls[2] > 0
+
+
+def test_what_a_token_reads_does_not_depend_on_how_the_text_was_chunked(llama_dir):
+    """Token by token (decode) and one prefill read the same exact windows, so their
+    logits agree to float rounding, far below int4's own error."""
+    ids = prompts()[2] + prompts()[1]  # 130 tokens
+    llm = make(llama_dir, "int4", kv_residual=16)
+    by_token, at_once = llm.score(ids, chunk_size=1), llm.score(ids)
+    in_chunks = llm.score(ids, chunk_size=37)
+    assert (by_token - at_once).abs().max() < 1e-3
+    assert (by_token - in_chunks).abs().max() < 1e-3
+    plain = make(llama_dir, "int4")  # without a window, int4 differs from fp16 far more
+    ref = make(llama_dir, "fp16").score(ids)
+    assert (plain.score(ids) - ref).abs().max() > 10 * (by_token - at_once).abs().max()
 
 
 def test_samples_forked_with_their_rings_equal_separate_requests(llama_dir):
