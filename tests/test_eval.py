@@ -78,6 +78,35 @@ def test_fp16_row_equals_transformers_perplexity(rows, llama_dir, text_file):
     assert rows[3]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-3)  # the hf peer row
 
 
+def test_overlapping_windows_equal_transformers_sliding_perplexity(llama_dir, text_file):
+    """stride < window: each window after the first scores only its last ``stride``
+    targets, with the rest as context; transformers computes the same by hand here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (row,) = tiny(llama_dir, text_file, formats=("fp16",), peers="none", window=48,
+                  stride=16, max_windows=4, decode_windows=0, prompts=0, layer_tokens=0)
+    assert row["stride"] == 16 and row["ppl_tokens"] == 48 + 3 * 16
+    tok = AutoTokenizer.from_pretrained(str(llama_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
+    ids = tok.encode(text_file.read_text(), add_special_tokens=False)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for k in range(4):
+            x = torch.tensor([ids[k * 16 : k * 16 + 49]])
+            logits = model(x[:, :-1]).logits[0]  # (48, V)
+            keep = 0 if k == 0 else 48 - 16
+            nll += torch.nn.functional.cross_entropy(logits[keep:], x[0, 1 + keep :],
+                                                     reduction="sum").item()
+            n += 48 - keep
+    assert row["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-3)
+
+
+def test_quantized_greedy_agreement_is_counted_against_fp16(rows):
+    fp16, int4, fp32, _ = rows
+    assert fp32["greedy_match"] == 4 and fp32["greedy_full"] == 1  # an exact cache agrees
+    assert 0 <= int4["greedy_match"] <= 4 and 0 <= int4["greedy_full"] <= 1
+
+
 def test_two_runs_give_identical_numbers(rows, llama_dir, text_file):
     again = tiny(llama_dir, text_file, formats=("fp16", "int4"), peers="none",
                  layer_tokens=0, prompts=0)
