@@ -59,17 +59,19 @@ class Engine:
             budget = eviction.resolve(cache_config.block_size, cache_config.num_blocks)
             self.evictor = Evictor(budget, self.manager,
                                    mass_norm=model_config.num_layers * model_config.num_heads)
-        salt = cache_salt(cache_config.kv_format, cache_config.block_size)
-        self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
-                                   self.cache.copy_blocks, self.evictor, self.offloader,
-                                   salt if prefix_caching else None)
         self.residual = None
         if residual_tokens:
             assert eviction is None, "a residual window needs cache indices = positions"
+            # forks (n > 1, beams) run past max_num_seqs: room for them before taking rings
             self.residual = ResidualWindow(model_config.num_layers, model_config.num_kv_heads,
                                            model_config.head_dim, residual_tokens, device,
-                                           max_slots=max_num_seqs,
+                                           max_slots=4 * max_num_seqs,
                                            alive=lambda s: s in self.manager.tables)
+        salt = cache_salt(cache_config.kv_format, cache_config.block_size)
+        self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
+                                   self.cache.copy_blocks, self.evictor, self.offloader,
+                                   salt if prefix_caching else None,
+                                   self.residual.forget if self.residual else None)
         self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor,
                                   self.residual)
         eos = set(model_config.eos_token_ids)
@@ -287,6 +289,8 @@ class Engine:
                 self.manager.free(seq.seq_id)
             if self.evictor is not None:
                 self.evictor.forget(seq.seq_id)
+            if self.residual is not None:
+                self.residual.forget(seq.seq_id)
         return torch.cat(out)
 
     # ---- accounting --------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from edgekv.kernels import get_backend
 from edgekv.models import load_model
 from edgekv.quant import get_format
 
@@ -100,6 +101,12 @@ class LLM:
             log.log(logging.INFO if kv_memory == "auto" else logging.DEBUG, "%s",
                     self.kv_plan.summary())
             budget = self.kv_plan.kv_bytes
+            if kv_residual:  # the rings come out of the same free memory
+                ring = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2 * kv_residual
+                reserve = min(budget // 2, max_num_seqs * ring)
+                log.info("kv_residual=%d: %.2f GiB of the KV budget kept for the rings",
+                         kv_residual, reserve / 2**30)
+                budget -= reserve
         else:
             budget = parse_memory(kv_memory)
         self.cache_config = CacheConfig.for_budget(budget, mc.num_layers, mc.num_kv_heads,
@@ -199,6 +206,9 @@ def _check_residual(tokens, kv_format: str, eviction: EvictionConfig | None) -> 
                          f"not quantized")
     if tokens and eviction is not None:
         raise ValueError("kv_residual cannot be combined with eviction yet")
+    if tokens and get_backend() == "triton":
+        raise ValueError("kv_residual needs the torch prefill path, which the forced "
+                         "'triton' attention backend forbids: use 'auto' or 'torch'")
 
 
 def _eviction_config(eviction, max_kv_tokens: int | None) -> EvictionConfig | None:

@@ -18,12 +18,14 @@ leave it); otherwise (a sequence whose ring went to another while it was swapped
 one that starts from cached prefix blocks) the ring starts over at a, and the tokens
 before a are read from the blocks.
 
-Rings are handed out on a sequence's first write and taken back least recently written
-first when every ring is in use (a sequence that loses its ring starts over on its next
-write). The ring storage grows with the number of rings in use, up to ``max_slots``; its
-bytes are on top of ``kv_memory`` and reported by ``kv_stats()``. Forks (n > 1 samples,
-beams) get a copy of their parent's ring. Not combined with token eviction (cache indices
-then stop being positions).
+Rings are handed out on a sequence's first write. A sequence whose blocks are freed
+(finished, preempted for recompute, a parked chat given up) loses its ring with them
+(``forget``): its tokens may come back different (a rewound chat), so nothing of the old
+ring may be read again. The storage grows with the number of rings in use, up to
+``max_slots``; past that the least recently written ring of a live sequence is taken
+(that sequence starts over on its next write). The bytes are reported by ``kv_stats()``.
+Forks (n > 1 samples, beams) get a copy of their parent's ring. Not combined with token
+eviction (cache indices then stop being positions).
 """
 
 from __future__ import annotations
@@ -144,6 +146,12 @@ class ResidualWindow:
         for k, v in self.layers:
             k[new.slot] = k[ring.slot]
             v[new.slot] = v[ring.slot]
+
+    def forget(self, seq_id: int) -> None:
+        """The sequence's blocks were freed: its ring is free again."""
+        ring = self.rings.pop(seq_id, None)
+        if ring is not None:
+            self._free.append(ring.slot)
 
     def stats(self) -> dict:
         per_ring = 2 * len(self.layers) * self.tokens * self.shape[1] * self.shape[2] * 2

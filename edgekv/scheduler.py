@@ -55,9 +55,11 @@ class Scheduler:
     def __init__(self, manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
                  copy_blocks: Callable[[list[tuple[int, int]]], None],
                  evictor: Evictor | None = None, offloader: Offloader | None = None,
-                 prefix_salt: bytes | None = None):
+                 prefix_salt: bytes | None = None,
+                 forget: Callable[[int], None] | None = None):
         self.manager, self.evictor, self.offloader = manager, evictor, offloader
         self.copy_blocks = copy_blocks
+        self.forget = forget  # told when a sequence's blocks are freed (residual rings)
         self.prefix_salt = prefix_salt  # None: prefix caching off
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -149,6 +151,8 @@ class Scheduler:
             self.manager.free(seq.seq_id)
         if self.evictor is not None:
             self.evictor.forget(seq.seq_id)
+        if self.forget is not None:
+            self.forget(seq.seq_id)
         seq.num_computed = seq.num_evicted = 0
 
     # ---- internals ---------------------------------------------------------------------

@@ -242,3 +242,26 @@ def test_bad_residual_settings_are_clear_errors(llama_dir):
     r = CliRunner().invoke(main, ["generate", "--model", str(llama_dir), "--kv", "fp16",
                                   "--kv-residual", "8", "hi"])
     assert r.exit_code == 2 and "not quantized" in r.output
+
+
+def test_a_released_sequence_loses_its_ring(llama_dir):
+    """A parked chat given up under pool pressure must not keep its ring: its next turn
+    may rewrite those positions with other tokens (prefix-cache hits land inside)."""
+    llm = make(llama_dir, "int4", kv_residual=16)
+    chat = llm.chat()
+    chat.send("Hello there, how are you?", SamplingParams(max_tokens=4, temperature=0.0))
+    sid = chat.seq.seq_id
+    assert sid in llm.engine.residual.rings
+    llm.engine.scheduler.release(chat.seq)
+    assert sid not in llm.engine.residual.rings
+
+
+def test_more_samples_than_max_num_seqs_keep_their_rings(llama_dir):
+    params = SamplingParams(max_tokens=8, temperature=0.0, n=4, ignore_eos=True)
+    ps = prompts()[:2]
+    want = make(llama_dir, "fp16", max_num_seqs=2).generate(ps, params)
+    llm = make(llama_dir, "int4", kv_residual=256, max_num_seqs=2)
+    got = llm.generate(ps, params)
+    assert [[o.token_ids for o in r.outputs] for r in got] == \
+        [[o.token_ids for o in r.outputs] for r in want]
+    assert llm.engine.residual.reclaimed == 0
