@@ -50,16 +50,26 @@ class _Ring:
 class ResidualStep:
     """One step's rings: where each new token goes, what each sequence reads exact.
 
-    write_index: (T,) int64 flat ring row (slot * R + position % R) of each new token, -1
-                 for a token whose sequence has no ring this step
+    src, dst:    (W,) int64 the new tokens that enter a ring (indices into this step's T
+                 tokens) and their flat ring rows (slot * R + position % R); planned on the
+                 host so that writing them needs no device sync
     slots:       (S,) int64 each sequence's ring (0 where it has none)
     start:       (S,) int64 first position held exactly, this step's tokens included
                  (the written end where a sequence has no ring: nothing is exact)
     """
 
-    write_index: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
     slots: torch.Tensor
     start: torch.Tensor
+    num_tokens: int
+
+    @property
+    def write_index(self) -> torch.Tensor:
+        """(T,) the ring row of each new token, -1 for one that enters no ring."""
+        out = torch.full((self.num_tokens,), -1, dtype=torch.long, device=self.dst.device)
+        out[self.src] = self.dst
+        return out
 
 
 class ResidualWindow:
@@ -94,16 +104,17 @@ class ResidualWindow:
         ``write``."""
         self._steps += 1
         R = self.tokens
-        index, slots, first_exact = [], [], []
-        batch = set(seq_ids)
+        src, dst, slots, first_exact = [], [], [], []
+        batch, num_tokens = set(seq_ids), 0
         for sid, a, b in zip(seq_ids, starts, ends, strict=True):
+            t = num_tokens  # this sequence's first token in the step
+            num_tokens += b - a
             ring = self.rings.get(sid)
             if ring is not None and not ring.start <= a <= ring.end:
                 ring.start = ring.end = a  # not a continuation: start over at a
             if ring is None:
                 ring = self._acquire(sid, a, batch)
             if ring is None:  # every ring is in this batch: read the blocks
-                index.extend([-1] * (b - a))
                 slots.append(0)
                 first_exact.append(b)
                 continue
@@ -111,19 +122,16 @@ class ResidualWindow:
             first_exact.append(ring.start)  # held before this step, or a if started now
             ring.start, ring.end, ring.used = max(ring.start, b - R), b, self._steps
             first = max(a, b - R)  # a chunk longer than the ring keeps its last R tokens
-            index.extend([-1] * (first - a))
-            index.extend(ring.slot * R + p % R for p in range(first, b))
+            src.extend(range(t + first - a, t + b - a))
+            dst.extend(ring.slot * R + p % R for p in range(first, b))
         dev = self.device
-        return ResidualStep(torch.tensor(index, dtype=torch.long, device=dev),
-                            torch.tensor(slots, dtype=torch.long, device=dev),
-                            torch.tensor(first_exact, dtype=torch.long, device=dev))
+        return ResidualStep(*(torch.tensor(x, dtype=torch.long, device=dev)
+                              for x in (src, dst, slots, first_exact)), num_tokens=num_tokens)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: ResidualStep) -> None:
         """Store this step's new K/V (T, Hkv, D), original basis, in their rings."""
-        keep = step.write_index >= 0
-        idx = step.write_index[keep]
         for ring, x in zip(self.layers[layer], (k, v), strict=True):
-            ring.view(-1, *self.shape[1:])[idx] = x[keep].to(ring.dtype)
+            ring.view(-1, *self.shape[1:])[step.dst] = x[step.src].to(ring.dtype)
 
     def tail(self, layer: int, step: ResidualStep, new_k: torch.Tensor | None = None,
              new_v: torch.Tensor | None = None) -> ExactTail:
