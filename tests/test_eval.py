@@ -59,9 +59,9 @@ def test_rows_have_the_columns_and_the_baseline_first(rows):
     assert hf["backend"] == "transformers" and hf["attn_rel_err"] is None
 
 
-def test_fp16_row_equals_transformers_perplexity(rows, llama_dir, text_file):
-    """The harness measures what it says: transformers' own perplexity on the same
-    windows (computed here independently) equals the fp16 row's within 0.1%."""
+def transformers_ppl(llama_dir, text_file, window, stride, num_windows):
+    """Perplexity computed by transformers itself over windows of ``window`` tokens every
+    ``stride``: the first scores all its targets, each later one its last ``stride``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(llama_dir))
@@ -69,36 +69,32 @@ def test_fp16_row_equals_transformers_perplexity(rows, llama_dir, text_file):
     ids = tok.encode(text_file.read_text(), add_special_tokens=False)
     nll, n = 0.0, 0
     with torch.no_grad():
-        for k in range(2):
-            x = torch.tensor([ids[k * 48 : k * 48 + 49]])
-            out = model(x[:, :-1], labels=None).logits[0]
-            nll += torch.nn.functional.cross_entropy(out, x[0, 1:], reduction="sum").item()
-            n += 48
-    assert rows[0]["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-3)
+        for k in range(num_windows):
+            x = torch.tensor([ids[k * stride : k * stride + window + 1]])
+            logits = model(x[:, :-1]).logits[0]  # (window, V)
+            keep = 0 if k == 0 else window - stride
+            nll += torch.nn.functional.cross_entropy(logits[keep:], x[0, 1 + keep :],
+                                                     reduction="sum").item()
+            n += window - keep
+    return math.exp(nll / n)
+
+
+def test_fp16_row_equals_transformers_perplexity(rows, llama_dir, text_file):
+    """The harness measures what it says: transformers' own perplexity on the same
+    windows (computed here independently) equals the fp16 row's within 0.1%."""
+    want = transformers_ppl(llama_dir, text_file, window=48, stride=48, num_windows=2)
+    assert rows[0]["ppl"] == pytest.approx(want, rel=1e-3)
     assert rows[3]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-3)  # the hf peer row
 
 
 def test_overlapping_windows_equal_transformers_sliding_perplexity(llama_dir, text_file):
     """stride < window: each window after the first scores only its last ``stride``
     targets, with the rest as context; transformers computes the same by hand here."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     (row,) = tiny(llama_dir, text_file, formats=("fp16",), peers="none", window=48,
                   stride=16, max_windows=4, decode_windows=0, prompts=0, layer_tokens=0)
     assert row["stride"] == 16 and row["ppl_tokens"] == 48 + 3 * 16
-    tok = AutoTokenizer.from_pretrained(str(llama_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
-    ids = tok.encode(text_file.read_text(), add_special_tokens=False)
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for k in range(4):
-            x = torch.tensor([ids[k * 16 : k * 16 + 49]])
-            logits = model(x[:, :-1]).logits[0]  # (48, V)
-            keep = 0 if k == 0 else 48 - 16
-            nll += torch.nn.functional.cross_entropy(logits[keep:], x[0, 1 + keep :],
-                                                     reduction="sum").item()
-            n += 48 - keep
-    assert row["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-3)
+    want = transformers_ppl(llama_dir, text_file, window=48, stride=16, num_windows=4)
+    assert row["ppl"] == pytest.approx(want, rel=1e-3)
 
 
 def test_quantized_greedy_agreement_is_counted_against_fp16(rows):
