@@ -71,10 +71,10 @@ class BeamSearch:
         self.live, self.cum = [], {}
         for s, (score, t) in live:
             s.token_ids.append(t)
-            if s.num_outputs >= s.params.max_tokens or \
-                    s.num_tokens >= engine.model_config.max_position:
-                self._finish(s.output_ids, "length", score, s.params)
-                _drop(engine, s, "length")
+            if s.num_outputs >= s.params.max_tokens or engine.context_full(s):
+                reason = "length" if s.num_outputs >= s.params.max_tokens else "context"
+                self._finish(s.output_ids, reason, score, s.params)
+                _drop(engine, s, reason)
             else:
                 self.live.append(s)
                 self.cum[s.seq_id] = score

@@ -37,6 +37,18 @@ class BlockTable:
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
     hashable: bool = True  # False once eviction dropped a block: entries != positions
     host: dict[int, int] = field(default_factory=dict)  # table index -> host block id
+    # rotary position of each entry's first slot. Slots of a table are written at
+    # consecutive positions, so a new entry starts where its predecessor ends; eviction
+    # drops entries (leaving gaps) and a context shift (``reposition``) lowers them.
+    positions: list[int] = field(default_factory=list)
+
+    def position(self, index: int, block_size: int) -> int:
+        """Rotary position of the token at cache index ``index`` (its slot may be new)."""
+        i = index // block_size
+        if i < len(self.positions):
+            return self.positions[i] + index % block_size
+        last = self.positions[-1] + block_size if self.positions else 0
+        return last + (i - len(self.positions)) * block_size + index % block_size
 
 
 class BlockManager:
@@ -107,7 +119,10 @@ class BlockManager:
             # left since), that hash no longer names what it will hold
             self.pool.unregister(t.block_ids[-1])
         total = -(-(t.num_tokens + num_new_tokens) // self.block_size)
-        t.block_ids.extend(self.pool.allocate(total - len(t.block_ids)))
+        new = self.pool.allocate(total - len(t.block_ids))
+        first = t.positions[-1] + self.block_size if t.positions else 0
+        t.positions.extend(first + k * self.block_size for k in range(len(new)))
+        t.block_ids.extend(new)
         start = t.num_tokens
         t.num_tokens += num_new_tokens
         return self.slots(seq_id, start, t.num_tokens), copies
@@ -121,7 +136,7 @@ class BlockManager:
         for b in p.block_ids:
             self.pool.share(b)
         self.tables[child_id] = BlockTable(list(p.block_ids), p.num_tokens, p.num_registered,
-                                           p.hashable)
+                                           p.hashable, positions=list(p.positions))
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Keep only the first ``num_tokens`` tokens; blocks past them lose a reference.
@@ -134,6 +149,7 @@ class BlockManager:
         for i in range(keep, len(t.block_ids)):
             self._release_entry(t, i)
         del t.block_ids[keep:]
+        del t.positions[keep:]
         t.num_tokens = num_tokens
         t.num_registered = min(t.num_registered, num_tokens // bs)
 
@@ -148,6 +164,7 @@ class BlockManager:
         for i in sorted(drop):
             self.pool.release(t.block_ids[i])
         t.block_ids = [b for i, b in enumerate(t.block_ids) if i not in drop]
+        t.positions = [p for i, p in enumerate(t.positions) if i not in drop]
         t.num_tokens -= len(drop) * self.block_size
         t.num_registered = min(t.num_registered, min(drop))
         t.hashable = False
@@ -159,6 +176,29 @@ class BlockManager:
         t = self.tables.pop(seq_id)
         for i in reversed(range(len(t.block_ids))):
             self._release_entry(t, i)
+
+    def shift_plan(self, seq_id: int) -> list[tuple[int, int]]:
+        """Context shift: (table index, delta) of each entry whose rotary position is not
+        its cache index; moving it down by ``delta`` makes every position its index."""
+        t, bs = self.tables[seq_id], self.block_size
+        return [(i, p - i * bs) for i, p in enumerate(t.positions) if p != i * bs]
+
+    def reposition(self, seq_id: int, index: int, block: int | None = None) -> None:
+        """Commit one entry's context shift: its first position becomes its cache index.
+        ``block``: a fresh block (from ``pool.allocate``) already holding the re-rotated
+        bytes, which replaces the entry's block (this table's reference to the old one is
+        dropped); None: the bytes were rewritten in place (the entry's block must be held
+        by this table alone, and it loses its prefix hash)."""
+        t = self.tables[seq_id]
+        old = t.block_ids[index]
+        assert old is not None, f"sequence {seq_id}: entry {index} is swapped out"
+        if block is None:
+            assert not self.pool.is_shared(old), f"rewriting shared block {old} in place"
+            self.pool.unregister(old)
+        else:
+            t.block_ids[index] = block
+            self.pool.release(old)
+        t.positions[index] = index * self.block_size
 
     # ---- prefix cache ------------------------------------------------------------------
     def match_prefix(self, seq_id: int, hashes: list[bytes], max_blocks: int) -> int:
@@ -175,7 +215,8 @@ class BlockManager:
         for b in hit:
             self.pool.take(b)
         n = len(hit)
-        self.tables[seq_id] = BlockTable(hit, n * self.block_size, num_registered=n)
+        self.tables[seq_id] = BlockTable(hit, n * self.block_size, num_registered=n,
+                                         positions=[i * self.block_size for i in range(n)])
         return n
 
     def register(self, seq_id: int, hashes: list[bytes], num_computed: int) -> int:
@@ -250,6 +291,9 @@ class BlockManager:
             assert len(set(dev)) == len(dev), f"sequence {sid} repeats a block"
             assert sorted(t.host) == [i for i, b in enumerate(t.block_ids) if b is None]
             assert t.num_registered <= len(t.block_ids)
+            assert len(t.positions) == len(t.block_ids), f"sequence {sid}: positions"
+            gaps = [b - a for a, b in zip(t.positions, t.positions[1:], strict=False)]
+            assert all(g >= self.block_size for g in gaps), f"sequence {sid}: {t.positions}"
             for b in dev:
                 holders[b] += 1
             for h in t.host.values():

@@ -8,10 +8,12 @@ import dataclasses
 import torch
 
 from edgekv.models import ModelConfig
+from edgekv.models.layers import rope_inv_freq
 
 from .beam_search import BeamSearch
 from .block_manager import BlockManager
 from .config import CacheConfig
+from .context_shift import ContextShift
 from .detokenizer import IncrementalDetokenizer
 from .eviction import EvictionConfig, Evictor
 from .kv_cache import PagedKVCache
@@ -54,11 +56,14 @@ class Engine:
             host_cfg = dataclasses.replace(cache_config, num_blocks=num_host_blocks)
             host = PagedKVCache(host_cfg, "cpu", pin_memory=torch.device(device).type == "cuda")
             self.offloader = Offloader(self.manager, self.cache, host)
-        self.evictor = None
+        self.evictor = self.shifter = None
         if eviction is not None:
-            budget = eviction.resolve(cache_config.block_size, cache_config.num_blocks)
+            budget = eviction.resolve(cache_config.block_size, cache_config.num_blocks,
+                                      context=model_config.max_position)
             self.evictor = Evictor(budget, self.manager,
                                    mass_norm=model_config.num_layers * model_config.num_heads)
+            self.shifter = ContextShift(self.manager, self.cache, rope_inv_freq(model_config),
+                                        model_config.max_position)
         self.residual = None
         if residual_tokens:
             assert eviction is None, "a residual window needs cache indices = positions"
@@ -71,7 +76,8 @@ class Engine:
         self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
                                    self.cache.copy_blocks, self.evictor, self.offloader,
                                    salt if prefix_caching else None,
-                                   self.residual.forget if self.residual else None)
+                                   self.residual.forget if self.residual else None,
+                                   self.shifter)
         self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor,
                                   self.residual)
         eos = set(model_config.eos_token_ids)
@@ -94,9 +100,13 @@ class Engine:
         if not seq.token_ids:
             raise ValueError("a prompt must have at least one token")
         max_len = self.model_config.max_position
-        if seq.num_tokens >= max_len:
+        if self.evictor is None and seq.num_tokens >= max_len:
             raise ValueError(f"prompt of {seq.num_tokens} tokens does not fit the model's "
                              f"context of {max_len} tokens")
+        pool = self.cache_config.num_blocks * self.cache_config.block_size
+        if self.evictor is None and seq.num_tokens >= pool:
+            raise ValueError(f"prompt of {seq.num_tokens} tokens does not fit the KV pool of "
+                             f"{pool} tokens: raise kv_memory or use an eviction policy")
         vocab = self.model_config.vocab_size
         if min(seq.token_ids) < 0 or max(seq.token_ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got "
@@ -227,15 +237,21 @@ class Engine:
         elif seq.detok is not None:
             seq.detok.step(seq.token_ids)
             reason = self._cut_at_stop_string(seq)
-        if reason is None and (seq.num_outputs >= p.max_tokens
-                               or seq.num_tokens >= self.model_config.max_position):
+        if reason is None and seq.num_outputs >= p.max_tokens:
             reason = "length"
+        elif reason is None and self.context_full(seq):
+            reason = "context"
         if reason is not None and seq.detok is not None and not seq.detok.text_cut:
             seq.detok.flush(seq.token_ids)
             self._cut_at_stop_string(seq)
         self._emit(seq, final=reason is not None)
         if reason is not None:
             self.scheduler.finish(seq, reason)
+
+    def context_full(self, seq: Sequence) -> bool:
+        """Whether ``seq`` has reached the model's context and cannot take another token.
+        Never with eviction: the cache shifts its positions (``context_shift.py``)."""
+        return self.evictor is None and seq.num_tokens >= self.model_config.max_position
 
     def _cut_at_stop_string(self, seq: Sequence) -> str | None:
         text = seq.detok.text
@@ -275,6 +291,9 @@ class Engine:
                 n = min(chunk, seq.num_tokens - seq.num_computed)
                 if self.evictor is not None:
                     n = self.evictor.fit(seq, n)
+                    if self.manager.pool.num_free < self.shifter.blocks_needed(seq.seq_id, n):
+                        raise ValueError("no free KV block to shift the context into")
+                    self.shifter.fit(seq.seq_id, n)
                 if not self.manager.can_append(seq.seq_id, n):
                     raise ValueError(f"{seq.num_tokens} tokens do not fit in the KV pool "
                                      f"({self.cache_config.num_blocks} blocks of "
@@ -304,6 +323,8 @@ class Engine:
         s["prefix_hit_rate"] = sch.prefix_hit_tokens / max(sch.prefix_query_tokens, 1)
         s.update(self.offloader.stats() if self.offloader is not None else {"offload": None})
         s.update(self.evictor.stats() if self.evictor is not None else {"eviction": None})
+        if self.shifter is not None:
+            s.update(self.shifter.stats())
         s.update(self.residual.stats() if self.residual is not None else
                  {"residual_tokens": 0})
         return s

@@ -33,7 +33,9 @@ class CompletionOutput:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    # "stop" (eos, stop string or token), "length" (max_tokens), "context" (the model's
+    # context or the whole KV pool is full: no room for another token), "abort"
+    finish_reason: str
     cumulative_logprob: float | None = None  # beam search only
 
 
@@ -45,7 +47,7 @@ class RequestOutput:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "context" | "abort" (see CompletionOutput)
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
 
@@ -168,11 +170,12 @@ class LLM:
 
     def score(self, prompt: str | list[int], chunk_size: int | None = None) -> torch.Tensor:
         """Teacher-forced next-token logits (T, vocab) for every position of ``prompt``,
-        read through the KV cache (``chunk_size=1``: exactly as decode reads it)."""
+        read through the KV cache (``chunk_size=1``: exactly as decode reads it). With eviction,
+        any length: the cache keeps its budget and shifts its positions."""
         ids = self.encode(prompt)
-        if not ids or len(ids) > self.model_config.max_position:
-            raise ValueError(f"score needs 1..{self.model_config.max_position} tokens, "
-                             f"got {len(ids)}")
+        limit = self.model_config.max_position if self.engine.evictor is None else None
+        if not ids or (limit is not None and len(ids) > limit):  # eviction: any length
+            raise ValueError(f"score needs 1..{limit} tokens, got {len(ids)}")
         return self.engine.score(ids, chunk_size)
 
     def kv_stats(self) -> dict:

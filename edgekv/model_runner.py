@@ -33,9 +33,10 @@ class ModelRunner:
         ids, pos, slots, seq_lens, cu, last = [], [], [], [], [0], []
         rows = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new, strict=True)):
-            start, c = seq.num_computed, seq.num_cached  # position, cache index
+            start, c = seq.num_computed, seq.num_cached  # token index, cache index
             ids.extend(seq.token_ids[start : start + n])
-            pos.extend(range(start, start + n))
+            p0 = self.manager.tables[seq.seq_id].position(c, self.manager.block_size)
+            pos.extend(range(p0, p0 + n))  # rotary positions: the table's (context shift)
             slots.extend(self.manager.slots(seq.seq_id, c, c + n))
             seq_lens.append(c + n)
             cu.append(cu[-1] + n)

@@ -9,7 +9,8 @@ preempted: with a host pool (offload) its unshared blocks are swapped out and co
 when it is admitted again; otherwise its blocks are freed and it waits to be recomputed
 from its tokens. Parked chat caches (the least recently scheduled sequences) give their
 blocks up first, to the host pool when there is room. Nothing runs out of memory; at worst
-a lone sequence that outgrows the whole pool is finished with reason "length".
+a lone sequence that outgrows the whole pool is finished with reason "context" (the pool
+is then its context; a prompt that cannot fit at all is refused by ``Engine.add``).
 
 Prefix caching: a sequence admitted with no blocks starts from the cached blocks of its
 longest matching prefix (``BlockManager.match_prefix``), and its full blocks join the cache
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .context_shift import ContextShift
 from .eviction import Evictor
 from .offload import Offloader
 from .prefix_cache import sequence_hashes
@@ -56,10 +58,12 @@ class Scheduler:
                  copy_blocks: Callable[[list[tuple[int, int]]], None],
                  evictor: Evictor | None = None, offloader: Offloader | None = None,
                  prefix_salt: bytes | None = None,
-                 forget: Callable[[int], None] | None = None):
+                 forget: Callable[[int], None] | None = None,
+                 shifter: ContextShift | None = None):
         self.manager, self.evictor, self.offloader = manager, evictor, offloader
         self.copy_blocks = copy_blocks
         self.forget = forget  # told when a sequence's blocks are freed (residual rings)
+        self.shifter = shifter  # with eviction: keeps rotary positions inside the context
         self.prefix_salt = prefix_salt  # None: prefix caching off
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -216,7 +220,7 @@ class Scheduler:
         """Whether ``n`` more tokens of ``seq`` fit, after moving parked caches out (to the
         host pool if it has room, else dropping them), then evicting the sequence's own
         blocks (if ``shrink``), if needed."""
-        while not self.manager.can_append(seq.seq_id, n):
+        while not self._fits(seq, n):
             others = [s for s in self.parked.values()
                       if s is not seq and self.manager.num_swappable(s.seq_id) > 0]
             if others:
@@ -228,7 +232,15 @@ class Scheduler:
                 return False
         return True
 
+    def _fits(self, seq: Sequence, n: int) -> bool:
+        """Whether the pool has the blocks ``n`` more tokens of ``seq`` take, those of a
+        context shift before them included."""
+        extra = self.shifter.blocks_needed(seq.seq_id, n) if self.shifter else 0
+        return self.manager.blocks_needed(seq.seq_id, n) + extra <= self.manager.pool.num_free
+
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        if self.shifter is not None:
+            self.shifter.fit(seq.seq_id, n)
         _, copies = self.manager.append_slots(seq.seq_id, n)
         self.copy_blocks(copies)  # now: see the class docstring
         batch.seqs.append(seq)
@@ -250,4 +262,4 @@ class Scheduler:
         log.warning("sequence %d needs more KV blocks than the whole pool holds (%d tokens); "
                     "finishing it early: raise kv_memory or use an eviction policy",
                     seq.seq_id, seq.num_tokens)
-        self.finish(seq, "length")
+        self.finish(seq, "context")

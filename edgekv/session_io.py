@@ -2,6 +2,7 @@
 
 File layout (one safetensors file):
     tokens                   (n,) int64       the conversation's tokens
+    block_positions          (num_blocks,) int64  rotary position of each block's first slot
     L{i}.{k|v}.{data|scale|zero}  (num_blocks, Hkv, B, ...)  layer i's blocks, in table order
     eviction_scores          (num_blocks,) fp32   an eviction policy's block scores, if any
     metadata (str -> str):   format, model, kv_format, block_size, num_computed,
@@ -49,6 +50,8 @@ def save_session(chat, path: str | Path) -> int:
         if seq.seq_id in llm.engine.manager.tables:
             num_computed, num_evicted = seq.num_computed, seq.num_evicted
             sources = _block_sources(llm.engine, seq.seq_id)
+            tensors["block_positions"] = torch.tensor(
+                llm.engine.manager.tables[seq.seq_id].positions, dtype=torch.int64)
             ev = llm.engine.evictor
             if ev is not None and seq.seq_id in ev.scores:  # what h2o/snapkv have seen
                 tensors["eviction_scores"] = ev.scores[seq.seq_id].cpu().clone()
@@ -126,6 +129,13 @@ def load_session(chat, path: str | Path) -> int:
                     saved = tensors[f"L{i}.{name}.{part}"]
                     assert saved.shape == (nb, *t.shape[1:]) and saved.dtype == t.dtype
                     blocks[(i, name, part)] = saved
+        positions = None
+        if nb and "block_positions" in tensors:
+            positions = tensors["block_positions"].tolist()
+            bs = llm.cache_config.block_size
+            assert len(positions) == nb and positions[0] >= 0
+            assert all(b - a >= bs for a, b in zip(positions, positions[1:], strict=False))
+            assert positions[-1] < llm.model_config.max_position
     except (KeyError, AssertionError, ValueError, json.JSONDecodeError):
         raise ValueError(f"{path} is damaged or incomplete") from None
     chat.reset()
@@ -141,6 +151,8 @@ def load_session(chat, path: str | Path) -> int:
             raise ValueError(f"{path} holds {num_cached} cached tokens; the KV pool has "
                              f"room for {engine.manager.pool.num_free} blocks")
         engine.manager.append_slots(seq.seq_id, num_cached)
+        if positions is not None:
+            engine.manager.tables[seq.seq_id].positions = positions
         ids = torch.tensor(engine.manager.block_ids(seq.seq_id), dtype=torch.long)
         for (i, name, part), saved in blocks.items():
             store = layers[i][0 if name == "k" else 1]

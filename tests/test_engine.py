@@ -48,12 +48,28 @@ def test_chunked_prefill_gives_the_same_tokens(llama_dir, llm):
     assert [o.token_ids for o in chunked.generate(ps, GREEDY)] == want
 
 
-def test_sequence_larger_than_the_pool_finishes_with_length(llama_dir):
+def test_sequence_larger_than_the_pool_finishes_with_context(llama_dir):
     per_block = 2 * 2 * 32 * 2 * 2 * 16
     tiny = LLM(llama_dir, kv_format="fp16", kv_memory=2 * per_block, dtype=torch.float32)
     out = tiny.generate(prompts([20]), SamplingParams(max_tokens=40, temperature=0.0,
                                                       ignore_eos=True))[0]
-    assert out.finish_reason == "length" and 0 < len(out.token_ids) < 40
+    assert out.finish_reason == "context" and 0 < len(out.token_ids) < 40
+    tiny.engine.manager.check_integrity()
+    # a prompt that cannot fit the pool at all produces nothing: that is an error
+    one_block = LLM(llama_dir, kv_format="fp16", kv_memory=per_block, dtype=torch.float32)
+    with pytest.raises(ValueError, match="does not fit the KV pool of 16 tokens"):
+        one_block.generate(prompts([16]), SamplingParams(max_tokens=4))
+    assert one_block.kv_stats()["blocks_used"] == 0
+
+
+def test_a_request_cut_by_the_models_context_says_so(llama_dir):
+    llm = LLM(llama_dir, kv_format="fp16", kv_memory="4MiB", dtype=torch.float32)
+    ctx = llm.model_config.max_position
+    out = llm.generate(prompts([ctx - 5]), SamplingParams(max_tokens=40, temperature=0.0,
+                                                          ignore_eos=True))[0]
+    assert out.finish_reason == "context" and len(out.token_ids) == 5
+    with pytest.raises(ValueError, match="does not fit the model's context"):
+        llm.generate(prompts([ctx]))
 
 
 # Measured on this random model: int8 KL 4e-5, top-1 99%; int4 KL 9e-3, top-1 82%.

@@ -36,8 +36,11 @@ class EvictionConfig:
         if self.obs_window < 1:
             raise ValueError(f"obs_window must be >= 1, got {self.obs_window}")
 
-    def resolve(self, block_size: int, pool_blocks: int) -> EvictionBudget:
-        """Whole-block budget for a pool of ``pool_blocks`` blocks of ``block_size``.
+    def resolve(self, block_size: int, pool_blocks: int,
+                context: int | None = None) -> EvictionBudget:
+        """Whole-block budget for a pool of ``pool_blocks`` blocks of ``block_size``, for a
+        model of ``context`` positions (the budget must leave room to shift into it:
+        ``context_shift.py``; unset, the budget is at most the context).
 
         Defaults: one sink block (StreamingLLM keeps 4 sink tokens; a block holds them at
         no extra cost) and a recent window of half the budget, at least one block (as H2O
@@ -50,6 +53,11 @@ class EvictionConfig:
         """
         bs = block_size
         tokens = pool_blocks * bs if self.max_kv_tokens is None else self.max_kv_tokens
+        if context is not None and self.max_kv_tokens is None:
+            tokens = min(tokens, context)
+        if context is not None and tokens > context:
+            raise ValueError(f"max_kv_tokens={tokens} is more than the model's context of "
+                             f"{context} tokens; lower max_kv_tokens")
         if tokens > pool_blocks * bs:
             raise ValueError(f"max_kv_tokens={tokens} is more than the KV pool holds "
                              f"({pool_blocks} blocks of {bs} = {pool_blocks * bs} tokens); "
