@@ -12,10 +12,13 @@ Either way the cache holds exactly the tokens the model is conditioned on.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 
 from .sampling import SamplingParams
 from .sequence import Sequence
+
+log = logging.getLogger("edgekv")
 
 # Used when the tokenizer has no chat template of its own.
 FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -31,6 +34,9 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.seq: Sequence | None = None
         self._prompt_text = ""  # the rendered text behind the last prompt's tokens
+        self.prompt_tokens = 0  # tokens the last turn sent through the model (its prefill)
+        self.dropped_turns = 0  # oldest turns the last turn dropped to fit the context
+        self.total_dropped_turns = 0
 
     # ---- turns -------------------------------------------------------------------------
     def send(self, message: str, params: SamplingParams | None = None) -> str:
@@ -40,24 +46,64 @@ class ChatSession:
     def stream(self, message: str, params: SamplingParams | None = None) -> Iterator[str]:
         """The model's reply to ``message``, as text deltas. Interrupting it (closing the
         generator) keeps what was said so far in the history."""
-        self.messages.append({"role": "user", "content": message})
         params = params or SamplingParams()
         if not params.stop and self.llm.chat_stop:  # the model's own end of a turn
             params = dataclasses.replace(params, stop=self.llm.chat_stop)
-        ids = self._next_turn_ids()
-        if ids is None:  # first turn, or a template we cannot extend: full render
-            text = self.render_text(self.messages)
-            ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
-            self._prompt_text = text
+        messages, ids, text, dropped = self._turn(message, params)  # may raise: no change
+        self.messages, self.dropped_turns = messages, dropped
+        self.total_dropped_turns += dropped
+        if dropped:
+            log.info("chat: dropped the %d oldest turn(s) to fit the context", dropped)
+        self._prompt_text = text
         if self.seq is None:
             self.seq = self.engine.new_sequence(ids, params, keep_cache=True)
         else:
             self._reuse_cache(ids)
+        self.prompt_tokens = len(ids) - self.seq.num_computed
         self.engine.add(self.seq, params)
         try:
             yield from self.engine.drive(self.seq)
         finally:
             self.messages.append({"role": "assistant", "content": self.seq.text})
+
+    def context_limit(self) -> int | None:
+        """The most tokens the conversation may hold (the model's context, or the KV pool
+        if smaller); None with eviction, where the cache keeps a budget and shifts."""
+        if self.engine.evictor is not None:
+            return None
+        cc = self.llm.cache_config
+        return min(self.llm.model_config.max_position, cc.num_blocks * cc.block_size)
+
+    def _turn(self, message: str, params: SamplingParams
+              ) -> tuple[list[dict], list[int], str, int]:
+        """(messages, prompt ids, the text they stand for, turns dropped) of
+        the next turn. Changes nothing; raises ValueError if the message alone, after the
+        system prompt, leaves no room for a reply."""
+        messages = self.messages + [{"role": "user", "content": message}]
+        ids, text = self._next_turn_ids(messages) or (None, None)
+        if ids is None:  # first turn, or a template we cannot extend: full render
+            text = self.render_text(messages)
+            ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
+        limit = self.context_limit()
+        if limit is None:
+            return messages, ids, text, 0
+        reserve = max(1, min(params.max_tokens, limit // 4))  # room for the reply
+        dropped, first = 0, 1 if self.system else 0
+        # once turns must go, drop an eighth of the context more, so that the next turns
+        # do not each drop one turn and recompute the whole conversation
+        target = limit - reserve
+        while len(ids) > target - (limit // 8 if dropped else 0):
+            if len(messages) - first < 3:  # nothing left to drop but this message
+                if len(ids) <= target:
+                    break
+                raise ValueError(f"this message takes {len(ids)} tokens; the model's context "
+                                 f"of {limit} tokens leaves no room for it and a "
+                                 f"{reserve}-token reply")
+            del messages[first : first + 2]  # the oldest user message and its reply
+            dropped += 1
+            text = self.render_text(messages)
+            ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
+        return messages, ids, text, dropped
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays) and free its blocks."""
@@ -81,13 +127,14 @@ class ChatSession:
         bos = tok.bos_token or ""
         return f"{bos}{text}{FALLBACK_ROLES['assistant']}:"
 
-    def _next_turn_ids(self) -> list[int] | None:
-        """Previous prompt + reply tokens as generated + the tokens of what follows them."""
+    def _next_turn_ids(self, messages: list[dict]) -> tuple[list[int], str] | None:
+        """Previous prompt + reply tokens as generated + the tokens of what follows them
+        (``messages``: the conversation with the new user message last), and the text they
+        stand for. Changes nothing."""
         seq = self.seq
-        if seq is None or len(self.messages) < 3 or self.messages[-2]["role"] != "assistant":
+        if seq is None or len(messages) < 3 or messages[-2]["role"] != "assistant":
             return None
-        probe = self.messages[:-2] + [{"role": "assistant", "content": SENTINEL},
-                                      self.messages[-1]]
+        probe = messages[:-2] + [{"role": "assistant", "content": SENTINEL}, messages[-1]]
         text = self.render_text(probe)
         before, sep, after = text.partition(SENTINEL)
         # the template may put text (a space, a newline) between the cue and the content:
@@ -99,9 +146,9 @@ class ChatSession:
         eos = tok.eos_token
         if reply and reply[-1] in self.engine.eos_ids and eos and after.startswith(eos):
             reply = reply[:-1]  # the template writes the end marker itself
-        self._prompt_text = before + self.messages[-2]["content"] + after
+        text = before + messages[-2]["content"] + after
         return seq.token_ids[: seq.num_prompt] + reply + tok.encode(after,
-                                                                    add_special_tokens=False)
+                                                                    add_special_tokens=False), text
 
     def _reuse_cache(self, ids: list[int]) -> None:
         seq, mgr = self.seq, self.engine.manager

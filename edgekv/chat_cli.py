@@ -57,6 +57,7 @@ class ChatREPL:
         self.llm, self.params = llm, params
         self.chat = llm.chat(system=system)
         self.out = out or sys.stdout
+        self.interactive_prefix = ""  # "model> " before a reply on a terminal
 
     def say(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
@@ -96,22 +97,38 @@ class ChatREPL:
         return True
 
     def reply(self, message: str) -> None:
-        """Stream the reply to one message, then the status line. Ctrl-C stops it."""
-        cached_before = self.chat.num_cached_tokens
+        """Stream the reply to one message, then the status line. Ctrl-C stops it; a
+        message that cannot fit is one line, and the conversation is as it was."""
         t0 = time.perf_counter()
         stream = self.chat.stream(message, self.params)
+        started = False
         try:
             for piece in stream:
+                if not started:
+                    started = True
+                    self._dropped_notice()
                 self.say(piece, end="")
+        except ValueError as e:
+            if started:
+                raise
+            self.say(f"error: {e}")
+            return
         except KeyboardInterrupt:
             stream.close()
             self.say(" [stopped]", end="")
+        if not started:
+            self._dropped_notice()
         dt = time.perf_counter() - t0
         self.say()
-        seq = self.chat.seq
-        gen = seq.num_outputs
+        gen = self.chat.seq.num_outputs if self.chat.seq is not None else 0
         self.say(status_line(self.llm.kv_stats(), gen / dt if dt > 0 else 0.0,
-                             seq.num_prompt - cached_before, gen))
+                             self.chat.prompt_tokens, gen))
+
+    def _dropped_notice(self) -> None:
+        if self.chat.dropped_turns:
+            self.say(f"(dropped the {self.chat.dropped_turns} oldest turn(s) to fit the "
+                     f"model's context of {self.chat.context_limit()} tokens)")
+            self.say(self.interactive_prefix, end="")
 
     def run(self, lines, interactive: bool) -> None:
         it = iter(lines)
@@ -134,8 +151,8 @@ class ChatREPL:
                 if not self.command(line):
                     return
                 continue
-            if interactive:
-                self.say("model> ", end="")
+            self.interactive_prefix = "model> " if interactive else ""
+            self.say(self.interactive_prefix, end="")
             self.reply(line)
 
 

@@ -1,0 +1,66 @@
+"""The chat API past the model's context: the oldest turns are dropped (and reported), a
+message that cannot fit is a ValueError that leaves the conversation as it was, and with
+eviction the conversation simply goes on."""
+
+import pytest
+import torch
+
+from edgekv import LLM, SamplingParams
+
+CTX = 512  # the tiny models' context
+WORDS = "the quick brown fox jumps over a lazy dog once upon a time there was a cache".split()
+
+
+def text(n_words, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[i] for i in torch.randint(len(WORDS), (n_words,), generator=g))
+
+
+@pytest.fixture
+def llm(llama_dir):
+    return LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32)
+
+
+PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def test_the_oldest_turns_are_dropped_when_a_turn_would_not_fit(llm):
+    chat = llm.chat(system="Be brief.")
+    dropped = 0
+    for i in range(30):
+        chat.send(text(40, seed=i), PARAMS)
+        dropped += chat.dropped_turns
+        assert chat.seq.num_tokens <= CTX
+        assert chat.messages[0] == {"role": "system", "content": "Be brief."}
+        assert chat.messages[-1]["role"] == "assistant"
+        llm.engine.manager.check_integrity()
+    assert dropped > 0 and chat.total_dropped_turns == dropped
+    # what remains is the newest turns, whole and in order
+    users = [m["content"] for m in chat.messages if m["role"] == "user"]
+    assert users == [text(40, seed=i) for i in range(30 - len(users), 30)]
+
+
+def test_a_message_longer_than_the_context_is_an_error_and_changes_nothing(llm):
+    chat = llm.chat()
+    chat.send("Hello there", PARAMS)
+    before = (list(chat.seq.token_ids), chat.seq.num_computed, list(chat.messages),
+              list(llm.engine.manager.block_ids(chat.seq.seq_id)))
+    with pytest.raises(ValueError, match="leaves no room for it"):
+        chat.send(text(2000), PARAMS)
+    after = (list(chat.seq.token_ids), chat.seq.num_computed, list(chat.messages),
+             list(llm.engine.manager.block_ids(chat.seq.seq_id)))
+    assert after == before
+    llm.engine.manager.check_integrity()
+    assert chat.send("And then?", PARAMS)  # the conversation goes on
+
+
+def test_with_eviction_a_message_longer_than_the_context_streams_through(llama_dir):
+    llm = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32,
+              eviction="streaming", max_kv_tokens=128)
+    chat = llm.chat()
+    reply = chat.send(text(1500), PARAMS)
+    assert chat.seq.num_outputs == 24 and reply
+    assert chat.num_cached_tokens <= 128 and llm.kv_stats()["context_shifts"] >= 1
+    chat.send("And then?", PARAMS)
+    assert chat.dropped_turns == 0
+    llm.engine.manager.check_integrity()
