@@ -251,6 +251,32 @@ def test_a_failure_after_freeing_the_chats_blocks_keeps_the_conversation(llama_d
     assert chat.send("How are you?", GREEDY) == expected_reply
 
 
+@pytest.mark.parametrize("kv_format", ["fp16", "bf16", "fp8", "int4"])
+def test_every_format_round_trips_and_its_zero_points_are_checked(kv_format, llama_dir,
+                                                                  tmp_path):
+    """Checksums cover every storage dtype (fp8, bf16 bytes); int4's zero points must be
+    finite."""
+    kw = {**KW, "kv_format": kv_format}
+    llm = LLM(llama_dir, kv_memory="1MiB", **kw)
+    chat = llm.chat()
+    chat.send("Hello", GREEDY)
+    path = tmp_path / "s.safetensors"
+    n = save_session(chat, path)
+    want = chat.send("How are you?", GREEDY)
+    other = LLM(llama_dir, kv_memory="1MiB", **kw).chat()
+    assert load_session(other, path) == n
+    assert other.send("How are you?", GREEDY) == want
+    meta, tensors = read(path)
+    if "L0.k.zero" in tensors:
+        bad = rewrite(path, tmp_path / "bad.safetensors",
+                      set_tensor("L0.k.zero", (0, 0, 0), float("inf")))
+        with pytest.raises(ValueError, match=r"non-finite KV zero point \(L0.k.zero\)"):
+            load_session(other, bad)
+    else:
+        assert kv_format != "int4"
+    other.llm.engine.manager.check_integrity()
+
+
 # ---- saving ------------------------------------------------------------------------------
 def no_temp_files(directory: Path) -> bool:
     return not [p for p in directory.iterdir() if p.name.startswith(".")]
@@ -309,6 +335,11 @@ def test_a_failed_write_leaves_no_file_and_the_old_one_intact(llama_dir, tmp_pat
         save_session(chat, tmp_path / "new.safetensors")
     assert path.read_bytes() == old and no_temp_files(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+    # a read-only directory refuses the temporary file itself
+    monkeypatch.setattr(session_io.tempfile, "mkstemp", lambda **kw: refuse(None, None))
+    with pytest.raises(ValueError, match=r"cannot save to .*: Permission denied$"):
+        save_session(chat, path, overwrite=True)
+    assert path.read_bytes() == old and no_temp_files(tmp_path)
 
 
 def test_save_into_a_read_only_directory(llama_dir, tmp_path):
@@ -384,3 +415,20 @@ def test_cli_refuses_a_damaged_session_and_the_chat_goes_on(tmp_path):
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert f"error: {bad} fails its checksum: the file is damaged" in r.stdout.splitlines()
     assert replies(r.stdout) == replies(want.stdout)
+
+
+def test_cli_save_into_a_read_only_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop writes "
+                        "(test_a_failed_write_leaves_no_file_and_the_old_one_intact covers it)")
+        r = run_chat(f"Hello\n/save {ro}/s.safetensors\nHow are you?\n", tmp_path)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert f"error: cannot save to {ro}/s.safetensors: Permission denied" in r.stdout
+        assert len([ln for ln in r.stdout.splitlines() if "tok/s" in ln]) == 2
+        assert not list(ro.iterdir())
+    finally:
+        ro.chmod(0o700)
