@@ -11,13 +11,14 @@ import sys
 import time
 
 from .sampling import SamplingParams
-from .session_io import load_session, save_session
+from .session_io import SessionExists, load_session, save_session
 
 HELP = """commands:
   /help          this list
   /stats         full KV cache statistics
   /reset         forget the conversation (frees its KV blocks)
-  /save PATH     save the conversation and its KV blocks (safetensors)
+  /save PATH     save the conversation and its KV blocks (safetensors, checksummed)
+  /save! PATH    the same, replacing PATH if it exists
   /load PATH     restore a saved conversation (same model, format and block size)
   /exit          quit (Ctrl-D also quits; Ctrl-C stops a reply)"""
 
@@ -81,11 +82,16 @@ class ChatREPL:
         elif cmd == "/reset":
             self.chat.reset()
             self.say("(conversation reset)")
-        elif cmd in ("/save", "/load") and not arg:
+        elif cmd in ("/save", "/save!", "/load") and not arg:
             self.say(f"usage: {cmd} PATH")
-        elif cmd == "/save":
-            n = save_session(self.chat, arg)
-            self.say(f"(saved {n} cached tokens to {arg})")
+        elif cmd in ("/save", "/save!"):
+            try:
+                n = save_session(self.chat, arg, overwrite=cmd == "/save!")
+                self.say(f"(saved {n} cached tokens to {arg})")
+            except SessionExists:
+                self.say(f"error: {arg} already exists; use /save! {arg} to overwrite it")
+            except ValueError as e:
+                self.say(f"error: {e}")
         elif cmd == "/load":
             try:
                 n = load_session(self.chat, arg)

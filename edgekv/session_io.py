@@ -6,25 +6,39 @@ File layout (one safetensors file):
     L{i}.{k|v}.{data|scale|zero}  (num_blocks, Hkv, B, ...)  layer i's blocks, in table order
     eviction_scores          (num_blocks,) fp32   an eviction policy's block scores, if any
     metadata (str -> str):   format, model, kv_format, block_size, num_computed,
-                             num_evicted, num_prompt, messages (JSON), system
+                             num_evicted, num_prompt, messages (JSON), prompt_text,
+                             checksum (sha256 over all of the above: session_check.py)
 The blocks are stored as they are in the cache (codes and their scales), so loading
 restores the exact cache without recomputing it. A file made by another model (identity
 hash), another KV format or block size is refused, as is a damaged file.
+
+Saving writes a temporary file beside the target, syncs it, then renames it over the
+target: a reader never sees half a session, and a failed save leaves nothing behind.
+Loading validates the whole file first (``check_session``) and only then replaces the
+conversation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from .sampling import SamplingParams
+from .session_check import FILE_FORMAT, CheckedSession, check_session, session_checksum
 
-FILE_FORMAT = "edgekv-session-1"
+__all__ = ["FILE_FORMAT", "SessionExists", "load_session", "model_identity", "save_session"]
+
+
+class SessionExists(ValueError):
+    """``save_session`` refused to replace an existing file (``overwrite=False``)."""
 
 
 def model_identity(model_dir: Path) -> str:
@@ -40,8 +54,31 @@ def model_identity(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def save_session(chat, path: str | Path) -> int:
-    """Write the session to ``path``; returns the number of cached tokens saved."""
+# ---- save ------------------------------------------------------------------------------
+def save_session(chat, path: str | Path, overwrite: bool = False) -> int:
+    """Write the session to ``path`` (``~`` expanded); returns the number of cached tokens
+    saved. Raises ValueError (one line) if ``path`` is a directory, its directory does not
+    exist, or it cannot be written, and SessionExists (a ValueError) if it exists and
+    ``overwrite`` is False. The write is atomic: on any failure the target is as it was
+    and no temporary file is left. The file is created readable by its owner only."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; name a file to save to")
+    if not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise ValueError(f"cannot save to {path}: {path.parent} {what}")
+    if path.exists() and not overwrite:
+        raise SessionExists(f"{path} already exists (overwrite=True replaces it)")
+    tensors, meta, num_cached = _session_contents(chat)
+    meta["checksum"] = session_checksum(tensors, meta)
+    try:
+        _write_atomically(path, safetensors_bytes(tensors, metadata=meta))
+    except OSError as e:
+        raise ValueError(f"cannot save to {path}: {e.strerror or e}") from None
+    return num_cached
+
+
+def _session_contents(chat) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     llm, seq = chat.llm, chat.seq
     tensors: dict[str, torch.Tensor] = {}
     num_computed = num_evicted = 0
@@ -55,7 +92,7 @@ def save_session(chat, path: str | Path) -> int:
             ev = llm.engine.evictor
             if ev is not None and seq.seq_id in ev.scores:  # what h2o/snapkv have seen
                 tensors["eviction_scores"] = ev.scores[seq.seq_id].cpu().clone()
-            for i in range(len(llm.engine.cache.layers)):
+            for i in range(len(llm.engine.cache.layers) if sources else 0):
                 for j, name in enumerate("kv"):
                     for part in ("data", "scale", "zero"):
                         if getattr(llm.engine.cache.layers[i][j], part) is None:
@@ -75,8 +112,7 @@ def save_session(chat, path: str | Path) -> int:
         "messages": json.dumps(chat.messages),
         "prompt_text": chat._prompt_text,
     }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
-    return num_computed - num_evicted
+    return {k: v.contiguous() for k, v in tensors.items()}, meta, num_computed - num_evicted
 
 
 def _block_sources(engine, seq_id: int) -> list[tuple[object, int]]:
@@ -88,80 +124,101 @@ def _block_sources(engine, seq_id: int) -> list[tuple[object, int]]:
             for i, b in enumerate(t.block_ids)]
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Temporary file in the target's directory, fsync, rename over the target; the
+    temporary file is removed on any failure (interrupts included)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable, where possible
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# ---- load ------------------------------------------------------------------------------
 def load_session(chat, path: str | Path) -> int:
-    """Replace the session's conversation and cache with the file's. Raises ValueError
-    (and leaves the session as it was) if the file is not a session of this model,
-    format and block size, or is damaged. Returns the number of cached tokens loaded."""
-    llm = chat.llm
+    """Replace the session's conversation and cache with the file's (``~`` expanded).
+    Returns the number of cached tokens loaded.
+
+    Raises ValueError (one line naming the failed check: see session_check.py) and leaves
+    the session exactly as it was (tokens, blocks, messages, the block pool) if the file
+    is missing, unreadable, not a session of this model, format and block size, damaged,
+    or does not fit in the pool."""
+    path = Path(path).expanduser()
+    meta, tensors = _read(path)
+    checked = check_session(chat, path, meta, tensors, model_identity(chat.llm.model_dir))
+    return _install(chat, checked)
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    if not path.exists():
+        raise ValueError(f"no such session file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a session file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise ValueError(f"no such session file: {path}") from None
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable session file ({type(e).__name__})") from None
-    if meta.get("format") != FILE_FORMAT:
-        raise ValueError(f"{path} is not an EdgeKV session file")
-    want = {"model": model_identity(llm.model_dir), "kv_format": llm.cache_config.kv_format,
-            "block_size": str(llm.cache_config.block_size)}
-    for key, value in want.items():
-        if meta.get(key) != value:
-            raise ValueError(f"{path} was saved with {key}={meta.get(key)!r}; this session "
-                             f"uses {value!r}")
+    except Exception as e:  # safetensors raises its own error types, or OSError
+        raise ValueError(f"{path} is truncated or not a readable session file "
+                         f"({type(e).__name__})") from None
+    return meta, tensors
+
+
+def _install(chat, s: CheckedSession) -> int:
+    """Make the checked session the chat's. The old conversation's blocks are released
+    after the new ones are written, or before when only they make the room; a failure
+    while writing (never expected: shapes, dtypes, devices and room are checked) frees
+    what was taken and puts the old conversation back. In the second case its cache is
+    gone by then and is recomputed on its next turn."""
+    engine = chat.engine
+    old = (chat.seq, chat.messages, chat._prompt_text)
+    nb = len(next(iter(s.blocks.values()))) if s.blocks else 0
+    free_first = nb > engine.manager.pool.num_free
+    if free_first:
+        chat.reset()
+    seq = engine.new_sequence(s.tokens, SamplingParams(), keep_cache=True) if s.tokens else None
     try:
-        tokens = tensors["tokens"].tolist()
-        num_computed, num_prompt = int(meta["num_computed"]), int(meta["num_prompt"])
-        num_evicted = int(meta.get("num_evicted", "0"))
-        num_cached = num_computed - num_evicted
-        messages = json.loads(meta["messages"])
-        assert 0 <= num_computed <= len(tokens) and 0 <= num_prompt <= len(tokens)
-        assert 0 <= num_evicted <= num_computed
-        nb = -(-num_cached // llm.cache_config.block_size)
-        layers = llm.engine.cache.layers
-        blocks = {}
-        for i, layer in enumerate(layers):
-            for name, store in zip("kv", layer, strict=True):
-                for part in ("data", "scale", "zero"):
-                    t = getattr(store, part)
-                    if t is None or nb == 0:
-                        continue
-                    saved = tensors[f"L{i}.{name}.{part}"]
-                    assert saved.shape == (nb, *t.shape[1:]) and saved.dtype == t.dtype
-                    blocks[(i, name, part)] = saved
-        positions = None
-        if nb and "block_positions" in tensors:
-            positions = tensors["block_positions"].tolist()
-            bs = llm.cache_config.block_size
-            assert len(positions) == nb and positions[0] >= 0
-            assert all(b - a >= bs for a, b in zip(positions, positions[1:], strict=False))
-            assert positions[-1] < llm.model_config.max_position
-    except (KeyError, AssertionError, ValueError, json.JSONDecodeError):
-        raise ValueError(f"{path} is damaged or incomplete") from None
-    chat.reset()
-    chat.messages = messages
-    chat._prompt_text = meta.get("prompt_text", "")
-    if not tokens:
-        return 0
-    engine = llm.engine
-    seq = engine.new_sequence(tokens, SamplingParams(), keep_cache=True)
-    seq.num_prompt = num_prompt
-    if nb:
-        if not engine.manager.can_append(seq.seq_id, num_cached):
-            raise ValueError(f"{path} holds {num_cached} cached tokens; the KV pool has "
-                             f"room for {engine.manager.pool.num_free} blocks")
-        engine.manager.append_slots(seq.seq_id, num_cached)
-        if positions is not None:
-            engine.manager.tables[seq.seq_id].positions = positions
+        if seq is not None:
+            _fill(engine, seq, s)
+    except BaseException:
+        if seq is not None:
+            engine.scheduler.release(seq)
+        chat.seq, chat.messages, chat._prompt_text = old
+        raise
+    if not free_first:
+        chat.reset()
+    chat.seq, chat.messages, chat._prompt_text = seq, s.messages, s.prompt_text
+    return s.num_cached
+
+
+def _fill(engine, seq, s: CheckedSession) -> None:
+    """Give ``seq`` a table of fresh blocks holding the file's bytes, then park it."""
+    seq.num_prompt = s.num_prompt
+    if s.blocks:
+        engine.manager.append_slots(seq.seq_id, s.num_cached)
         ids = torch.tensor(engine.manager.block_ids(seq.seq_id), dtype=torch.long)
-        for (i, name, part), saved in blocks.items():
-            store = layers[i][0 if name == "k" else 1]
-            t = getattr(store, part)
-            t[ids.to(t.device)] = saved.to(t.device)
-        seq.num_computed, seq.num_evicted = num_computed, num_evicted
-        scores = tensors.get("eviction_scores")
-        if engine.evictor is not None and scores is not None and len(scores) <= nb:
-            engine.evictor.scores[seq.seq_id] = scores.float()
+        _write_blocks(engine.cache, ids, s.blocks)
+        engine.manager.tables[seq.seq_id].positions = list(s.positions)
+        seq.num_computed, seq.num_evicted = s.num_computed, s.num_evicted
+        if engine.evictor is not None and s.scores is not None:
+            engine.evictor.scores[seq.seq_id] = s.scores
     engine.scheduler.finish(seq, "stop")  # parked: blocks kept for the next turn
-    chat.seq = seq
-    return num_cached
+
+
+def _write_blocks(cache, ids: torch.Tensor, blocks: dict[tuple[int, str, str], torch.Tensor]):
+    """ids: (num_blocks,) int64 block ids, in table order; blocks as in CheckedSession."""
+    for (i, name, part), saved in blocks.items():
+        t = getattr(cache.layers[i][0 if name == "k" else 1], part)
+        t[ids.to(t.device)] = saved
