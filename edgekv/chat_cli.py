@@ -1,8 +1,10 @@
 """The interactive ``edgekv chat`` loop: streaming replies, a status line, slash commands.
 
 On a terminal it prompts, streams each reply and prints a one-line status after it;
-Ctrl-C stops the reply being generated, Ctrl-D or /exit quits. When stdin is not a
-terminal it reads one message per line and prints one reply per message, for scripts.
+Ctrl-C stops the reply being generated; at the prompt it drops the line typed so far, and
+a second Ctrl-C in a row quits, as do Ctrl-D and /exit. When stdin is not a terminal it
+reads one message per line and prints one reply per message, for scripts. Input that is
+not valid UTF-8 is read with its bad bytes replaced, and the chat says how many.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import time
 
 from .sampling import SamplingParams
 from .session_io import load_session, save_session
+from .text_input import decode_utf8, reencode, replaced_notice
+
+INTERRUPTED = object()  # what stdin_lines yields for a Ctrl-C at the prompt
 
 HELP = """commands:
   /help          this list
@@ -96,38 +101,70 @@ class ChatREPL:
         return True
 
     def reply(self, message: str) -> None:
-        """Stream the reply to one message, then the status line. Ctrl-C stops it."""
-        cached_before = self.chat.num_cached_tokens
+        """Stream the reply to one message, then the status line. Ctrl-C stops it. A
+        message the model cannot take (past its context, say) is one error line, and the
+        conversation stays as it was before that message."""
+        chat = self.chat
+        saved = (list(chat.messages), chat.seq, chat.seq and list(chat.seq.token_ids),
+                 chat._prompt_text)
+        cached_before = chat.num_cached_tokens
         t0 = time.perf_counter()
-        stream = self.chat.stream(message, self.params)
+        stream = chat.stream(message, self.params)
+        said = False
         try:
             for piece in stream:
                 self.say(piece, end="")
+                said = True
         except KeyboardInterrupt:
             stream.close()
             self.say(" [stopped]", end="")
+        except ValueError as e:  # the engine refused the turn (before it generated anything)
+            if said:
+                self.say()
+            else:
+                self._restore(saved)
+            self.say(f"error: {e}")
+            return
         dt = time.perf_counter() - t0
         self.say()
-        seq = self.chat.seq
+        seq = chat.seq
         gen = seq.num_outputs
         self.say(status_line(self.llm.kv_stats(), gen / dt if dt > 0 else 0.0,
                              seq.num_prompt - cached_before, gen))
 
+    def _restore(self, saved) -> None:
+        """Put the chat back as it was before a turn that was refused."""
+        messages, seq, token_ids, prompt_text = saved
+        chat = self.chat
+        chat.messages, chat.seq, chat._prompt_text = messages, seq, prompt_text
+        if seq is not None:
+            seq.token_ids = token_ids
+
     def run(self, lines, interactive: bool) -> None:
+        """Answer the messages and commands of ``lines`` (str, or INTERRUPTED for a Ctrl-C
+        at the prompt) until they end, /exit, or two Ctrl-C in a row."""
         it = iter(lines)
+        interrupted = False
         while True:
-            if interactive:
-                self.say("you> ", end="")
             try:
+                if interactive:
+                    self.say("you> ", end="")
                 line = next(it)
             except StopIteration:
                 if interactive:
                     self.say()
                 return
-            except KeyboardInterrupt:
-                self.say()
+            except KeyboardInterrupt:  # between two reads: the same as at the prompt
+                line = INTERRUPTED
+            if line is INTERRUPTED:
+                if interrupted or not interactive:
+                    self.say()
+                    return
+                interrupted = True
+                self.say("\n(Ctrl-C again or Ctrl-D to quit)")
                 continue
-            line = line.rstrip("\n")
+            interrupted = False
+            line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             if line.startswith("/"):
@@ -139,13 +176,28 @@ class ChatREPL:
             self.reply(line)
 
 
-def stdin_lines(interactive: bool):
-    """Lines from stdin; on a terminal, ``input()`` so that line editing works."""
+def stdin_lines(interactive: bool, notify=None):
+    """Lines from stdin, decoded as UTF-8 with invalid bytes replaced (``notify`` gets a
+    one-line notice of how many). On a terminal, ``input()`` so that line editing works,
+    and a Ctrl-C there yields INTERRUPTED instead of ending the lines."""
     if not interactive:
-        yield from sys.stdin
+        for raw in sys.stdin.buffer:
+            yield _checked(decode_utf8(raw), notify)
         return
+    sys.stdin.reconfigure(errors="surrogateescape")  # input() keeps the bytes it can't read
     while True:
         try:
-            yield input()
+            line = input()
         except EOFError:
             return
+        except KeyboardInterrupt:
+            yield INTERRUPTED
+            continue
+        yield _checked(reencode(line), notify)
+
+
+def _checked(decoded: tuple[str, int], notify) -> str:
+    line, replaced = decoded
+    if replaced and notify is not None:
+        notify(replaced_notice(replaced))
+    return line
