@@ -232,3 +232,33 @@ def test_ctrl_c_at_the_prompt_drops_the_line_and_asks_before_quitting(quit_keys,
     # the dropped words never reached the model: it answered "Hello there" alone
     reply, status = chat_transcript(demo_llm, ["Hello there"])
     assert f"model> {reply}\n" in answered and status in answered
+
+
+# ---- edgekv eval checks its options before it loads anything ------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--json", "/nonexistent/rows.json"], "--json /nonexistent/rows.json: the folder"),
+    (["--csv", "."], "--csv .: is a directory"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--window", "64", "--stride", "128"], "stride (128) must not exceed the window (64)"),
+    (["--text", "latin1.txt"], "latin1.txt as UTF-8 text"),
+])
+def test_eval_checks_its_options_before_it_loads_the_model(args, message, broken):
+    """The model's weights are damaged: an error about them means the options were
+    checked too late."""
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    (broken["root"] / "latin1.txt").write_bytes(b"caf\xe9 " * 500)
+    r = subprocess.run([sys.executable, "-m", "edgekv.cli", "eval", "--model",
+                        str(broken["truncated"]), "--peers", "none", *args],
+                       capture_output=True, timeout=300, cwd=broken["root"])
+    assert message in one_line_error(r)
+
+
+# ---- library notices stay off the chat ----------------------------------------------------
+def test_int8_weights_chat_prints_only_its_own_lines():
+    pytest.importorskip("bitsandbytes")
+    r = run_cli(["chat", *FAST, "--weights", "int8"], b"Hello there\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.decode().strip() == ""  # no notice about optional kernels
+    out = r.stdout.decode().splitlines()
+    assert len(out) == 2 and len(status_lines("\n".join(out))) == 1  # the reply, its status
