@@ -24,7 +24,7 @@ HELP = """commands:
   /reset         forget the conversation (frees its KV blocks)
   /save PATH     save the conversation and its KV blocks (safetensors)
   /load PATH     restore a saved conversation (same model, format and block size)
-  /exit          quit (Ctrl-D also quits; Ctrl-C stops a reply)"""
+  /exit          quit (so do Ctrl-D and Ctrl-C twice; Ctrl-C stops a reply)"""
 
 
 def human_bytes(n: float) -> str:

@@ -82,10 +82,26 @@ def build(opts: dict):
         params = SamplingParams(max_tokens=opts["max_tokens"],
                                 temperature=opts["temperature"], top_p=opts["top_p"],
                                 seed=opts["seed"])
-        llm = LLM(opts["model"], kv_format=opts["kv_format"], kv_memory=opts["kv_memory"],
-                  eviction=eviction, weights=opts["weights"], device=opts["device"],
-                  dtype=opts["dtype"], seed=opts["seed"], kv_residual=opts["kv_residual"])
+        try:
+            llm = LLM(opts["model"], kv_format=opts["kv_format"],
+                      kv_memory=opts["kv_memory"], eviction=eviction,
+                      weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
+                      seed=opts["seed"], kv_residual=opts["kv_residual"])
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            raise ValueError(f"out of memory loading the model and its KV pool "
+                             f"(--kv-memory {opts['kv_memory'] or 'auto'}): give a smaller "
+                             f"--kv-memory, --kv int4 or --weights int8") from None
     return llm, params
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed (CUDA or host), not a bug."""
+    import torch
+
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(e))
 
 
 def quiet_libraries(fn):
