@@ -1,8 +1,10 @@
 """The interactive ``edgekv chat`` loop: streaming replies, a status line, slash commands.
 
 On a terminal it prompts, streams each reply and prints a one-line status after it;
-Ctrl-C stops the reply being generated, Ctrl-D or /exit quits. When stdin is not a
-terminal it reads one message per line and prints one reply per message, for scripts.
+Ctrl-C stops the reply being generated; at the prompt it drops the line typed so far, and
+a second Ctrl-C in a row quits, as do Ctrl-D and /exit. When stdin is not a terminal it
+reads one message per line and prints one reply per message, for scripts. Input that is
+not valid UTF-8 is read with its bad bytes replaced, and the chat says how many.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import time
 
 from .sampling import SamplingParams
 from .session_io import SessionExists, load_session, save_session
+from .text_input import decode_utf8, reencode, replaced_notice
+
+INTERRUPTED = object()  # what stdin_lines yields for a Ctrl-C at the prompt
 
 HELP = """commands:
   /help          this list
@@ -20,7 +25,7 @@ HELP = """commands:
   /save PATH     save the conversation and its KV blocks (safetensors, checksummed)
   /save! PATH    the same, replacing PATH if it exists
   /load PATH     restore a saved conversation (same model, format and block size)
-  /exit          quit (Ctrl-D also quits; Ctrl-C stops a reply)"""
+  /exit          quit (so do Ctrl-D and Ctrl-C twice; Ctrl-C stops a reply)"""
 
 
 def human_bytes(n: float) -> str:
@@ -114,9 +119,9 @@ class ChatREPL:
                     started = True
                     self._dropped_notice()
                 self.say(piece, end="")
-        except ValueError as e:
+        except ValueError as e:  # refused before it changed anything (chat.py), or cut
             if started:
-                raise
+                self.say()
             self.say(f"error: {e}")
             return
         except KeyboardInterrupt:
@@ -137,20 +142,30 @@ class ChatREPL:
             self.say(self.interactive_prefix, end="")
 
     def run(self, lines, interactive: bool) -> None:
+        """Answer the messages and commands of ``lines`` (str, or INTERRUPTED for a Ctrl-C
+        at the prompt) until they end, /exit, or two Ctrl-C in a row."""
         it = iter(lines)
+        interrupted = False
         while True:
-            if interactive:
-                self.say("you> ", end="")
             try:
+                if interactive:
+                    self.say("you> ", end="")
                 line = next(it)
             except StopIteration:
                 if interactive:
                     self.say()
                 return
-            except KeyboardInterrupt:
-                self.say()
+            except KeyboardInterrupt:  # between two reads: the same as at the prompt
+                line = INTERRUPTED
+            if line is INTERRUPTED:
+                if interrupted or not interactive:
+                    self.say()
+                    return
+                interrupted = True
+                self.say("\n(Ctrl-C again or Ctrl-D to quit)")
                 continue
-            line = line.rstrip("\n")
+            interrupted = False
+            line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             if line.startswith("/"):
@@ -162,13 +177,28 @@ class ChatREPL:
             self.reply(line)
 
 
-def stdin_lines(interactive: bool):
-    """Lines from stdin; on a terminal, ``input()`` so that line editing works."""
+def stdin_lines(interactive: bool, notify=None):
+    """Lines from stdin, decoded as UTF-8 with invalid bytes replaced (``notify`` gets a
+    one-line notice of how many). On a terminal, ``input()`` so that line editing works,
+    and a Ctrl-C there yields INTERRUPTED instead of ending the lines."""
     if not interactive:
-        yield from sys.stdin
+        for raw in sys.stdin.buffer:
+            yield _checked(decode_utf8(raw), notify)
         return
+    sys.stdin.reconfigure(errors="surrogateescape")  # input() keeps the bytes it can't read
     while True:
         try:
-            yield input()
+            line = input()
         except EOFError:
             return
+        except KeyboardInterrupt:
+            yield INTERRUPTED
+            continue
+        yield _checked(reencode(line), notify)
+
+
+def _checked(decoded: tuple[str, int], notify) -> str:
+    line, replaced = decoded
+    if replaced and notify is not None:
+        notify(replaced_notice(replaced))
+    return line

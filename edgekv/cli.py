@@ -11,6 +11,9 @@ from edgekv import __version__
 from edgekv.eviction import EVICTION_POLICIES, EvictionConfig
 from edgekv.quant import FORMATS, VARIANTS, get_format
 
+from .cli_errors import InputError, user_errors
+from .text_input import read_stdin, reencode, replaced_notice
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgekv")
@@ -60,10 +63,11 @@ def model_options(fn):
 
 
 def build(opts: dict):
-    """(LLM, SamplingParams) from the shared options; bad input is a one-line usage error."""
-    from edgekv import LLM, SamplingParams
+    """(LLM, SamplingParams) from the shared options; bad input is a one-line error (exit
+    code 2), found before the model loads where the options alone show it."""
+    from edgekv import LLM, SamplingParams, parse_memory
 
-    try:
+    with user_errors():
         eviction = None
         if opts["eviction"] is not None:
             eviction = EvictionConfig(opts["eviction"], max_kv_tokens=opts["max_kv_tokens"],
@@ -73,26 +77,47 @@ def build(opts: dict):
                                                "window_tokens")):
             raise ValueError("--max-kv-tokens, --sink-tokens and --window-tokens need "
                              "--eviction")
-        llm = LLM(opts["model"], kv_format=opts["kv_format"], kv_memory=opts["kv_memory"],
-                  eviction=eviction, weights=opts["weights"], device=opts["device"],
-                  dtype=opts["dtype"], seed=opts["seed"], kv_residual=opts["kv_residual"])
+        if opts["kv_memory"] not in (None, "auto"):
+            parse_memory(opts["kv_memory"])
         params = SamplingParams(max_tokens=opts["max_tokens"],
                                 temperature=opts["temperature"], top_p=opts["top_p"],
                                 seed=opts["seed"])
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        try:
+            llm = LLM(opts["model"], kv_format=opts["kv_format"],
+                      kv_memory=opts["kv_memory"], eviction=eviction,
+                      weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
+                      seed=opts["seed"], kv_residual=opts["kv_residual"])
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            raise ValueError(f"out of memory loading the model and its KV pool "
+                             f"(--kv-memory {opts['kv_memory'] or 'auto'}): give a smaller "
+                             f"--kv-memory, --kv int4 or --weights int8") from None
     return llm, params
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed (CUDA or host), not a bug."""
+    import torch
+
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(e))
+
+
 def quiet_libraries(fn):
-    """Keep library progress bars and notices off the chat."""
+    """Keep library progress bars and notices off the chat: transformers' warnings, and
+    bitsandbytes' notices about optional kernels it could not find."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import logging
         import os
+        import warnings
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        for name in ("transformers", "bitsandbytes", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=r"(transformers|bitsandbytes)(\.|$)")
         return fn(*args, **kwargs)
 
     return wrapper
@@ -107,14 +132,15 @@ def chat(system: str | None, **opts) -> None:
     from .chat_cli import ChatREPL, stdin_lines
 
     llm, params = build(opts)
+    with user_errors():  # a model without a tokenizer cannot chat
+        repl = ChatREPL(llm, params, system)
     interactive = sys.stdin.isatty()
-    repl = ChatREPL(llm, params, system)
     if interactive:
         s = llm.kv_stats()
         click.echo(f"edgekv chat: {llm.model_dir.name}, KV {s['kv_format']} "
                    f"({s['bytes_per_token']:,} B/token), {s['blocks_total']} blocks of "
                    f"{s['block_size']}. /help for commands, Ctrl-D to quit.")
-    repl.run(stdin_lines(interactive), interactive)
+    repl.run(stdin_lines(interactive, notify=repl.say), interactive)
 
 
 @main.command()
@@ -125,13 +151,21 @@ def generate(prompt: str | None, **opts) -> None:
     """Complete one PROMPT (argument or stdin) and print it to stdout as it streams."""
     if prompt is None:
         if sys.stdin.isatty():
-            raise click.UsageError("give a PROMPT argument or pipe one on stdin")
-        prompt = sys.stdin.read()
+            raise InputError("give a PROMPT argument or pipe one on stdin")
+        prompt, replaced = read_stdin()
+    else:  # bytes the locale could not decode reach argv as surrogates
+        prompt, replaced = reencode(prompt)
+    if replaced:
+        click.echo(replaced_notice(replaced), err=True)
     if not prompt.strip():
-        raise click.UsageError("the prompt is empty")
+        raise InputError("the prompt is empty")
     llm, params = build(opts)
-    for piece in llm.stream(prompt, params):
-        click.echo(piece, nl=False)
+    if llm.tokenizer is None:
+        raise InputError(f"{llm.model_dir} has no tokenizer: generate needs one to read "
+                         f"the prompt")
+    with user_errors():  # e.g. a prompt longer than the model's context
+        for piece in llm.stream(prompt, params):
+            click.echo(piece, nl=False)
     click.echo()
 
 

@@ -16,6 +16,7 @@ from edgekv.models import load_model
 from edgekv.quant import get_format
 
 from .config import CacheConfig, parse_memory
+from .device import resolve_device
 from .engine import Engine
 from .eviction import EVICTION_POLICIES, EvictionConfig
 from .memory import auto_kv_plan
@@ -82,7 +83,8 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  prefix_caching: bool = True, offload_memory: int | str = 0,
                  kv_residual: int = 0):
-        get_format(kv_format)  # fail fast on bad input, before loading anything
+        device = resolve_device(device)  # fail fast on bad input, before loading anything
+        get_format(kv_format)
         eviction = _eviction_config(eviction, max_kv_tokens)
         _check_residual(kv_residual, kv_format, eviction)
         if model is None:
@@ -90,7 +92,7 @@ class LLM:
             if not (model / "config.json").is_file():
                 raise ValueError(f"the bundled demo model is missing from {model}; pass "
                                  f"model=PATH, or train it: scripts/train_demo_model.py")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device
         self.model, self.model_config, self.model_dir = load_model(model, self.device, dtype,
                                                                    weights)
         self.tokenizer = _load_tokenizer(self.model_dir)
@@ -236,7 +238,10 @@ def _chat_stop_strings(model_dir: Path) -> tuple[str, ...]:
     f = model_dir / "generation_config.json"
     if not f.is_file():
         return ()
-    stop = json.loads(f.read_text()).get("stop_strings") or ()
+    try:
+        stop = json.loads(f.read_text(encoding="utf-8")).get("stop_strings") or ()
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not an object
+        raise ValueError(f"cannot read {f}: {type(e).__name__}: {e}") from None
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
@@ -246,4 +251,8 @@ def _load_tokenizer(model_dir: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # a damaged tokenizer file raises whatever its parser raises
+        raise ValueError(f"cannot load the tokenizer in {model_dir} ({type(e).__name__}: "
+                         f"{e})") from None

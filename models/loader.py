@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import llama, mistral, qwen2, qwen3  # noqa: F401  (register the families)
@@ -50,12 +50,21 @@ def resolve_model_dir(model: str | Path) -> Path:
 
 
 def read_config(model_dir: Path) -> tuple[type, ModelConfig]:
-    hf = json.loads((model_dir / "config.json").read_text())
+    f = model_dir / "config.json"
+    try:
+        hf = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise ValueError(f"cannot read {f}: {_reason(e)}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{f} is not a JSON object")
     arch = (hf.get("architectures") or [None])[0]
     if arch is None:
         raise ValueError(f"{model_dir}/config.json names no architecture")
     cls = get_model_class(arch)
-    cfg = cls.config_from_hf(hf)
+    try:
+        cfg = cls.config_from_hf(hf)
+    except (KeyError, TypeError) as e:  # a field missing or of the wrong type
+        raise ValueError(f"{f} does not describe a {arch}: {type(e).__name__} {e}") from None
     window = hf.get("sliding_window")
     if window and hf.get("use_sliding_window", True) and window < cfg.max_position:
         log.warning("%s: sliding-window attention (%d tokens) is not applied; contexts "
@@ -104,22 +113,37 @@ def _load_weights(net: nn.Module, model_dir: Path, cfg: ModelConfig) -> None:
     loaded: set[str] = set()
     with torch.no_grad():
         for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    if name not in params:
-                        continue  # e.g. rotary inv_freq buffers saved by old checkpoints
-                    t = st.get_tensor(name)
-                    if t.shape != params[name].shape:
-                        raise ValueError(f"{f.name}: {name} has shape {tuple(t.shape)}, the "
-                                         f"config implies {tuple(params[name].shape)}")
-                    params[name].copy_(t)
-                    loaded.add(name)
+            for name, t in _tensors(f, params):
+                if t.shape != params[name].shape:
+                    raise ValueError(f"{f.name}: {name} has shape {tuple(t.shape)}, the "
+                                     f"config implies {tuple(params[name].shape)}")
+                params[name].copy_(t)
+                loaded.add(name)
     missing = set(params) - loaded
     if cfg.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
         raise ValueError(f"weights missing from {model_dir}: {', '.join(sorted(missing)[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}")
+
+
+def _tensors(f: Path, wanted):
+    """(name, tensor) for the tensors of the safetensors file ``f`` whose names are in
+    ``wanted``; a damaged or truncated file is a ValueError that names it."""
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if name in wanted:  # others: e.g. rotary inv_freq saved by old checkpoints
+                    yield name, st.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read the weights in {f}: {_reason(e)} (a damaged or "
+                         f"partly downloaded file?)") from None
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
 
 
 def _quantize_linears(net: nn.Module, mode: str, dtype: torch.dtype, device) -> None:

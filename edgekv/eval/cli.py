@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import click
 
+from edgekv.cli_errors import InputError, describe
 from edgekv.quant import FORMATS, VARIANTS
 
+EvalInputError = InputError  # bad input: one line ("Error: ..."), exit code 2
 
-class EvalInputError(click.ClickException):
-    """Bad input: printed as one line ("Error: ..."), exit code 2."""
 
-    exit_code = 2
+def check_output(path: str | None, option: str) -> None:
+    """A ValueError now, before any measuring, if ``path`` cannot be written at the end."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{option} {path}: is a directory, give a file name")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{option} {path}: not writable")
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -85,19 +98,12 @@ def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str
     fp16 cache on the same model and tokens: perplexity, KL and top-1 agreement, greedy
     continuation agreement, per-layer attention error, passkey retrieval."""
     import logging
-    import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    from tqdm.auto import tqdm
-    from transformers.utils import logging as hf_logging
-
-    from . import report
     from .config import EvalConfig
-    from .runner import run
 
-    hf_logging.disable_progress_bar()
-    try:
+    try:  # every check the options alone allow, before anything is loaded
         names = FORMATS + VARIANTS if formats.strip() == "all" else _names(formats)
         peer_sel = peers if peers in ("auto", "none") else _names(peers)
         cfg = EvalConfig(formats=names, eviction=_names(eviction),
@@ -105,11 +111,24 @@ def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str
                          passkey_lengths=_numbers(passkey_lengths, int, "--passkey-lengths"),
                          kv_residual=_numbers(kv_residual, int, "--kv-residual"),
                          peers=peer_sel, **opts)
+        for path, option in ((json_out, "--json"), (csv_out, "--csv"), (md_out, "--markdown"),
+                             (plot_out, "--plot")):
+            check_output(path, option)
         if plot_out:
             import importlib.util
 
             if importlib.util.find_spec("matplotlib") is None:
                 raise ValueError("--plot needs matplotlib: pip install 'edgekv[plot]'")
+    except ValueError as e:
+        raise InputError(describe(e)) from None
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from . import report
+    from .runner import run
+
+    hf_logging.disable_progress_bar()
+    try:
         bar = tqdm(total=0, disable=progress is False if progress is not None else None,
                    unit="step", dynamic_ncols=True, leave=False)
         started = time.monotonic()
@@ -130,8 +149,8 @@ def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str
 
         rows = run(cfg, progress=on_progress, on_row=on_row)
         bar.close()
-    except ValueError as e:
-        raise EvalInputError(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise InputError(describe(e)) from None
     for line in report.legend(rows):
         click.echo(line)
     click.echo(f"{len(rows)} configurations in {time.monotonic() - started:.0f} s")

@@ -92,12 +92,15 @@ class EvalConfig:
             if not b > 0 or (b > 1 and b != int(b)):
                 raise ValueError(f"a budget is a fraction in (0, 1] of the window or a whole "
                                  f"number of tokens, got {b}")
-        if self.text is not None and not Path(self.text).is_file():
-            raise ValueError(f"text file not found: {self.text}")
+        if self.text is not None:
+            _check_readable(self.text)
         for name in ("window", "stride", "max_windows"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.window is not None and self.stride is not None and self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) must not exceed the window "
+                             f"({self.window})")
         if self.peer_residual is not None and self.peer_residual < 0:
             raise ValueError(f"peer_residual must be >= 0, got {self.peer_residual}")
         if not self.kv_residual or any(
@@ -110,17 +113,26 @@ class EvalConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.eviction and self.decode_windows == 0:
+            raise ValueError("eviction is measured over the decode windows: give "
+                             "decode_windows >= 1")
         if self.prompt_len < 1:
             raise ValueError(f"prompt_len must be positive, got {self.prompt_len}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+               for n in self.passkey_lengths):
+            raise ValueError(f"passkey lengths are positive token counts, got "
+                             f"{self.passkey_lengths!r}")
         if isinstance(self.peers, str) and self.peers not in ("auto", "none"):
             raise ValueError(f"peers must be 'auto', 'none' or a list of {', '.join(PEERS)}")
         if not isinstance(self.peers, str):
             for p in self.peers:
                 if p not in PEERS:
                     raise ValueError(f"unknown peer {p!r}; valid: {', '.join(PEERS)}")
+        from edgekv.device import resolve_device
         from edgekv.models.loader import resolve_dtype
 
         resolve_dtype(self.dtype, None)  # a bad name raises the one-line error now
+        resolve_device(self.device)  # so does CUDA on a machine without it
         if any(not 0 <= d <= 1 for d in self.passkey_depths):
             raise ValueError("passkey depths are fractions in [0, 1]")
 
@@ -138,3 +150,16 @@ class EvalConfig:
     def budget_tokens(self, window: int) -> list[int]:
         """Budgets in tokens for a window of ``window`` tokens (fractions rounded)."""
         return [int(b) if b > 1 else max(1, round(b * window)) for b in self.budgets]
+
+
+def _check_readable(path: str) -> None:
+    """A ValueError unless ``path`` is a file this process can open."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"text file not found: {path}" if not p.exists() else
+                         f"text file {path} is not a file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read the text file {path}: {e.strerror or e}") from None

@@ -35,11 +35,15 @@ def read_documents(path: str | Path) -> list[str]:
     if not p.is_file():
         raise ValueError(f"text file not found: {p}")
     suffix = p.suffix.lower()
-    raw = p.read_text(encoding="utf-8")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {p} as UTF-8 text: {e}") from None
     if suffix == ".jsonl":
-        docs = [_text_of(json.loads(line), p) for line in raw.splitlines() if line.strip()]
+        docs = [_text_of(_json(line, p, n), p)
+                for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
     elif suffix == ".json":
-        data = json.loads(raw)
+        data = _json(raw, p)
         docs = [_text_of(d, p) for d in (data if isinstance(data, list) else [data])]
     elif suffix == ".csv":
         rows = list(csv.DictReader(raw.splitlines()))
@@ -52,6 +56,14 @@ def read_documents(path: str | Path) -> list[str]:
     if not docs:
         raise ValueError(f"{p} holds no text")
     return docs
+
+
+def _json(text: str, path: Path, line: int | None = None):
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        where = f"{path}, line {line}" if line is not None else str(path)
+        raise ValueError(f"{where} is not valid JSON: {e}") from None
 
 
 def _text_of(item, path: Path) -> str:
