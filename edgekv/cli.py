@@ -8,8 +8,12 @@ import sys
 import click
 
 from edgekv import __version__
-from edgekv.eviction import EVICTION_POLICIES, EvictionConfig
-from edgekv.quant import FORMATS, VARIANTS, get_format
+from edgekv.names import EVICTION_POLICIES
+from edgekv.names import KV_FORMATS as FORMATS
+from edgekv.names import KV_VARIANTS as VARIANTS
+
+# Nothing above imports torch or transformers: ``edgekv --help`` and the parsing of every
+# subcommand stay fast. Heavy modules are imported inside the command bodies.
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,6 +66,7 @@ def model_options(fn):
 def build(opts: dict):
     """(LLM, SamplingParams) from the shared options; bad input is a one-line usage error."""
     from edgekv import LLM, SamplingParams
+    from edgekv.eviction import EvictionConfig
 
     try:
         eviction = None
@@ -142,6 +147,8 @@ def generate(prompt: str | None, **opts) -> None:
 @click.option("--variants", is_flag=True, help="Also list the alternative int formats.")
 def formats(layers: int, kv_heads: int, head_dim: int, variants: bool) -> None:
     """KV formats and their exact cost per token (K+V, all layers, scales included)."""
+    from edgekv.quant import get_format
+
     if min(layers, kv_heads, head_dim) <= 0:
         raise click.UsageError("--layers, --kv-heads and --head-dim must be positive")
     fp16 = get_format("fp16").bytes_per_token(kv_heads, head_dim) * layers

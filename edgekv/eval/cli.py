@@ -6,7 +6,8 @@ import time
 
 import click
 
-from edgekv.quant import FORMATS, VARIANTS
+from edgekv.names import KV_FORMATS as FORMATS  # no torch: parsing stays fast
+from edgekv.names import KV_VARIANTS as VARIANTS
 
 
 class EvalInputError(click.ClickException):
