@@ -4,8 +4,8 @@ Why not ``safetensors.safe_open``: it memory-maps the whole file, and every page
 is copied from stays in the process's resident set until the file is closed, so loading
 held the file and the parameters at once (2x the weights' bytes at the peak). Here each
 tensor's bytes are read with plain file reads into its parameter's own memory when the
-dtype and device match (no second copy at all), else into one temporary of that tensor's
-size, converted, and dropped before the next tensor. Reads go through the page cache,
+dtype and device match (no second copy at all), else slice by slice through one temporary
+of at most 64 MiB, converted into the parameter. Reads go through the page cache,
 which the kernel can drop under pressure and which is not this process's RSS.
 
 The format (https://github.com/huggingface/safetensors): 8 bytes little-endian N, N bytes
@@ -28,6 +28,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+CHUNK_BYTES = 64 * 2**20  # the largest temporary a dtype or device conversion holds
 
 
 @dataclass(frozen=True)
@@ -91,16 +92,30 @@ def load_into(path: Path, targets: dict[str, torch.Tensor]) -> set[str]:
             if tuple(dst.shape) != e.shape:
                 raise ValueError(f"{path.name}: {e.name} has shape {e.shape}, the config "
                                  f"implies {tuple(dst.shape)}")
-            direct = (dst.device.type == "cpu" and dst.dtype == e.dtype
-                      and dst.is_contiguous())
-            buf = dst if direct else torch.empty(e.shape, dtype=e.dtype)
-            _read_exact(fh, e.start, buf, path)
-            if not direct:
-                with torch.no_grad():
-                    dst.copy_(buf)
-                del buf  # one temporary at a time
+            if dst.device.type == "cpu" and dst.dtype == e.dtype and dst.is_contiguous():
+                _read_exact(fh, e.start, dst, path)  # straight into the parameter
+            else:
+                _read_converted(fh, e, dst, path)
             done.add(e.name)
     return done
+
+
+def _read_converted(fh, e: Entry, dst: torch.Tensor, path: Path) -> None:
+    """Read ``e`` into ``dst`` of another dtype or device through one CPU temporary of at
+    most CHUNK_BYTES, slice by slice along dim 0, so the peak stays near the weights'
+    bytes even for a vocab-sized embedding."""
+    flat_src = e.shape == () or e.shape[0] == 0
+    rows = 1 if flat_src else e.shape[0]
+    row_bytes = (e.end - e.start) // rows if rows else 0
+    step = max(1, CHUNK_BYTES // max(1, row_bytes))
+    tmp = torch.empty((min(step, rows), *e.shape[1:]) if not flat_src else e.shape,
+                      dtype=e.dtype)
+    with torch.no_grad():
+        for i in range(0, rows, step):
+            n = min(step, rows - i)
+            part = tmp if flat_src else tmp[:n]
+            _read_exact(fh, e.start + i * row_bytes, part, path)
+            (dst if flat_src else dst[i:i + n]).copy_(part)
 
 
 def _read_exact(fh, offset: int, out: torch.Tensor, path: Path) -> None:
