@@ -223,6 +223,7 @@ def hf_runner(a: argparse.Namespace, prompts: list[list[int]], quant: str | None
 
     model = tf.AutoModelForCausalLM.from_pretrained(a.model, dtype=a.dtype).to(a.device)
     model.eval()
+    model.generation_config.stop_strings = None  # like ignore_eos (the demo model sets some)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     ids, mask = left_pad(prompts, pad, a.device)  # (B, L) each
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=pad)  # no EOS: ignore_eos
