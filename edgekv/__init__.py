@@ -20,17 +20,35 @@ Map of the package (one concept per module):
     edgekv.models     model families (folder models/)
 """
 
-from .block_manager import BlockManager, BlockTable, NoFreeBlocks
-from .block_pool import BlockPool
-from .config import CacheConfig, parse_memory
-from .kv_cache import PagedKVCache
-from .llm import LLM, RequestOutput
-from .sampling import SamplingParams
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that
+# ``import edgekv`` and ``edgekv --help`` do not pay for torch and transformers.
+_LAZY = {
+    "LLM": ".llm", "RequestOutput": ".llm", "SamplingParams": ".sampling",
+    "BlockManager": ".block_manager", "BlockTable": ".block_manager",
+    "NoFreeBlocks": ".block_manager", "BlockPool": ".block_pool",
+    "CacheConfig": ".config", "parse_memory": ".config", "PagedKVCache": ".kv_cache",
+}
 
 __all__ = [
     "LLM", "SamplingParams", "RequestOutput",
     "BlockManager", "BlockPool", "BlockTable", "CacheConfig", "NoFreeBlocks",
     "PagedKVCache", "parse_memory", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'edgekv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

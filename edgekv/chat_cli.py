@@ -37,11 +37,17 @@ def human_bytes(n: float) -> str:
 
 
 def status_line(stats: dict, tok_per_s: float, prompt_tokens: int, gen_tokens: int) -> str:
-    return (f"[{tok_per_s:.1f} tok/s | prompt {prompt_tokens} + gen {gen_tokens} tokens | "
+    return (f"[{tok_per_s:.1f} tok/s{dtype_note(stats)} | "
+            f"prompt {prompt_tokens} + gen {gen_tokens} tokens | "
             f"KV {human_bytes(stats['bytes_used'])} / {human_bytes(stats['bytes_total'])} "
             f"{stats['kv_format']}, {stats['bytes_per_token']:,} B/token | "
             f"blocks {stats['blocks_used']}/{stats['blocks_total']} | "
             f"util {stats['utilization']:.0%}{eviction_note(stats)}{residual_note(stats)}]")
+
+
+def dtype_note(stats: dict) -> str:
+    dtype = stats.get("compute_dtype")  # the weights' dtype (LLM.compute_dtype)
+    return f", {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
 
 
 def residual_note(stats: dict) -> str:
@@ -132,7 +138,8 @@ class ChatREPL:
         dt = time.perf_counter() - t0
         self.say()
         gen = self.chat.seq.num_outputs if self.chat.seq is not None else 0
-        self.say(status_line(self.llm.kv_stats(), gen / dt if dt > 0 else 0.0,
+        stats = {**self.llm.kv_stats(), "compute_dtype": self.llm.compute_dtype}
+        self.say(status_line(stats, gen / dt if dt > 0 else 0.0,
                              self.chat.prompt_tokens, gen))
 
     def _dropped_notice(self) -> None:

@@ -8,11 +8,15 @@ import sys
 import click
 
 from edgekv import __version__
-from edgekv.eviction import EVICTION_POLICIES, EvictionConfig
-from edgekv.quant import FORMATS, VARIANTS, get_format
+from edgekv.names import EVICTION_POLICIES
+from edgekv.names import KV_FORMATS as FORMATS
+from edgekv.names import KV_VARIANTS as VARIANTS
 
 from .cli_errors import InputError, user_errors
 from .text_input import read_stdin, reencode, replaced_notice
+
+# Nothing above imports torch or transformers: ``edgekv --help`` and the parsing of every
+# subcommand stay fast. Heavy modules are imported inside the command bodies.
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,6 +70,7 @@ def build(opts: dict):
     """(LLM, SamplingParams) from the shared options; bad input is a one-line error (exit
     code 2), found before the model loads where the options alone show it."""
     from edgekv import LLM, SamplingParams, parse_memory
+    from edgekv.eviction import EvictionConfig
 
     with user_errors():
         eviction = None
@@ -176,6 +181,8 @@ def generate(prompt: str | None, **opts) -> None:
 @click.option("--variants", is_flag=True, help="Also list the alternative int formats.")
 def formats(layers: int, kv_heads: int, head_dim: int, variants: bool) -> None:
     """KV formats and their exact cost per token (K+V, all layers, scales included)."""
+    from edgekv.quant import get_format
+
     if min(layers, kv_heads, head_dim) <= 0:
         raise click.UsageError("--layers, --kv-heads and --head-dim must be positive")
     fp16 = get_format("fp16").bytes_per_token(kv_heads, head_dim) * layers

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import textwrap
+from typing import TYPE_CHECKING
 
 import click
 
-from edgekv.plan import KNOWN_MODELS, MemoryPlan, num_params, plan_memory, resolve_model
-from edgekv.plan.headroom import FRAGMENTATION_SHARE
-from edgekv.plan.weights import LLM_WEIGHTS
+from edgekv.names import KNOWN_MODELS  # no torch: parsing stays fast; edgekv.plan is heavy
+
+if TYPE_CHECKING:
+    from edgekv.plan import MemoryPlan
 
 GiB, MiB = 2**30, 2**20
 
@@ -31,6 +33,8 @@ def plan(model: str, gpu_memory: str, context: int | None, batch: int, block_siz
 
     Reads only the model's config (no weights, no GPU needed).
     """
+    from edgekv.plan import plan_memory, resolve_model
+
     try:
         p = plan_memory(resolve_model(model), gpu_memory, context, batch, block_size)
     except ValueError as e:
@@ -43,6 +47,10 @@ def plan(model: str, gpu_memory: str, context: int | None, batch: int, block_siz
 
 def render(p: MemoryPlan, model_arg: str) -> str:
     """The plan as a readable report (what ``edgekv plan`` prints)."""
+    from edgekv.plan import KNOWN_MODELS, num_params
+    from edgekv.plan.headroom import FRAGMENTATION_SHARE
+    from edgekv.plan.weights import LLM_WEIGHTS
+
     c, lines = p.spec.config, []
     req = f"{p.batch} x {p.context:,}"
     lines.append(f"{p.spec.name} ({p.spec.source}) on {_gib(p.gpu_memory)}: {req} tokens, "

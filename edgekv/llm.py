@@ -13,6 +13,7 @@ import torch
 
 from edgekv.kernels import get_backend
 from edgekv.models import load_model
+from edgekv.models.loader import resolve_dtype
 from edgekv.quant import get_format
 
 from .config import CacheConfig, parse_memory
@@ -60,7 +61,9 @@ class LLM:
     (``edgekv.quant.FORMATS``). ``kv_memory``: the KV pool's size in bytes or as "512MiB";
     None or "auto" sizes it from free memory (``edgekv.memory``; ``llm.kv_plan`` says what was
     chosen, and "auto" logs it at INFO). ``weights``: None, "int8" or "nf4" (bitsandbytes).
-    ``dtype``: torch dtype or its name; None keeps the checkpoint's.
+    ``dtype``: torch dtype or its name; None keeps the checkpoint's, except on a CPU, where
+    fp16 checkpoints compute in fp32 (``edgekv.models.loader.cpu_compute_dtype``);
+    ``llm.compute_dtype`` says which was chosen.
     ``eviction``: None (a sequence that outgrows the pool is preempted, or cut short when
     alone), a policy name (``EVICTION_POLICIES``) or an ``EvictionConfig`` (sinks, window);
     ``max_kv_tokens``: the tokens one sequence may keep cached (default: the whole pool).
@@ -95,6 +98,7 @@ class LLM:
         self.device = device
         self.model, self.model_config, self.model_dir = load_model(model, self.device, dtype,
                                                                    weights)
+        self.compute_dtype = resolve_dtype(dtype, self.model_config, self.device)
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.chat_stop = _chat_stop_strings(self.model_dir)
         mc = self.model_config

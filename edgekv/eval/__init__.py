@@ -16,8 +16,20 @@
     rows = run(formats=("fp16", "int8", "int4"))   # the demo model on its held-out text
 """
 
-from .config import BASELINE, PEERS, EvalConfig
-from .report import COLUMNS
-from .runner import run
+from __future__ import annotations
+
+import importlib
+
+# Imported on first use (PEP 562): ``edgekv eval --help`` loads cli.py alone, not torch.
+_LAZY = {"BASELINE": ".config", "PEERS": ".config", "EvalConfig": ".config",
+         "COLUMNS": ".report", "run": ".runner"}
 
 __all__ = ["BASELINE", "COLUMNS", "PEERS", "EvalConfig", "run"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'edgekv.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from edgekv.cli_errors import InputError, describe
-from edgekv.quant import FORMATS, VARIANTS
+from edgekv.names import KV_FORMATS as FORMATS  # no torch: parsing stays fast
+from edgekv.names import KV_VARIANTS as VARIANTS
 
 EvalInputError = InputError  # bad input: one line ("Error: ..."), exit code 2
 
