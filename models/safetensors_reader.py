@@ -50,14 +50,14 @@ def read_header(path: Path) -> list[Entry]:
         head = fh.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if n < 2 or n > min(MAX_HEADER, size - 8):
-            raise ValueError(f"{path.name} is not a safetensors file, or is truncated "
+            raise ValueError(f"{path} is not a safetensors file, or is truncated "
                              f"({size:,} bytes)")
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path.name}: its safetensors header is not valid JSON") from None
+            raise ValueError(f"{path}: its safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path.name}: its safetensors header is not a JSON object")
+        raise ValueError(f"{path}: its safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     entries = []
     for name, info in header.items():
@@ -66,14 +66,14 @@ def read_header(path: Path) -> list[Entry]:
             shape = tuple(int(d) for d in info["shape"])
             start, end = (8 + n + int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path.name}: tensor {name!r} has a broken header entry "
+            raise ValueError(f"{path}: tensor {name!r} has a broken header entry "
                              f"{info!r}") from None
         want = dtype.itemsize * _numel(shape)
         if end - start != want or start < 8 + n:
-            raise ValueError(f"{path.name}: tensor {name!r} spans {end - start:,} bytes, its "
+            raise ValueError(f"{path}: tensor {name!r} spans {end - start:,} bytes, its "
                              f"shape and dtype need {want:,}")
         if end > size:
-            raise ValueError(f"{path.name} is truncated: tensor {name!r} ends at byte "
+            raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte "
                              f"{end:,}, the file has {size:,}")
         entries.append(Entry(name, dtype, shape, start, end))
     return sorted(entries, key=lambda e: e.start)
@@ -90,7 +90,7 @@ def load_into(path: Path, targets: dict[str, torch.Tensor]) -> set[str]:
         for e in entries:
             dst = targets[e.name]
             if tuple(dst.shape) != e.shape:
-                raise ValueError(f"{path.name}: {e.name} has shape {e.shape}, the config "
+                raise ValueError(f"{path}: {e.name} has shape {e.shape}, the config "
                                  f"implies {tuple(dst.shape)}")
             if dst.device.type == "cpu" and dst.dtype == e.dtype and dst.is_contiguous():
                 _read_exact(fh, e.start, dst, path)  # straight into the parameter
@@ -129,7 +129,7 @@ def _read_exact(fh, offset: int, out: torch.Tensor, path: Path) -> None:
     while got < nbytes:  # an unbuffered read may return fewer bytes than asked
         n = fh.readinto(view[got:])
         if not n:
-            raise ValueError(f"{path.name} is truncated: it ended while reading a tensor")
+            raise ValueError(f"{path} is truncated: it ended while reading a tensor")
         got += n
 
 
