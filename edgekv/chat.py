@@ -96,9 +96,9 @@ class ChatSession:
             if len(messages) - first < 3:  # nothing left to drop but this message
                 if len(ids) <= target:
                     break
-                raise ValueError(f"this message takes {len(ids)} tokens; the model's context "
-                                 f"of {limit} tokens leaves no room for it and a "
-                                 f"{reserve}-token reply")
+                raise ValueError(f"this message ({len(ids)} tokens with the system prompt) "
+                                 f"does not fit the model's context of {limit} tokens with "
+                                 f"{reserve} kept for the reply")
             del messages[first : first + 2]  # the oldest user message and its reply
             dropped += 1
             text = self.render_text(messages)

@@ -45,7 +45,7 @@ def test_a_message_longer_than_the_context_is_an_error_and_changes_nothing(llm):
     chat.send("Hello there", PARAMS)
     before = (list(chat.seq.token_ids), chat.seq.num_computed, list(chat.messages),
               list(llm.engine.manager.block_ids(chat.seq.seq_id)))
-    with pytest.raises(ValueError, match="leaves no room for it"):
+    with pytest.raises(ValueError, match="does not fit the model's context of 512 tokens"):
         chat.send(text(2000), PARAMS)
     after = (list(chat.seq.token_ids), chat.seq.num_computed, list(chat.messages),
              list(llm.engine.manager.block_ids(chat.seq.seq_id)))
