@@ -39,23 +39,34 @@ class ChatSession:
 
     def stream(self, message: str, params: SamplingParams | None = None) -> Iterator[str]:
         """The model's reply to ``message``, as text deltas. Interrupting it (closing the
-        generator) keeps what was said so far in the history."""
+        generator) keeps what was said so far in the history. If the turn cannot start (a
+        message too long for the context), it raises and the conversation is as before."""
         self.messages.append({"role": "user", "content": message})
-        params = params or SamplingParams()
-        if not params.stop and self.llm.chat_stop:  # the model's own end of a turn
-            params = dataclasses.replace(params, stop=self.llm.chat_stop)
-        ids = self._next_turn_ids()
-        if ids is None:  # first turn, or a template we cannot extend: full render
-            text = self.render_text(self.messages)
-            ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
-            self._prompt_text = text
-        if self.seq is None:
-            self.seq = self.engine.new_sequence(ids, params, keep_cache=True)
-        else:
-            self._reuse_cache(ids)
-        self.engine.add(self.seq, params)
+        seq, prompt_text = self.seq, self._prompt_text
+        kept = (seq.token_ids, seq.num_prompt) if seq is not None else None
         try:
-            yield from self.engine.drive(self.seq)
+            with self.engine.hold():
+                params = params or SamplingParams()
+                if not params.stop and self.llm.chat_stop:  # the model's own end of a turn
+                    params = dataclasses.replace(params, stop=self.llm.chat_stop)
+                ids = self._next_turn_ids()
+                if ids is None:  # first turn, or a template we cannot extend: full render
+                    text = self.render_text(self.messages)
+                    ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
+                    self._prompt_text = text
+                self.engine.validate(ids, params, keep_cache=True)
+                if self.seq is None:
+                    self.seq = self.engine.new_sequence(ids, params, keep_cache=True)
+                else:
+                    self._reuse_cache(ids)
+        except BaseException:  # the turn never started: its cache holds a prefix of before
+            self.messages.pop()
+            self.seq, self._prompt_text = seq, prompt_text
+            if kept is not None:
+                seq.token_ids, seq.num_prompt = kept
+            raise
+        try:
+            yield from self.engine.drive(self.seq, params)
         finally:
             self.messages.append({"role": "assistant", "content": self.seq.text})
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import deque
+from contextlib import contextmanager
 
 import torch
 
@@ -14,6 +16,7 @@ from .block_manager import BlockManager
 from .config import CacheConfig
 from .detokenizer import IncrementalDetokenizer
 from .eviction import EvictionConfig, Evictor
+from .guard import EngineGuard
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .offload import Offloader
@@ -37,6 +40,14 @@ class Engine:
     > 0: a host pool of that many blocks for offload (swap instead of recompute).
     ``residual_tokens`` > 0: each sequence's newest tokens are also kept exact and read
     from there (residual.py); not with eviction.
+
+    Transactions: ``step`` either completes or, whatever stage raised (schedule, a block
+    copy, a swap, the model run, sampling, detokenizing, postprocessing), rolls back what
+    it had not committed (``_roll_back``): block tables never run ahead of what is cached,
+    and a sequence whose token was computed but not sampled computes it again. Requests are
+    live from ``add`` until their last sequence (forked samples and beams included)
+    finishes or is aborted; ``check_integrity()`` checks all of this. One thread at a time
+    drives the engine: callers ``hold()`` it (guard.py).
     """
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
@@ -69,7 +80,8 @@ class Engine:
                                            alive=lambda s: s in self.manager.tables)
         salt = cache_salt(cache_config.kv_format, cache_config.block_size)
         self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
-                                   self.cache.copy_blocks, self.evictor, self.offloader,
+                                   lambda pairs: self.cache.copy_blocks(pairs),
+                                   self.evictor, self.offloader,
                                    salt if prefix_caching else None,
                                    self.residual.forget if self.residual else None)
         self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor,
@@ -79,6 +91,13 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
         self._next_id = 0
+        self.guard = EngineGuard()
+        # live requests: root seq_id -> its unfinished sequences; and each one's root
+        self.requests: dict[int, list[Sequence]] = {}
+        self._request_of: dict[int, int] = {}
+        self._aborts: deque[Sequence] = deque()  # abort_soon: done at the next safe point
+        # this step's sequences as they were: seq -> (num_computed, scores, generator state)
+        self._undo: dict[Sequence, tuple] = {}
 
     # ---- requests ----------------------------------------------------------------------
     def new_sequence(self, token_ids: list[int], params: SamplingParams,
@@ -87,62 +106,140 @@ class Engine:
         self._next_id += 1
         return seq
 
-    def add(self, seq: Sequence, params: SamplingParams | None = None) -> None:
-        """Queue ``seq`` to generate after its current tokens (its prompt, this turn)."""
-        if params is not None:
-            seq.params = params
-        if not seq.token_ids:
+    def validate(self, token_ids: list[int], params: SamplingParams,
+                 keep_cache: bool = False) -> None:
+        """Raise ValueError if a request of these prompt tokens cannot be queued. Changes
+        nothing: callers check every prompt of a batch before they queue any."""
+        if not token_ids:
             raise ValueError("a prompt must have at least one token")
         max_len = self.model_config.max_position
-        if seq.num_tokens >= max_len:
-            raise ValueError(f"prompt of {seq.num_tokens} tokens does not fit the model's "
+        if len(token_ids) >= max_len:
+            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit the model's "
                              f"context of {max_len} tokens")
         vocab = self.model_config.vocab_size
-        if min(seq.token_ids) < 0 or max(seq.token_ids) >= vocab:
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got "
-                             f"{min(seq.token_ids)}..{max(seq.token_ids)}")
-        seq.num_prompt, seq.text, seq.finish_reason = seq.num_tokens, "", None
-        seq.new_text.clear()
-        p = seq.params
-        if seq.keep_cache and (p.n > 1 or p.beam_width is not None):
+                             f"{min(token_ids)}..{max(token_ids)}")
+        if keep_cache and (params.n > 1 or params.beam_width is not None):
             raise ValueError("a chat turn takes n=1 and no beam_width")
+
+    def add(self, seq: Sequence, params: SamplingParams | None = None) -> None:
+        """Queue ``seq`` to generate after its current tokens (its prompt, this turn); it
+        starts a live request. Raises ValueError (changing nothing) if it cannot run."""
+        with self.hold():
+            self.validate(seq.token_ids, params or seq.params, seq.keep_cache)
+            if params is not None:
+                seq.params = params
+            seq.num_prompt, seq.text, seq.finish_reason = seq.num_tokens, "", None
+            seq.new_text.clear()
+            self._start(seq)
+
+    def _start(self, seq: Sequence) -> None:
+        p = seq.params
         seq.seed = p.seed if p.seed is not None else request_seed(self.seed, seq.seq_id)
         seq.generator = torch.Generator().manual_seed(seq.seed)
         seq.samples = None
         seq.beam = BeamSearch(seq, p.beam_width) if p.beam_width is not None else None
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        self.requests[seq.seq_id] = [seq]
+        self._request_of[seq.seq_id] = seq.seq_id
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def drive(self, seq: Sequence):
-        """Step until ``seq`` finishes, yielding its text deltas (other requests advance
-        too). Closing the generator early aborts the sequence."""
+    @contextmanager
+    def hold(self):
+        """Own the engine (one thread at a time; Ctrl-C deferred to safe points: guard.py).
+        Entering from outside runs the aborts queued by ``abort_soon``."""
+        with self.guard.hold():
+            if self.guard.depth == 1:
+                self._drain_aborts()
+            yield
+
+    def drive(self, seq: Sequence, params: SamplingParams | None = None):
+        """Queue ``seq`` (``add``) and step until it finishes, yielding its text deltas
+        (other requests advance too). The engine is held only inside each ``next()``.
+        Closing the generator, an exception, or the generator being collected aborts the
+        sequence (``abort_soon``)."""
         try:
+            with self.hold():
+                self.add(seq, params)
             while True:
                 while seq.new_text:
                     yield seq.new_text.pop(0)
                 if seq.finished:
                     return
-                self.step()
+                with self.hold():
+                    self.step()
         finally:
+            if not seq.finished:
+                self.abort_soon(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop ``seq``'s request now (its forked samples and beams too); a chat session's
+        cache is kept (parked). Only between steps: a holder of the engine calls it."""
+        rid = self._request_of.get(seq.seq_id, seq.seq_id)
+        for s in [seq] + [s for s in self.requests.get(rid, ()) if s is not seq]:
+            if not s.finished:
+                if s in self.scheduler.waiting:
+                    self.scheduler.waiting.remove(s)
+                self.scheduler.finish(s, "abort")
+        self._prune_requests()
+
+    def abort_soon(self, seq: Sequence) -> None:
+        """Abort ``seq``'s request at once if no call is inside the engine, else at the
+        start of the next step. Safe from anywhere: a generator's clean-up that the garbage
+        collector runs in the middle of a step, or another thread."""
+        self._aborts.append(seq)
+        if self.guard.depth == 0:
+            try:
+                with self.hold():  # runs the queued aborts
+                    pass
+            except RuntimeError:  # another thread holds it: its next step aborts seq
+                pass
+
+    def _drain_aborts(self) -> None:
+        while self._aborts:
+            seq = self._aborts.popleft()
             if not seq.finished:
                 self.abort(seq)
 
-    def abort(self, seq: Sequence) -> None:
-        """Stop a sequence now (e.g. Ctrl-C); its cache is kept if it is a chat session."""
-        if seq in self.scheduler.waiting:
-            self.scheduler.waiting.remove(seq)
-        self.scheduler.finish(seq, "abort")
+    def _prune_requests(self) -> None:
+        """Drop finished sequences from the live requests, and requests with none left."""
+        for rid, seqs in list(self.requests.items()):
+            live = [s for s in seqs if not s.finished]
+            for s in seqs:
+                if s.finished:
+                    self._request_of.pop(s.seq_id, None)
+            if live:
+                self.requests[rid] = live
+            else:
+                del self.requests[rid]
 
     # ---- the step ----------------------------------------------------------------------
     def step(self) -> list[Sequence]:
+        """One step; whatever it raises, the engine is left consistent (``_roll_back``)."""
+        self._drain_aborts()
+        self.guard.checkpoint()
+        self._undo = {}
+        try:
+            return self._step()
+        except BaseException:
+            self._roll_back()
+            raise
+        finally:
+            self._undo = {}
+            self._prune_requests()
+
+    def _step(self) -> list[Sequence]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, rows = self.runner.run(batch)
+        self._save(batch.seqs)
+        with self.guard.interruptible():  # a Ctrl-C may land in the model run at once
+            logits, rows = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
             self.scheduler.computed(seq)
@@ -153,10 +250,71 @@ class Engine:
         if not sampled:  # only prompt chunks (or beams) ran: nothing to sample
             return []
         logits = logits[torch.tensor(rows, device=logits.device)]  # (N, vocab)
+        self._save(sampled)
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         for seq, tok in zip(sampled, tokens, strict=True):
-            self._postprocess(seq, tok)
+            self._commit_token(seq, tok)
         return sampled
+
+    # ---- transactions ------------------------------------------------------------------
+    def _save(self, seqs: list[Sequence]) -> None:
+        """Remember what a rollback restores: computed count, eviction scores, and the
+        random state of the sequences about to sample."""
+        for seq in seqs:
+            num_computed, scores, state = self._undo.get(seq, (seq.num_computed, None, None))
+            if seq not in self._undo and self.evictor is not None:
+                scores = self.evictor.scores.get(seq.seq_id)
+            if state is None and seq.generator is not None and not seq.params.greedy:
+                state = seq.generator.get_state()
+            self._undo[seq] = (num_computed, scores, state)
+
+    def _commit_token(self, seq: Sequence, token: int) -> None:
+        """``_postprocess``, all or nothing: if it raises, ``seq`` is as before (its token
+        not yet sampled, which ``_roll_back`` then undoes)."""
+        n, text, deltas = seq.num_tokens, seq.text, len(seq.new_text)
+        detok = copy.copy(seq.detok)
+        try:
+            self._postprocess(seq, token)
+        except BaseException:
+            del seq.token_ids[n:]
+            del seq.new_text[deltas:]
+            seq.text, seq.detok = text, detok
+            raise
+
+    def _roll_back(self) -> None:
+        """After a step raised: a sequence whose last token was computed but not sampled
+        (nor handed to its beam search) computes it again, and every block table is cut
+        back to what its sequence has cached (slots reserved for a step that did not
+        happen); eviction scores and residual rings follow."""
+        sch, mgr = self.scheduler, self.manager
+        for seq in [*sch.running, *sch.waiting, *sch.parked.values()]:
+            saved = self._undo.get(seq)
+            if seq.status is Status.RUNNING and self._unsampled(seq):
+                seq.num_computed -= 1
+                if saved is not None and saved[2] is not None:
+                    seq.generator.set_state(saved[2])
+            sid = seq.seq_id
+            if (self.evictor is not None and saved is not None
+                    and seq.num_computed == saved[0]):  # nothing of the step is kept
+                if saved[1] is None:
+                    self.evictor.scores.pop(sid, None)
+                else:
+                    self.evictor.scores[sid] = saved[1]
+            if sid in mgr.tables and mgr.num_tokens(sid) > seq.num_cached:
+                mgr.truncate(sid, seq.num_cached)
+            if self.evictor is not None and sid in mgr.tables:
+                self.evictor.truncated(sid)
+            ring = self.residual.rings.get(sid) if self.residual is not None else None
+            if ring is not None:
+                ring.end = min(ring.end, seq.num_cached)
+                ring.start = min(ring.start, ring.end)
+
+    @staticmethod
+    def _unsampled(seq: Sequence) -> bool:
+        if seq.num_computed < seq.num_tokens:
+            return False
+        b = seq.beam
+        return b is None or (not b.finished and seq.seq_id not in b.pending)
 
     def _beam_steps(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor
                     ) -> None:
@@ -202,6 +360,9 @@ class Engine:
             list(parent.hashed_ids)
         child.new_text, child.samples = [], None
         child.detok = copy.copy(parent.detok)
+        rid = self._request_of.get(parent.seq_id, parent.seq_id)
+        self._request_of[child.seq_id] = rid
+        self.requests.setdefault(rid, []).append(child)
         if parent.seq_id in self.manager.tables and not self.manager.is_swapped(
                 parent.seq_id):
             self.manager.fork(parent.seq_id, child.seq_id)
@@ -281,7 +442,8 @@ class Engine:
                                      f"{self.cache_config.block_size})")
                 _, copies = self.manager.append_slots(seq.seq_id, n)
                 self.cache.copy_blocks(copies)
-                logits, _ = self.runner.run(ScheduledBatch([seq], [n]), all_logits=True)
+                with self.guard.interruptible():
+                    logits, _ = self.runner.run(ScheduledBatch([seq], [n]), all_logits=True)
                 seq.num_computed += n
                 out.append(logits)
         finally:
@@ -292,6 +454,42 @@ class Engine:
             if self.residual is not None:
                 self.residual.forget(seq.seq_id)
         return torch.cat(out)
+
+    # ---- invariants --------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """Assert the engine is consistent (between calls): the block manager's invariants;
+        no sequence twice in the queues; every table belongs to a running, waiting or parked
+        sequence and holds exactly its cached tokens; every running or waiting sequence
+        belongs to a live request; eviction scores and residual rings only exist for
+        sequences with tables."""
+        self.manager.check_integrity()
+        sch, tables = self.scheduler, self.manager.tables
+        queued = [*sch.running, *sch.waiting]
+        assert len({id(s) for s in queued}) == len(queued), "a sequence is queued twice"
+        assert all(s.status is Status.RUNNING for s in sch.running), "running, not RUNNING"
+        assert all(s.status is Status.WAITING for s in sch.waiting), "waiting, not WAITING"
+        for sid, s in sch.parked.items():
+            assert s.seq_id == sid and s.finished and s.keep_cache, f"parked sequence {sid}"
+            assert all(s is not q for q in queued), f"sequence {sid} parked and queued"
+        known = {s.seq_id: s for s in [*queued, *sch.parked.values()]}
+        assert len(known) == len(queued) + len(sch.parked), "two sequences share an id"
+        for sid in tables:
+            assert sid in known, f"blocks of sequence {sid}, which no queue holds"
+        for sid, s in known.items():
+            cached = self.manager.num_tokens(sid) if sid in tables else 0
+            assert cached == s.num_cached, (
+                f"sequence {sid}: table holds {cached} tokens, {s.num_cached} are cached")
+        for s in queued:
+            rid = self._request_of.get(s.seq_id)
+            assert rid is not None and any(x is s for x in self.requests.get(rid, ())), (
+                f"sequence {s.seq_id} belongs to no live request")
+        if self.evictor is not None:
+            for sid, scores in self.evictor.scores.items():
+                assert sid in tables, f"eviction scores of sequence {sid}, which has no blocks"
+                assert len(scores) <= len(tables[sid].block_ids), f"scores of {sid} too long"
+        if self.residual is not None:
+            for sid in self.residual.rings:
+                assert sid in tables, f"residual ring of sequence {sid}, which has no blocks"
 
     # ---- accounting --------------------------------------------------------------------
     def kv_stats(self) -> dict:
