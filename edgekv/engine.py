@@ -98,6 +98,7 @@ class Engine:
         self._aborts: deque[Sequence] = deque()  # abort_soon: done at the next safe point
         # this step's sequences as they were: seq -> (num_computed, scores, generator state)
         self._undo: dict[Sequence, tuple] = {}
+        self._first_new_id = 0  # sequences with this id or later were forked in this step
 
     # ---- requests ----------------------------------------------------------------------
     def new_sequence(self, token_ids: list[int], params: SamplingParams,
@@ -223,7 +224,7 @@ class Engine:
         """One step; whatever it raises, the engine is left consistent (``_roll_back``)."""
         self._drain_aborts()
         self.guard.checkpoint()
-        self._undo = {}
+        self._undo, self._first_new_id = {}, self._next_id
         try:
             return self._step()
         except BaseException:
@@ -282,15 +283,25 @@ class Engine:
             raise
 
     def _roll_back(self) -> None:
-        """After a step raised: a sequence whose last token was computed but not sampled
-        (nor handed to its beam search) computes it again, and every block table is cut
-        back to what its sequence has cached (slots reserved for a step that did not
-        happen); eviction scores and residual rings follow."""
+        """After a step raised: a sequence whose tokens were computed but not sampled (nor
+        handed to its beam search) computes them again (the samples it forked this step are
+        dropped, to be forked again), with its random state and eviction scores as they
+        were; and every block table is cut back to what its sequence has cached (slots
+        reserved for a step that did not happen); residual rings follow."""
         sch, mgr = self.scheduler, self.manager
+        for seq in list(sch.running):
+            if seq.samples and self._unsampled(seq) and all(
+                    c.seq_id >= self._first_new_id for c in seq.samples[1:]):
+                for child in seq.samples[1:]:
+                    sch.running.remove(child)
+                    sch.release(child)
+                    child.status = Status.FINISHED
+                seq.samples = None
         for seq in [*sch.running, *sch.waiting, *sch.parked.values()]:
             saved = self._undo.get(seq)
             if seq.status is Status.RUNNING and self._unsampled(seq):
-                seq.num_computed -= 1
+                done = saved[0] if saved is not None else seq.num_computed
+                seq.num_computed = done if done < seq.num_computed else seq.num_computed - 1
                 if saved is not None and saved[2] is not None:
                     seq.generator.set_state(saved[2])
             sid = seq.seq_id

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import edgekv.engine
+import edgekv.llm as llm_module
 import edgekv.offload
 from edgekv import LLM, SamplingParams
 from edgekv.detokenizer import IncrementalDetokenizer
@@ -34,6 +35,11 @@ CONFIGS = {
     "offload": (dict(kv_memory=12 * BLOCK, offload_memory=64 * BLOCK),
                 ([HEADER + "The quick brown", HEADER * 2 + "Ünïcödé", "Hello! " * 12],
                  SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))),
+    # each sequence's newest tokens also kept exact in rings, forks copying them
+    "residual": (dict(kv_memory=64 * BLOCK, kv_residual=8),
+                 ([HEADER + "The quick", "Hello! How are you today?"],
+                  SamplingParams(n=3, max_tokens=8, temperature=0.8, seed=5,
+                                 ignore_eos=True))),
     # beams under a 48-token eviction budget (no prefix cache: hits would change the mass)
     "evict": (dict(kv_memory=64 * BLOCK, eviction="h2o", max_kv_tokens=48,
                    prefix_caching=False),
@@ -55,21 +61,30 @@ def setups(llama_dir):
         if name not in made:
             ref = build(llama_dir, name)
             want = {"probes": [o.token_ids for o in ref.generate(PROBES, GREEDY)],
-                    "background": ref.generate(BACKGROUND, GREEDY)[0].text}
+                    "background": ref.generate(BACKGROUND, GREEDY)[0].text,
+                    "workload": completions(ref.generate(*CONFIGS[name][1]))}
             made[name] = build(llama_dir, name), ref, want
         return made[name]
 
     return get
 
 
-class Fault:
-    """Raise ``exc`` on the ``k``-th call of what ``wrap`` wraps (after it, with ``after``)."""
+def completions(outputs) -> list[list[list[int]]]:
+    return [[c.token_ids for c in o.outputs] for o in outputs]
 
-    def __init__(self, exc: type[BaseException], k: int, after: bool = False):
+
+class Fault:
+    """Raise ``exc`` on the ``k``-th call of what ``wrap`` wraps (after it, with ``after``);
+    with ``counts``, only the calls for which ``counts(*args)`` is true count."""
+
+    def __init__(self, exc: type[BaseException], k: int, after: bool = False, counts=None):
         self.exc, self.k, self.after, self.calls, self.fired = exc, k, after, 0, False
+        self.counts = counts
 
     def wrap(self, fn):
         def faulty(*args, **kwargs):
+            if self.counts is not None and not self.counts(*args):
+                return fn(*args, **kwargs)
             self.calls += 1
             fire = self.calls == self.k
             if fire and not self.after:
@@ -116,8 +131,8 @@ CASES = [(cfg, entry, stage, exc, k)
          for cfg in CONFIGS
          for entry in ("generate", "stream", "chat")
          for stage in STAGES + (["swap_out", "swap_in", "swap_copy"] if cfg == "offload" else [])
-         for exc, k in ((KeyboardInterrupt, 1 if stage.startswith("swap") else 3),
-                        (ValueError, 1))
+         for exc, k in ((KeyboardInterrupt, 1 if stage.startswith("swap") else
+                         2 if stage == "copy_blocks" else 3), (ValueError, 1))
          if not (stage.startswith("swap") and entry != "generate")]
 
 
@@ -163,6 +178,8 @@ def _fault_case(llm, ref, want, monkeypatch, name, entry, stage, exc, k, chat, b
     text = next(background)
     bg_seq = llm.engine.scheduler.running[-1]
     fault = Fault(exc, k)
+    if stage == "copy_blocks" and entry == "generate" and name != "offload":
+        fault.counts = bool  # forks: fail a real copy-on-write copy, not an empty call
     with monkeypatch.context() as m:
         inject(m, llm, stage, fault)
         with pytest.raises(exc, match="injected fault"):
@@ -184,6 +201,38 @@ def _fault_case(llm, ref, want, monkeypatch, name, entry, stage, exc, k, chat, b
     assert llm.kv_stats()["blocks_used"] == parked_blocks(llm) == 0
     if llm.engine.offloader is not None:
         assert llm.engine.manager.host_pool.num_used == 0
+
+
+RETRY_STAGES = ["schedule", "copy_blocks", "run", "sample", "detok", "postprocess"]
+
+
+@pytest.mark.parametrize("name,stage", [(c, s) for c in CONFIGS for s in RETRY_STAGES + (
+    ["swap_out", "swap_in", "swap_copy"] if c == "offload" else [])
+    if not (c == "evict" and s in ("sample", "detok", "postprocess"))])  # beams only
+def test_requests_that_outlive_a_fault_finish_exactly_as_without_it(setups, monkeypatch, name,
+                                                                    stage):
+    """Requests that are not aborted (as in a server: the fault was not theirs) retry the
+    failed step and end exactly as in a run without the fault: seeded samples, forks,
+    beams, eviction choices and copy-on-write blocks included."""
+    llm, _, want = setups(name)
+    eng = llm.engine
+    prompts, params = CONFIGS[name][1]
+    seqs = [eng.new_sequence(llm.encode(p), params) for p in prompts]
+    for s in seqs:
+        eng.add(s)
+    fault = Fault(ValueError, 2 if stage in ("copy_blocks", "detok", "postprocess") else 1,
+                  counts=bool if stage == "copy_blocks" and name != "offload" else None)
+    inject(monkeypatch, llm, stage, fault)
+    while not all(llm_module._done(s) for s in seqs):
+        try:
+            eng.step()
+        except ValueError as e:
+            assert str(e) == "injected fault"
+            eng.check_integrity()
+    assert fault.fired
+    assert completions([llm_module._request_output(s) for s in seqs]) == want["workload"]
+    eng.check_integrity()
+    assert llm.kv_stats()["blocks_used"] == 0
 
 
 def test_the_faulted_stages_really_run_in_each_configuration(setups):
