@@ -43,8 +43,8 @@ CONFIGS = {
     # beams under a 48-token eviction budget (no prefix cache: hits would change the mass)
     "evict": (dict(kv_memory=64 * BLOCK, eviction="h2o", max_kv_tokens=48,
                    prefix_caching=False),
-              ([HEADER + "The quick", "Hello! How are you today? I am fine, thank you."],
-               SamplingParams(beam_width=2, max_tokens=10))),
+              ([HEADER * 2 + "The quick", "Hello! How are you today? I am fine, thank you."],
+               SamplingParams(beam_width=2, max_tokens=24))),
 }
 
 
@@ -110,7 +110,8 @@ def inject(monkeypatch, llm, stage, fault):
     elif stage == "swap_copy":  # inside a swap: its table entries are already moved
         monkeypatch.setattr(edgekv.offload, "copy_blocks_between",
                             fault.wrap(edgekv.offload.copy_blocks_between))
-    elif stage == "run":
+    elif stage in ("run", "run_after"):  # run_after: the K/V are written, mass observed
+        fault.after = stage == "run_after"
         monkeypatch.setattr(eng.runner, "run", fault.wrap(eng.runner.run))
     elif stage == "sample":
         monkeypatch.setattr(edgekv.engine, "sample", fault.wrap(edgekv.engine.sample))
@@ -126,7 +127,8 @@ def inject(monkeypatch, llm, stage, fault):
         raise AssertionError(stage)
 
 
-STAGES = ["schedule", "copy_blocks", "run", "sample", "detok", "postprocess", "between"]
+STAGES = ["schedule", "copy_blocks", "run", "run_after", "sample", "detok", "postprocess",
+          "between"]
 CASES = [(cfg, entry, stage, exc, k)
          for cfg in CONFIGS
          for entry in ("generate", "stream", "chat")
@@ -203,7 +205,7 @@ def _fault_case(llm, ref, want, monkeypatch, name, entry, stage, exc, k, chat, b
         assert llm.engine.manager.host_pool.num_used == 0
 
 
-RETRY_STAGES = ["schedule", "copy_blocks", "run", "sample", "detok", "postprocess"]
+RETRY_STAGES = ["schedule", "copy_blocks", "run", "run_after", "sample", "detok", "postprocess"]
 
 
 @pytest.mark.parametrize("name,stage", [(c, s) for c in CONFIGS for s in RETRY_STAGES + (
@@ -413,3 +415,68 @@ def test_a_chat_message_too_long_leaves_the_conversation_as_it_was(setups):
     check_chat_continues(llm, ref, chat, "prefix")
     chat.reset()
     assert_consistent(llm)
+
+
+@pytest.mark.parametrize("direction", ["out", "in"])
+def test_a_swap_whose_copy_fails_changes_nothing(monkeypatch, direction):
+    """All or nothing: the table keeps the blocks it had, whose bytes are untouched."""
+    from edgekv.block_manager import BlockManager
+    from edgekv.config import CacheConfig
+    from edgekv.kv_cache import PagedKVCache
+    from edgekv.offload import Offloader
+
+    dev = PagedKVCache(CacheConfig(1, 1, 16, 4, 16, "fp16"))
+    host = PagedKVCache(CacheConfig(1, 1, 16, 4, 16, "fp16"))
+    mgr = BlockManager(4, 16, num_host_blocks=4)
+    off = Offloader(mgr, dev, host)
+    mgr.append_slots(7, 40)  # 3 blocks
+    for i, b in enumerate(mgr.block_ids(7)):
+        dev.layers[0][0].data[b] = i + 1.0
+    if direction == "in":
+        off.swap_out(7)
+    before = (list(mgr.block_ids(7)), dict(mgr.tables[7].host), sorted(mgr.pool.free_ids),
+              sorted(mgr.host_pool.free_ids))
+
+    def broken(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edgekv.offload, "copy_blocks_between", broken)
+    with pytest.raises(KeyboardInterrupt):
+        off.swap_out(7) if direction == "out" else off.swap_in(7)
+    mgr.check_integrity()
+    assert (list(mgr.block_ids(7)), dict(mgr.tables[7].host), sorted(mgr.pool.free_ids),
+            sorted(mgr.host_pool.free_ids)) == before
+    monkeypatch.undo()
+    if direction == "in":
+        off.swap_in(7)
+    values = [dev.layers[0][0].data[b].unique().tolist() for b in mgr.block_ids(7)]
+    assert values == [[1.0], [2.0], [3.0]]
+
+
+def test_a_failed_step_leaves_eviction_scores_as_they_were(setups, monkeypatch):
+    """The mass a failed step observed is not counted (its retry observes it again)."""
+    llm, _, _ = setups("evict")
+    eng = llm.engine
+    prompts, params = CONFIGS["evict"][1]
+    seqs = [eng.new_sequence(llm.encode(p), GREEDY) for p in prompts]
+    for s in seqs:
+        eng.add(s)
+    for _ in range(3):
+        eng.step()
+    before, schedule = {}, eng.scheduler.schedule
+
+    def schedule_then_snapshot():  # the step's own evictions stay: they are kept as made
+        batch = schedule()
+        before.update({sid: t.clone() for sid, t in eng.evictor.scores.items()})
+        return batch
+
+    monkeypatch.setattr(eng.scheduler, "schedule", schedule_then_snapshot)
+    inject(monkeypatch, llm, "run_after", Fault(ValueError, 1))
+    with pytest.raises(ValueError):
+        eng.step()
+    assert before and eng.evictor.scores.keys() == before.keys()
+    assert all(torch.equal(eng.evictor.scores[sid], t) for sid, t in before.items())
+    monkeypatch.undo()
+    for s in seqs:
+        eng.abort(s)
+    eng.check_integrity()
