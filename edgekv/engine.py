@@ -17,11 +17,13 @@ from .config import CacheConfig
 from .detokenizer import IncrementalDetokenizer
 from .eviction import EvictionConfig, Evictor
 from .guard import EngineGuard
+from .integrity import check_engine
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .offload import Offloader
 from .prefix_cache import cache_salt
 from .residual import ResidualWindow
+from .rollback import StepUndo
 from .sampling import SamplingParams, request_seed, sample
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
@@ -43,7 +45,7 @@ class Engine:
 
     Transactions: ``step`` either completes or, whatever stage raised (schedule, a block
     copy, a swap, the model run, sampling, detokenizing, postprocessing), rolls back what
-    it had not committed (``_roll_back``): block tables never run ahead of what is cached,
+    it had not committed (``rollback.py``): block tables never run ahead of what is cached,
     and a sequence whose token was computed but not sampled computes it again. Requests are
     live from ``add`` until their last sequence (forked samples and beams included)
     finishes or is aborted; ``check_integrity()`` checks all of this. One thread at a time
@@ -94,11 +96,9 @@ class Engine:
         self.guard = EngineGuard()
         # live requests: root seq_id -> its unfinished sequences; and each one's root
         self.requests: dict[int, list[Sequence]] = {}
-        self._request_of: dict[int, int] = {}
+        self.request_of: dict[int, int] = {}
         self._aborts: deque[Sequence] = deque()  # abort_soon: done at the next safe point
-        # this step's sequences as they were: seq -> (num_computed, scores, generator state)
-        self._undo: dict[Sequence, tuple] = {}
-        self._first_new_id = 0  # sequences with this id or later were forked in this step
+        self._undo = StepUndo(self)  # what the current step may have to take back
 
     # ---- requests ----------------------------------------------------------------------
     def new_sequence(self, token_ids: list[int], params: SamplingParams,
@@ -144,7 +144,7 @@ class Engine:
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
         self.requests[seq.seq_id] = [seq]
-        self._request_of[seq.seq_id] = seq.seq_id
+        self.request_of[seq.seq_id] = seq.seq_id
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
@@ -181,7 +181,7 @@ class Engine:
     def abort(self, seq: Sequence) -> None:
         """Stop ``seq``'s request now (its forked samples and beams too); a chat session's
         cache is kept (parked). Only between steps: a holder of the engine calls it."""
-        rid = self._request_of.get(seq.seq_id, seq.seq_id)
+        rid = self.request_of.get(seq.seq_id, seq.seq_id)
         for s in [seq] + [s for s in self.requests.get(rid, ()) if s is not seq]:
             if not s.finished:
                 if s in self.scheduler.waiting:
@@ -213,7 +213,7 @@ class Engine:
             live = [s for s in seqs if not s.finished]
             for s in seqs:
                 if s.finished:
-                    self._request_of.pop(s.seq_id, None)
+                    self.request_of.pop(s.seq_id, None)
             if live:
                 self.requests[rid] = live
             else:
@@ -221,24 +221,24 @@ class Engine:
 
     # ---- the step ----------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """One step; whatever it raises, the engine is left consistent (``_roll_back``)."""
+        """One step; whatever it raises, the engine is left consistent (``StepUndo``)."""
         self._drain_aborts()
         self.guard.checkpoint()
-        self._undo, self._first_new_id = {}, self._next_id
+        self._undo.begin()
         try:
             return self._step()
         except BaseException:
-            self._roll_back()
+            self._undo.roll_back()
             raise
         finally:
-            self._undo = {}
+            self._undo.end()
             self._prune_requests()
 
     def _step(self) -> list[Sequence]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        self._save(batch.seqs)
+        self._undo.save(batch.seqs)
         with self.guard.interruptible():  # a Ctrl-C may land in the model run at once
             logits, rows = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
@@ -251,27 +251,16 @@ class Engine:
         if not sampled:  # only prompt chunks (or beams) ran: nothing to sample
             return []
         logits = logits[torch.tensor(rows, device=logits.device)]  # (N, vocab)
-        self._save(sampled)
+        self._undo.save(sampled)
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         for seq, tok in zip(sampled, tokens, strict=True):
             self._commit_token(seq, tok)
         return sampled
 
     # ---- transactions ------------------------------------------------------------------
-    def _save(self, seqs: list[Sequence]) -> None:
-        """Remember what a rollback restores: computed count, eviction scores, and the
-        random state of the sequences about to sample."""
-        for seq in seqs:
-            num_computed, scores, state = self._undo.get(seq, (seq.num_computed, None, None))
-            if seq not in self._undo and self.evictor is not None:
-                scores = self.evictor.scores.get(seq.seq_id)
-            if state is None and seq.generator is not None and not seq.params.greedy:
-                state = seq.generator.get_state()
-            self._undo[seq] = (num_computed, scores, state)
-
     def _commit_token(self, seq: Sequence, token: int) -> None:
         """``_postprocess``, all or nothing: if it raises, ``seq`` is as before (its token
-        not yet sampled, which ``_roll_back`` then undoes)."""
+        not yet sampled, which ``StepUndo.roll_back`` then undoes)."""
         n, text, deltas = seq.num_tokens, seq.text, len(seq.new_text)
         detok = copy.copy(seq.detok)
         try:
@@ -281,51 +270,6 @@ class Engine:
             del seq.new_text[deltas:]
             seq.text, seq.detok = text, detok
             raise
-
-    def _roll_back(self) -> None:
-        """After a step raised: a sequence whose tokens were computed but not sampled (nor
-        handed to its beam search) computes them again (the samples it forked this step are
-        dropped, to be forked again), with its random state and eviction scores as they
-        were; and every block table is cut back to what its sequence has cached (slots
-        reserved for a step that did not happen); residual rings follow."""
-        sch, mgr = self.scheduler, self.manager
-        for seq in list(sch.running):
-            if seq.samples and self._unsampled(seq) and all(
-                    c.seq_id >= self._first_new_id for c in seq.samples[1:]):
-                for child in seq.samples[1:]:
-                    sch.running.remove(child)
-                    sch.release(child)
-                    child.status = Status.FINISHED
-                seq.samples = None
-        for seq in [*sch.running, *sch.waiting, *sch.parked.values()]:
-            saved = self._undo.get(seq)
-            if seq.status is Status.RUNNING and self._unsampled(seq):
-                done = saved[0] if saved is not None else seq.num_computed
-                seq.num_computed = done if done < seq.num_computed else seq.num_computed - 1
-                if saved is not None and saved[2] is not None:
-                    seq.generator.set_state(saved[2])
-            sid = seq.seq_id
-            if (self.evictor is not None and saved is not None
-                    and seq.num_computed == saved[0]):  # nothing of the step is kept
-                if saved[1] is None:
-                    self.evictor.scores.pop(sid, None)
-                else:
-                    self.evictor.scores[sid] = saved[1]
-            if sid in mgr.tables and mgr.num_tokens(sid) > seq.num_cached:
-                mgr.truncate(sid, seq.num_cached)
-            if self.evictor is not None and sid in mgr.tables:
-                self.evictor.truncated(sid)
-            ring = self.residual.rings.get(sid) if self.residual is not None else None
-            if ring is not None:
-                ring.end = min(ring.end, seq.num_cached)
-                ring.start = min(ring.start, ring.end)
-
-    @staticmethod
-    def _unsampled(seq: Sequence) -> bool:
-        if seq.num_computed < seq.num_tokens:
-            return False
-        b = seq.beam
-        return b is None or (not b.finished and seq.seq_id not in b.pending)
 
     def _beam_steps(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor
                     ) -> None:
@@ -371,8 +315,8 @@ class Engine:
             list(parent.hashed_ids)
         child.new_text, child.samples = [], None
         child.detok = copy.copy(parent.detok)
-        rid = self._request_of.get(parent.seq_id, parent.seq_id)
-        self._request_of[child.seq_id] = rid
+        rid = self.request_of.get(parent.seq_id, parent.seq_id)
+        self.request_of[child.seq_id] = rid
         self.requests.setdefault(rid, []).append(child)
         if parent.seq_id in self.manager.tables and not self.manager.is_swapped(
                 parent.seq_id):
@@ -468,39 +412,8 @@ class Engine:
 
     # ---- invariants --------------------------------------------------------------------
     def check_integrity(self) -> None:
-        """Assert the engine is consistent (between calls): the block manager's invariants;
-        no sequence twice in the queues; every table belongs to a running, waiting or parked
-        sequence and holds exactly its cached tokens; every running or waiting sequence
-        belongs to a live request; eviction scores and residual rings only exist for
-        sequences with tables."""
-        self.manager.check_integrity()
-        sch, tables = self.scheduler, self.manager.tables
-        queued = [*sch.running, *sch.waiting]
-        assert len({id(s) for s in queued}) == len(queued), "a sequence is queued twice"
-        assert all(s.status is Status.RUNNING for s in sch.running), "running, not RUNNING"
-        assert all(s.status is Status.WAITING for s in sch.waiting), "waiting, not WAITING"
-        for sid, s in sch.parked.items():
-            assert s.seq_id == sid and s.finished and s.keep_cache, f"parked sequence {sid}"
-            assert all(s is not q for q in queued), f"sequence {sid} parked and queued"
-        known = {s.seq_id: s for s in [*queued, *sch.parked.values()]}
-        assert len(known) == len(queued) + len(sch.parked), "two sequences share an id"
-        for sid in tables:
-            assert sid in known, f"blocks of sequence {sid}, which no queue holds"
-        for sid, s in known.items():
-            cached = self.manager.num_tokens(sid) if sid in tables else 0
-            assert cached == s.num_cached, (
-                f"sequence {sid}: table holds {cached} tokens, {s.num_cached} are cached")
-        for s in queued:
-            rid = self._request_of.get(s.seq_id)
-            assert rid is not None and any(x is s for x in self.requests.get(rid, ())), (
-                f"sequence {s.seq_id} belongs to no live request")
-        if self.evictor is not None:
-            for sid, scores in self.evictor.scores.items():
-                assert sid in tables, f"eviction scores of sequence {sid}, which has no blocks"
-                assert len(scores) <= len(tables[sid].block_ids), f"scores of {sid} too long"
-        if self.residual is not None:
-            for sid in self.residual.rings:
-                assert sid in tables, f"residual ring of sequence {sid}, which has no blocks"
+        """Assert that the engine is consistent between calls (``integrity.check_engine``)."""
+        check_engine(self)
 
     # ---- accounting --------------------------------------------------------------------
     def kv_stats(self) -> dict:

@@ -164,8 +164,9 @@ class LLM:
                 while not all(_done(s) for s in seqs):
                     engine.step()
             finally:
-                for s in seqs:  # finished requests: nothing to do
-                    engine.abort(s)
+                for s in seqs:
+                    if not _done(s):
+                        engine.abort(s)
             return [_request_output(s) for s in seqs]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None
