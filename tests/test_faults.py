@@ -258,6 +258,7 @@ def test_the_faulted_stages_really_run_in_each_configuration(setups):
 def test_ctrl_c_during_generate_is_safe(setups):
     """A real SIGINT, landing wherever Python is during a long generate."""
     llm, _, want = setups("prefix")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
