@@ -45,26 +45,31 @@ class ChatSession:
 
     def stream(self, message: str, params: SamplingParams | None = None) -> Iterator[str]:
         """The model's reply to ``message``, as text deltas. Interrupting it (closing the
-        generator) keeps what was said so far in the history."""
+        generator) keeps what was said so far in the history. If the turn cannot start (a
+        message too long for the context), it raises and the conversation is as before."""
         params = params or SamplingParams()
         if not params.stop and self.llm.chat_stop:  # the model's own end of a turn
             params = dataclasses.replace(params, stop=self.llm.chat_stop)
-        messages, ids, text, dropped = self._turn(message, params)  # may raise: no change
-        self.messages, self.dropped_turns = messages, dropped
-        self.total_dropped_turns += dropped
-        if dropped:
-            log.info("chat: dropped the %d oldest turn(s) to fit the context", dropped)
-        self._prompt_text = text
-        if self.seq is None:
-            self.seq = self.engine.new_sequence(ids, params, keep_cache=True)
-        else:
-            self._reuse_cache(ids)
-        self.prompt_tokens = len(ids) - self.seq.num_computed
-        self.engine.add(self.seq, params)
+        started = False
         try:
-            yield from self.engine.drive(self.seq)
+            with self.engine.hold():  # Ctrl-C waits until the turn is set up whole
+                messages, ids, text, dropped = self._turn(message, params)  # changes nothing
+                self.engine.validate(ids, params, keep_cache=True)
+                self.messages, self._prompt_text, started = messages, text, True
+                self.dropped_turns = dropped
+                self.total_dropped_turns += dropped
+                if dropped:
+                    log.info("chat: dropped the %d oldest turn(s) to fit the context", dropped)
+                if self.seq is None:
+                    self.seq = self.engine.new_sequence(ids, params, keep_cache=True)
+                else:
+                    self._reuse_cache(ids)
+                self.prompt_tokens = len(ids) - self.seq.num_computed
+            yield from self.engine.drive(self.seq, params)
         finally:
-            self.messages.append({"role": "assistant", "content": self.seq.text})
+            if started:  # the reply so far (none if stopped at once) joins the history
+                reply = self.seq.text if self.seq is not None else ""
+                self.messages.append({"role": "assistant", "content": reply})
 
     def context_limit(self) -> int | None:
         """The most tokens the conversation may hold (the model's context, or the KV pool

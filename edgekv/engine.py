@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import deque
+from contextlib import contextmanager
 
 import torch
 
@@ -16,11 +18,14 @@ from .config import CacheConfig
 from .context_shift import ContextShift
 from .detokenizer import IncrementalDetokenizer
 from .eviction import EvictionConfig, Evictor
+from .guard import EngineGuard
+from .integrity import check_engine
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .offload import Offloader
 from .prefix_cache import cache_salt
 from .residual import ResidualWindow
+from .rollback import StepUndo
 from .sampling import SamplingParams, request_seed, sample
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
@@ -39,6 +44,14 @@ class Engine:
     > 0: a host pool of that many blocks for offload (swap instead of recompute).
     ``residual_tokens`` > 0: each sequence's newest tokens are also kept exact and read
     from there (residual.py); not with eviction.
+
+    Transactions: ``step`` either completes or, whatever stage raised (schedule, a block
+    copy, a swap, the model run, sampling, detokenizing, postprocessing), rolls back what
+    it had not committed (``rollback.py``): block tables never run ahead of what is cached,
+    and a sequence whose token was computed but not sampled computes it again. Requests are
+    live from ``add`` until their last sequence (forked samples and beams included)
+    finishes or is aborted; ``check_integrity()`` checks all of this. One thread at a time
+    drives the engine: callers ``hold()`` it (guard.py).
     """
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
@@ -74,7 +87,8 @@ class Engine:
                                            alive=lambda s: s in self.manager.tables)
         salt = cache_salt(cache_config.kv_format, cache_config.block_size)
         self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
-                                   self.cache.copy_blocks, self.evictor, self.offloader,
+                                   lambda pairs: self.cache.copy_blocks(pairs),
+                                   self.evictor, self.offloader,
                                    salt if prefix_caching else None,
                                    self.residual.forget if self.residual else None,
                                    self.shifter)
@@ -85,6 +99,12 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
         self._next_id = 0
+        self.guard = EngineGuard()
+        # live requests: root seq_id -> its unfinished sequences; and each one's root
+        self.requests: dict[int, list[Sequence]] = {}
+        self.request_of: dict[int, int] = {}
+        self._aborts: deque[Sequence] = deque()  # abort_soon: done at the next safe point
+        self._undo = StepUndo(self)  # what the current step may have to take back
 
     # ---- requests ----------------------------------------------------------------------
     def new_sequence(self, token_ids: list[int], params: SamplingParams,
@@ -93,66 +113,144 @@ class Engine:
         self._next_id += 1
         return seq
 
-    def add(self, seq: Sequence, params: SamplingParams | None = None) -> None:
-        """Queue ``seq`` to generate after its current tokens (its prompt, this turn)."""
-        if params is not None:
-            seq.params = params
-        if not seq.token_ids:
+    def validate(self, token_ids: list[int], params: SamplingParams,
+                 keep_cache: bool = False) -> None:
+        """Raise ValueError if a request of these prompt tokens cannot be queued. Changes
+        nothing: callers check every prompt of a batch before they queue any."""
+        if not token_ids:
             raise ValueError("a prompt must have at least one token")
         max_len = self.model_config.max_position
-        if self.evictor is None and seq.num_tokens >= max_len:
-            raise ValueError(f"prompt of {seq.num_tokens} tokens does not fit the model's "
+        if self.evictor is None and len(token_ids) >= max_len:
+            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit the model's "
                              f"context of {max_len} tokens")
         pool = self.cache_config.num_blocks * self.cache_config.block_size
-        if self.evictor is None and seq.num_tokens >= pool:
-            raise ValueError(f"prompt of {seq.num_tokens} tokens does not fit the KV pool of "
+        if self.evictor is None and len(token_ids) >= pool:
+            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit the KV pool of "
                              f"{pool} tokens: raise kv_memory or use an eviction policy")
         vocab = self.model_config.vocab_size
-        if min(seq.token_ids) < 0 or max(seq.token_ids) >= vocab:
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got "
-                             f"{min(seq.token_ids)}..{max(seq.token_ids)}")
-        seq.num_prompt, seq.text, seq.finish_reason = seq.num_tokens, "", None
-        seq.new_text.clear()
-        p = seq.params
-        if seq.keep_cache and (p.n > 1 or p.beam_width is not None):
+                             f"{min(token_ids)}..{max(token_ids)}")
+        if keep_cache and (params.n > 1 or params.beam_width is not None):
             raise ValueError("a chat turn takes n=1 and no beam_width")
+
+    def add(self, seq: Sequence, params: SamplingParams | None = None) -> None:
+        """Queue ``seq`` to generate after its current tokens (its prompt, this turn); it
+        starts a live request. Raises ValueError (changing nothing) if it cannot run."""
+        with self.hold():
+            self.validate(seq.token_ids, params or seq.params, seq.keep_cache)
+            if params is not None:
+                seq.params = params
+            seq.num_prompt, seq.text, seq.finish_reason = seq.num_tokens, "", None
+            seq.new_text.clear()
+            self._start(seq)
+
+    def _start(self, seq: Sequence) -> None:
+        p = seq.params
         seq.seed = p.seed if p.seed is not None else request_seed(self.seed, seq.seq_id)
         seq.generator = torch.Generator().manual_seed(seq.seed)
         seq.samples = None
         seq.beam = BeamSearch(seq, p.beam_width) if p.beam_width is not None else None
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        self.requests[seq.seq_id] = [seq]
+        self.request_of[seq.seq_id] = seq.seq_id
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def drive(self, seq: Sequence):
-        """Step until ``seq`` finishes, yielding its text deltas (other requests advance
-        too). Closing the generator early aborts the sequence."""
+    @contextmanager
+    def hold(self):
+        """Own the engine (one thread at a time; Ctrl-C deferred to safe points: guard.py).
+        Entering from outside runs the aborts queued by ``abort_soon``."""
+        with self.guard.hold():
+            if self.guard.depth == 1:
+                self._drain_aborts()
+            yield
+
+    def drive(self, seq: Sequence, params: SamplingParams | None = None):
+        """Queue ``seq`` (``add``) and step until it finishes, yielding its text deltas
+        (other requests advance too). The engine is held only inside each ``next()``.
+        Closing the generator, an exception, or the generator being collected aborts the
+        sequence (``abort_soon``)."""
         try:
+            with self.hold():
+                self.add(seq, params)
             while True:
                 while seq.new_text:
                     yield seq.new_text.pop(0)
                 if seq.finished:
                     return
-                self.step()
+                with self.hold():
+                    self.step()
         finally:
+            if not seq.finished:
+                self.abort_soon(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop ``seq``'s request now (its forked samples and beams too); a chat session's
+        cache is kept (parked). Only between steps: a holder of the engine calls it."""
+        rid = self.request_of.get(seq.seq_id, seq.seq_id)
+        for s in [seq] + [s for s in self.requests.get(rid, ()) if s is not seq]:
+            if not s.finished:
+                if s in self.scheduler.waiting:
+                    self.scheduler.waiting.remove(s)
+                self.scheduler.finish(s, "abort")
+        self._prune_requests()
+
+    def abort_soon(self, seq: Sequence) -> None:
+        """Abort ``seq``'s request at once if no call is inside the engine, else at the
+        start of the next step. Safe from anywhere: a generator's clean-up that the garbage
+        collector runs in the middle of a step, or another thread."""
+        self._aborts.append(seq)
+        if self.guard.depth == 0:
+            try:
+                with self.hold():  # runs the queued aborts
+                    pass
+            except RuntimeError:  # another thread holds it: its next step aborts seq
+                pass
+
+    def _drain_aborts(self) -> None:
+        while self._aborts:
+            seq = self._aborts.popleft()
             if not seq.finished:
                 self.abort(seq)
 
-    def abort(self, seq: Sequence) -> None:
-        """Stop a sequence now (e.g. Ctrl-C); its cache is kept if it is a chat session."""
-        if seq in self.scheduler.waiting:
-            self.scheduler.waiting.remove(seq)
-        self.scheduler.finish(seq, "abort")
+    def _prune_requests(self) -> None:
+        """Drop finished sequences from the live requests, and requests with none left."""
+        for rid, seqs in list(self.requests.items()):
+            live = [s for s in seqs if not s.finished]
+            for s in seqs:
+                if s.finished:
+                    self.request_of.pop(s.seq_id, None)
+            if live:
+                self.requests[rid] = live
+            else:
+                del self.requests[rid]
 
     # ---- the step ----------------------------------------------------------------------
     def step(self) -> list[Sequence]:
+        """One step; whatever it raises, the engine is left consistent (``StepUndo``)."""
+        self._drain_aborts()
+        self.guard.checkpoint()
+        self._undo.begin()
+        try:
+            return self._step()
+        except BaseException:
+            self._undo.roll_back()
+            raise
+        finally:
+            self._undo.end()
+            self._prune_requests()
+
+    def _step(self) -> list[Sequence]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, rows = self.runner.run(batch)
+        self._undo.save(batch.seqs)
+        with self.guard.interruptible():  # a Ctrl-C may land in the model run at once
+            logits, rows = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
             self.scheduler.computed(seq)
@@ -163,10 +261,25 @@ class Engine:
         if not sampled:  # only prompt chunks (or beams) ran: nothing to sample
             return []
         logits = logits[torch.tensor(rows, device=logits.device)]  # (N, vocab)
+        self._undo.save(sampled)
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         for seq, tok in zip(sampled, tokens, strict=True):
-            self._postprocess(seq, tok)
+            self._commit_token(seq, tok)
         return sampled
+
+    # ---- transactions ------------------------------------------------------------------
+    def _commit_token(self, seq: Sequence, token: int) -> None:
+        """``_postprocess``, all or nothing: if it raises, ``seq`` is as before (its token
+        not yet sampled, which ``StepUndo.roll_back`` then undoes)."""
+        n, text, deltas = seq.num_tokens, seq.text, len(seq.new_text)
+        detok = copy.copy(seq.detok)
+        try:
+            self._postprocess(seq, token)
+        except BaseException:
+            del seq.token_ids[n:]
+            del seq.new_text[deltas:]
+            seq.text, seq.detok = text, detok
+            raise
 
     def _beam_steps(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor
                     ) -> None:
@@ -212,6 +325,9 @@ class Engine:
             list(parent.hashed_ids)
         child.new_text, child.samples = [], None
         child.detok = copy.copy(parent.detok)
+        rid = self.request_of.get(parent.seq_id, parent.seq_id)
+        self.request_of[child.seq_id] = rid
+        self.requests.setdefault(rid, []).append(child)
         if parent.seq_id in self.manager.tables and not self.manager.is_swapped(
                 parent.seq_id):
             self.manager.fork(parent.seq_id, child.seq_id)
@@ -300,7 +416,8 @@ class Engine:
                                      f"{self.cache_config.block_size})")
                 _, copies = self.manager.append_slots(seq.seq_id, n)
                 self.cache.copy_blocks(copies)
-                logits, _ = self.runner.run(ScheduledBatch([seq], [n]), all_logits=True)
+                with self.guard.interruptible():
+                    logits, _ = self.runner.run(ScheduledBatch([seq], [n]), all_logits=True)
                 seq.num_computed += n
                 out.append(logits)
         finally:
@@ -311,6 +428,11 @@ class Engine:
             if self.residual is not None:
                 self.residual.forget(seq.seq_id)
         return torch.cat(out)
+
+    # ---- invariants --------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """Assert that the engine is consistent between calls (``integrity.check_engine``)."""
+        check_engine(self)
 
     # ---- accounting --------------------------------------------------------------------
     def kv_stats(self) -> dict:

@@ -76,6 +76,15 @@ class LLM:
     attention reads them exact (``edgekv/residual.py``); they cost N x the fp16 bytes per
     token per running sequence, on top of ``kv_memory``. 0 (default): off. For quantized
     formats; not with eviction.
+
+    Threads: one LLM is driven by one thread at a time. ``generate``, ``score``, each
+    ``next()`` of a ``stream`` and each step of a chat turn hold the engine; a call from a
+    second thread while another is inside raises RuntimeError at once (create one LLM per
+    thread, or serialise the calls). A stream holds the engine only inside ``next()``, not
+    between the pieces it yields. Exceptions: whatever a call raises (a bad prompt, an
+    error, Ctrl-C wherever it lands), the engine is left consistent
+    (``check_integrity()``), the request of that call is aborted, and other live requests
+    (an unfinished stream, a chat) carry on as if nothing had happened.
     """
 
     def __init__(self, model: str | Path | None = None, kv_format: str = "int8",
@@ -152,20 +161,31 @@ class LLM:
                  params: SamplingParams | None = None) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the prompts' order, each with its
         ``n`` samples or ``beam_width`` beams in ``.outputs``."""
-        seqs = self._sequences(prompts, params)
-        for s in seqs:
-            self.engine.add(s)
-        while not all(_done(s) for s in seqs):
-            self.engine.step()
-        return [_request_output(s) for s in seqs]
+        engine = self.engine
+        with engine.hold():
+            seqs = self._sequences(prompts, params)
+            for s in seqs:  # every prompt, before any is queued
+                engine.validate(s.token_ids, s.params)
+            try:
+                for s in seqs:
+                    engine.add(s)
+                while not all(_done(s) for s in seqs):
+                    engine.step()
+            finally:
+                for s in seqs:
+                    if not _done(s):
+                        engine.abort(s)
+            return [_request_output(s) for s in seqs]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None
                ) -> Iterator[str]:
-        """Yield the completion's text as it is produced (whole characters only)."""
-        (seq,) = self._sequences(prompt, params)
-        if seq.params.n > 1 or seq.params.beam_width is not None:
-            raise ValueError("stream takes n=1 and no beam_width: use generate")
-        self.engine.add(seq)
+        """Yield the completion's text as it is produced (whole characters only). Closing
+        or dropping the generator stops the request (at the latest, at the next call)."""
+        with self.engine.hold():
+            (seq,) = self._sequences(prompt, params)
+            if seq.params.n > 1 or seq.params.beam_width is not None:
+                raise ValueError("stream takes n=1 and no beam_width: use generate")
+            self.engine.validate(seq.token_ids, seq.params)
         yield from self.engine.drive(seq)
 
     def chat(self, system: str | None = None):
@@ -182,7 +202,13 @@ class LLM:
         limit = self.model_config.max_position if self.engine.evictor is None else None
         if not ids or (limit is not None and len(ids) > limit):  # eviction: any length
             raise ValueError(f"score needs 1..{limit} tokens, got {len(ids)}")
-        return self.engine.score(ids, chunk_size)
+        with self.engine.hold():
+            return self.engine.score(ids, chunk_size)
+
+    def check_integrity(self) -> None:
+        """Assert that the engine is consistent (``Engine.check_integrity``)."""
+        with self.engine.hold():
+            self.engine.check_integrity()
 
     def kv_stats(self) -> dict:
         """What the KV cache costs now: blocks_total, blocks_used, bytes_used,

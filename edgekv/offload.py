@@ -7,6 +7,8 @@ together: an INT4 block moves a quarter of the bytes of an FP16 one.
 
 Copies happen at once, synchronously, inside the scheduler's decision, so a block freed
 by a swap can be reallocated and written later in the same step without racing the copy.
+A swap is all or nothing: if its copy raises, the table points at the blocks it held before
+(their bytes untouched, since nothing reused them in between).
 """
 
 from __future__ import annotations
@@ -48,17 +50,46 @@ class Offloader:
 
     def swap_out(self, seq_id: int) -> int:
         pairs = self.manager.swap_out(seq_id)
-        copy_blocks_between(self.device_cache, self.host_cache, pairs)
+        try:
+            copy_blocks_between(self.device_cache, self.host_cache, pairs)
+        except BaseException:
+            self._undo(seq_id, [(h, d) for d, h in pairs], out=True)
+            raise
         self.swaps_out += 1
         self.blocks_out += len(pairs)
         return len(pairs)
 
     def swap_in(self, seq_id: int) -> int:
         pairs = self.manager.swap_in(seq_id)
-        copy_blocks_between(self.host_cache, self.device_cache, pairs)
+        try:
+            copy_blocks_between(self.host_cache, self.device_cache, pairs)
+        except BaseException:
+            self._undo(seq_id, pairs, out=False)
+            raise
         self.swaps_in += 1
         self.blocks_in += len(pairs)
         return len(pairs)
+
+    def _undo(self, seq_id: int, pairs: list[tuple[int, int]], out: bool) -> None:
+        """Put back the table entries of a swap whose copy failed. ``pairs``: (host, device)
+        blocks; ``out``: the swap moved them to the host (else back to the device). The
+        blocks released by the swap are still free, so taking them back changes no bytes."""
+        mgr = self.manager
+        t = mgr.tables[seq_id]
+        where = {h: i for i, h in t.host.items()}
+        for host, dev in pairs:
+            if out:  # the device block was released (keeping its hash), the host one taken
+                i = where[host]
+                mgr.pool.take(dev)
+                del t.host[i]
+                t.block_ids[i] = dev
+                mgr.host_pool.release(host)
+            else:  # the host block was released, a fresh device block taken
+                i = t.block_ids.index(dev)
+                mgr.host_pool.take(host)
+                t.host[i] = host
+                t.block_ids[i] = None
+                mgr.pool.release(dev)
 
     def stats(self) -> dict:
         hp, b = self.manager.host_pool, self.bytes_per_block

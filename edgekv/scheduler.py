@@ -239,21 +239,45 @@ class Scheduler:
         return self.manager.blocks_needed(seq.seq_id, n) + extra <= self.manager.pool.num_free
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        """Reserve ``n`` slots of ``seq`` and copy its copy-on-write blocks; if the copy
+        raises, the reservation is undone (the table keeps its shared block)."""
+        t = self.manager.tables.get(seq.seq_id)
+        before = t.num_tokens if t is not None else None
         if self.shifter is not None:
             self.shifter.fit(seq.seq_id, n)
         _, copies = self.manager.append_slots(seq.seq_id, n)
-        self.copy_blocks(copies)  # now: see the class docstring
+        try:
+            self.copy_blocks(copies)  # now: see the class docstring
+        except BaseException:
+            self._unreserve(seq.seq_id, before, copies)
+            raise
         batch.seqs.append(seq)
         batch.num_new.append(n)
 
+    def _unreserve(self, seq_id: int, num_tokens: int | None,
+                   copies: list[tuple[int, int]]) -> None:
+        """Undo ``append_slots`` whose copies were not made: each uncopied private block
+        gives its entry back to the shared block it replaced, then the table is cut back to
+        its ``num_tokens`` (None: it had no table)."""
+        mgr = self.manager
+        if num_tokens is None:
+            mgr.free(seq_id)
+            return
+        ids = mgr.block_ids(seq_id)
+        for old, new in copies:  # ``old`` is still held by the sequence it was shared with
+            mgr.pool.share(old)
+            ids[ids.index(new)] = old
+            mgr.pool.release(new)
+        mgr.truncate(seq_id, num_tokens)
+
     def _preempt(self, seq: Sequence) -> None:
         """Swap the sequence's blocks out if the host pool has room; else free them, and it
-        waits to be recomputed from all its tokens."""
-        self.running.remove(seq)
+        waits to be recomputed from all its tokens. If the swap raises, it stays running."""
         if self.offloader is not None and self.manager.can_swap_out(seq.seq_id):
             self.offloader.swap_out(seq.seq_id)
         else:
             self.release(seq)
+        self.running.remove(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
