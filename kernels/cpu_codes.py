@@ -8,13 +8,13 @@ kernel does:
 
     int8           codes.float()                                    (signed, symmetric)
     fp8            codes.view(fp8).float()                          (the scale after)
-    int4           LUT[byte] -> both nibbles at once, interleaved   (symmetric offset and
-                   as (lo_0, hi_0, lo_1, hi_1, ...)                  all in the table)
+    int4           cat([byte & 0xF, byte >> 4]).float()             (split halves: the
+                   [- 8 for symmetric codes]                         dims' own order)
     float formats  data.float()                                     (no scales)
     grouped        fmt.decode of the gathered rows (scales per group of channels)
 
-int4's interleaved order is dims (0, D/2, 1, D/2 + 1, ...): the query is permuted into it
-and the output back, each folded into the (D, D) matrix that rotates it anyway.
+Measured (1,536 rows of head_dim 128, one thread): int8 8 us; int4 34 us this way, 1.3 ms
+through a 256-entry (lo, hi) lookup table (advanced indexing is not vectorised on CPU).
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from edgekv.quant.hadamard import hadamard_matrix
 
 @dataclass(frozen=True)
 class CodeReader:
-    """q_mat / o_mat: (D, D) fp32 taking a query into the codes' order and basis and an
-    output back (None: identity). ``token_scale``: scales per token-head, applied after
-    the dot (False: ``read`` returns values)."""
+    """q_mat / o_mat: (D, D) fp32 taking a query into the codes' basis and an output back
+    (None: identity). ``token_scale``: scales per token-head, applied after the dot
+    (False: ``read`` returns values)."""
 
     fmt: KVFormat
     head_dim: int
     q_mat: torch.Tensor | None
     o_mat: torch.Tensor | None
-    lut: torch.Tensor | None  # (256, 2) fp32 for int4: (low nibble, high nibble) - offset
+    int4_offset: int | None  # int4 codes: the offset subtracted from each nibble
     token_scale: bool
 
     def read(self, store: QuantizedKV, rows: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,9 @@ class CodeReader:
             return self.fmt.decode(QuantizedKV(
                 data, store.scale.view(-1, g).index_select(0, rows),
                 None if store.zero is None else store.zero.view(-1, g).index_select(0, rows)))
-        if self.lut is not None:
-            return self.lut[data.int()].view(-1, self.head_dim)  # (N, P, 2) -> (N, D)
+        if self.int4_offset is not None:
+            x = torch.cat([data & 0xF, data >> 4], -1).float()  # (N, D) packing.py's order
+            return x.sub_(self.int4_offset) if self.int4_offset else x
         if self.fmt.storage_dtype == torch.uint8:  # fp8 bytes
             return data.view(self.fmt.fp8_dtype).float()
         return data.float()
@@ -77,15 +78,5 @@ def _reader(fmt: KVFormat, head_dim: int, device: str) -> CodeReader:
     grouped = fmt.has_scale and fmt.num_groups(head_dim) != 1
     token_scale = fmt.has_scale and not grouped
     rot = hadamard_matrix(head_dim, device) if fmt.rotate else None
-    lut = None
-    if bits == 4 and token_scale:
-        byte = torch.arange(256)
-        lut = torch.stack([byte & 0xF, byte >> 4], -1).float() - fmt.offset  # (256, 2)
-        lut = lut.to(device)
-        half = head_dim // 2
-        perm = torch.stack([torch.arange(half), torch.arange(half) + half], -1).reshape(-1)
-        eye = torch.eye(head_dim, device=device)
-        rot = eye if rot is None else rot
-        return CodeReader(fmt, head_dim, rot[:, perm].contiguous(),
-                          rot[perm, :].contiguous(), lut, True)
-    return CodeReader(fmt, head_dim, rot, rot, lut, token_scale)
+    offset = fmt.offset if bits == 4 and token_scale else None
+    return CodeReader(fmt, head_dim, rot, rot, offset, token_scale)

@@ -38,10 +38,12 @@ def paged_decode_attention_cpu(
     return_block_mass: bool = False,
     exact: ExactTail | None = None,
     buckets: tuple[DecodeBucket, ...] | None = None,
+    q_storage: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # (S, Hq, D) [, (S, max_blocks)]
     """Attention of one new token per sequence over its paged history; ``buckets`` from
-    cpu_plan.plan_decode (made here when None, with ``exact``'s counts). Does not mutate
-    the caches."""
+    cpu_plan.plan_decode (made here when None, with ``exact``'s counts). ``q_storage``:
+    q already in the storage basis, fp32 (the caller rotated it with k and v); the output
+    is in the original basis either way. Does not mutate the caches."""
     S, Hq, D = q.shape
     Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
     if Hq % Hkv:
@@ -58,7 +60,7 @@ def paged_decode_attention_cpu(
             num_exact = exact_counts(seq_lens, exact.start.to(q.device), exact.window)
         buckets = plan_decode(block_tables, seq_lens, B, Hkv, num_exact)
     reader = reader_for(fmt, D, q.device)
-    qs = reader.to_codes(q).reshape(S * Hkv, G, D)  # codes' basis and order
+    qs = (reader.to_codes(q) if q_storage is None else q_storage).reshape(S * Hkv, G, D)
     ring = None if exact is None else _ring_scores(q, exact, seq_lens, sm, B)
     mass = torch.zeros(S, width, dtype=torch.float32, device=q.device) \
         if return_block_mass else None

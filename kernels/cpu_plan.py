@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -57,29 +58,28 @@ class StepPlan:
 
 def slot_rows(slots: torch.Tensor, block_size: int, num_kv_heads: int) -> torch.Tensor:
     """(T,) flat slots (block * B + offset) -> (T * Hkv,) storage rows, head-minor."""
-    slots = slots.long()
-    blk, off = slots // block_size, slots % block_size  # (T,)
-    heads = torch.arange(num_kv_heads, device=slots.device)
-    return ((blk[:, None] * num_kv_heads + heads) * block_size + off[:, None]).reshape(-1)
+    s = slots.detach().cpu().numpy().astype(np.int64)
+    blk, off = s // block_size, s % block_size  # (T,)
+    heads = np.arange(num_kv_heads)
+    rows = (blk[:, None] * num_kv_heads + heads) * block_size + off[:, None]
+    return torch.from_numpy(rows.reshape(-1)).to(slots.device)
 
 
-def _bucket(block_tables: torch.Tensor, visible: torch.Tensor, lens: torch.Tensor,
-            seqs: torch.Tensor | None, B: int, Hkv: int) -> DecodeBucket:
-    """visible: (Sb,) tokens read from the blocks; lens: (Sb,) tokens owned (>= 1)."""
+def _bucket(table: np.ndarray, visible: np.ndarray, lens: np.ndarray,
+            seqs: torch.Tensor | None, B: int, Hkv: int, dev: torch.device) -> DecodeBucket:
+    """table (Sb, max_blocks); visible: (Sb,) tokens read from the blocks; lens: (Sb,)
+    tokens owned (>= 1). Host arithmetic in numpy: a few us a step, not ~30 torch ops."""
     length = max(1, -(-int(lens.max()) // B)) * B
-    nb = length // B
-    dev = block_tables.device
-    table = block_tables[:, :nb].long()  # (Sb, nb), entries past ceil(len / B) unused
-    pos = torch.arange(length, device=dev)  # (length,)
+    pos = np.arange(length)  # (length,)
     owned = pos[None, :] < visible[:, None]  # (Sb, length)
-    blk = torch.where(owned, table[:, pos // B], table[:, :1])  # (Sb, length)
-    off = torch.where(owned, pos % B, 0)
-    heads = torch.arange(Hkv, device=dev)[None, :, None]
+    blk = np.where(owned, table[:, pos // B], table[:, :1])  # (Sb, length)
+    off = np.where(owned, pos % B, 0)
+    heads = np.arange(Hkv)[None, :, None]
     rows = (blk[:, None, :] * Hkv + heads) * B + off[:, None, :]  # (Sb, Hkv, length)
-    bias = torch.zeros(owned.shape, dtype=torch.float32, device=dev)
-    bias = bias.masked_fill(~owned, float("-inf"))[:, None, :].expand(-1, Hkv, -1)
-    return DecodeBucket(seqs, rows.reshape(-1),
-                        bias.reshape(-1, 1, length).contiguous(), length)
+    bias = np.where(owned, np.float32(0), np.float32(-np.inf))[:, None, :]
+    bias = np.ascontiguousarray(np.broadcast_to(bias, (len(lens), Hkv, length)))
+    return DecodeBucket(seqs, torch.from_numpy(rows.reshape(-1)).to(dev),
+                        torch.from_numpy(bias.reshape(-1, 1, length)).to(dev), length)
 
 
 def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
@@ -89,17 +89,18 @@ def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: 
     from its exact ring instead (kernels/exact_tail.py); a residual window keeps one
     bucket (its ring part is attended for the whole batch at once)."""
     dev = block_tables.device
-    lens = seq_lens.to(device=dev, dtype=torch.long)
-    visible = lens if num_exact is None else lens - num_exact.to(dev)
-    lens_l = lens.tolist()
-    groups = _length_groups(lens_l, block_size) if num_exact is None else [None]
+    lens = seq_lens.detach().cpu().numpy().astype(np.int64)
+    visible = lens if num_exact is None else lens - num_exact.detach().cpu().numpy()
+    nb = max(1, -(-int(lens.max()) // block_size))
+    table = block_tables[:, :nb].detach().cpu().numpy().astype(np.int64)  # (S, nb)
+    groups = _length_groups(lens.tolist(), block_size) if num_exact is None else [None]
     if len(groups) == 1:
-        return (_bucket(block_tables, visible, lens, None, block_size, num_kv_heads),)
+        return (_bucket(table, visible, lens, None, block_size, num_kv_heads, dev),)
     out = []
     for g in groups:
-        idx = torch.tensor(g, dtype=torch.long, device=dev)
-        out.append(_bucket(block_tables[idx], visible[idx], lens[idx], idx, block_size,
-                           num_kv_heads))
+        idx = np.asarray(g)
+        out.append(_bucket(table[idx], visible[idx], lens[idx],
+                           torch.from_numpy(idx).to(dev), block_size, num_kv_heads, dev))
     return tuple(out)
 
 

@@ -142,15 +142,22 @@ def paged_decode_attention(
     q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, fmt: KVFormat | str, sm_scale: float | None = None, *,
     return_block_mass: bool = False, exact: ExactTail | None = None,
-    plan: StepPlan | None = None, **kernel_options,
+    plan: StepPlan | None = None, q_storage_basis: bool = False, **kernel_options,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention, (S, Hq, D) -> (S, Hq, D); see paged_decode.py for the contract and
     for ``kernel_options`` (num_splits, block_n, ...; the torch path ignores them).
     With ``return_block_mass`` also returns (S, max_blocks) fp32 block mass (rows sum to Hq).
     ``exact``: each sequence's newest tokens read exact (exact_tail.py). ``plan``: this
     step's plan (cpu_plan.plan_step, with ``exact``'s counts), read by the torch path.
+    ``q_storage_basis``: q is fp32 in the format's storage basis (rotated with k and v in
+    one matmul); the output is in the original basis either way.
     """
     fmt = get_format(fmt)
+    q_storage = q if q_storage_basis else None
+    if q_storage_basis and (exact is not None or get_backend() == "reference" or _use_triton(
+            q.device, fmt, q.shape[-1],
+            _NO_EXACT_MASS if exact is not None and return_block_mass else None)):
+        q = fmt.from_storage_basis(q)  # the paths that take q in the original basis
 
     def torch_path():
         if get_backend() == "reference":
@@ -160,7 +167,7 @@ def paged_decode_attention(
                                               exact=exact)
         return paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, fmt,
                                           sm_scale, return_block_mass=return_block_mass,
-                                          exact=exact,
+                                          exact=exact, q_storage=q_storage,
                                           buckets=None if plan is None else plan.buckets)
 
     if not _use_triton(q.device, fmt, q.shape[-1],

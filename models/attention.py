@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from edgekv.kernels import (
+    get_backend,
     paged_decode_attention,
     paged_prefill_attention,
     paged_prefill_block_mass,
-    write_kv,
 )
 from edgekv.kernels.cpu_plan import StepPlan
+from edgekv.kernels.cpu_write import write_kv_storage
 
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, apply_rope, fused_linear
@@ -109,9 +110,13 @@ class PagedAttention(nn.Module):
         cache = meta.kv_cache
         k_store, v_store = cache.layers[self.layer_idx]
         plan = meta.plan
-        if plan is not None and k.device == k_store.data.device:  # rows planned once
-            write_kv(k_store, v_store, k, v, meta.slot_mapping, cache.format,
-                     rows=plan.write_rows)
+        q_storage = None
+        if plan is not None and k.device == k_store.data.device and get_backend() != "reference":
+            # CPU: q, k, v into the storage basis in one matmul; rows planned once per step
+            Hq = self.num_heads
+            qkv = cache.format.to_storage_basis(torch.cat([q, k, v], 1).float())
+            write_kv_storage(k_store, v_store, qkv[:, Hq:], plan.write_rows, cache.format)
+            q_storage = qkv[:, :Hq]
         else:
             cache.write(self.layer_idx, k, v, meta.slot_mapping)
         exact = window = None
@@ -124,10 +129,11 @@ class PagedAttention(nn.Module):
                 exact = window.tail(self.layer_idx, step, k, v)
         mass = meta.block_mass
         if meta.max_query_len == 1:
-            o = paged_decode_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
+            o = paged_decode_attention(q if q_storage is None else q_storage, k_store,
+                                       v_store, meta.block_tables, meta.seq_lens,
                                        cache.format, self.scale, max_seq_len=meta.max_seq_len,
                                        return_block_mass=mass is not None, exact=exact,
-                                       plan=plan)
+                                       plan=plan, q_storage_basis=q_storage is not None)
             if mass is not None:
                 o, step_mass = o
                 mass += step_mass

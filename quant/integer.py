@@ -69,9 +69,11 @@ class IntFormat(KVFormat):
     # ---- quantize / decode -------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> QuantizedKV:
         self._check_input(x)
-        d = x.shape[-1]
+        return self.quantize_storage(self.to_storage_basis(x.float()))
+
+    def quantize_storage(self, xf: torch.Tensor) -> QuantizedKV:
+        d = xf.shape[-1]
         g = self.num_groups(d)
-        xf = self.to_storage_basis(x.float())
         xg = xf.reshape(*xf.shape[:-1], g, d // g)  # (..., groups, group_size)
         if self.symmetric:
             scale = fp16_scale(xg.abs().amax(-1) / self.qmax)  # (..., groups)
