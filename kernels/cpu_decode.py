@@ -18,6 +18,8 @@ done by the BLAS).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from edgekv.quant import KVFormat, QuantizedKV
@@ -61,11 +63,13 @@ def paged_decode_attention_cpu(
         buckets = plan_decode(block_tables, seq_lens, B, Hkv, num_exact)
     reader = reader_for(fmt, D, q.device)
     qs = (reader.to_codes(q) if q_storage is None else q_storage).reshape(S * Hkv, G, D)
-    ring = None if exact is None else _ring_scores(q, exact, seq_lens, sm, B)
+    ring = None if exact is None else _ExactKeys.of(q, exact, seq_lens, sm, B)
     mass = torch.zeros(S, width, dtype=torch.float32, device=q.device) \
         if return_block_mass else None
+    p_ring = None
     if len(buckets) == 1 and buckets[0].seqs is None:
-        out, p = _attend(qs, k_cache, v_cache, buckets[0], reader, sm, ring)
+        out, p, p_ring = _attend(qs, k_cache, v_cache, buckets[0], reader, sm,
+                                 None if ring is None else ring.scores)
         if mass is not None:
             nb = min(buckets[0].length // B, width)
             mass[:, :nb] = p.view(S, Hq, -1, B).sum((1, 3))[:, :nb]
@@ -74,26 +78,29 @@ def paged_decode_attention_cpu(
         out = torch.empty(S, Hkv, G, D, dtype=torch.float32, device=q.device)
         q4 = qs.view(S, Hkv, G, D)
         for b in buckets:
-            o, p = _attend(q4[b.seqs].view(-1, G, D), k_cache, v_cache, b, reader, sm, None)
+            o, p, _ = _attend(q4[b.seqs].view(-1, G, D), k_cache, v_cache, b, reader, sm)
             out[b.seqs] = o.view(-1, Hkv, G, D)
             if mass is not None:
                 nb = min(b.length // B, width)
                 mass[b.seqs, :nb] = p.view(len(b.seqs), Hq, -1, B).sum((1, 3))[:, :nb]
         out = out.view(S * Hkv, G, D)
     out = reader.from_codes(out.view(S, Hq, D))
-    if ring is not None:
-        out = out + ring.out
+    if ring is not None:  # the exact keys' part, in the original basis
+        R = ring.v.shape[1]
+        out = out + torch.einsum("shgr,srhd->shgd", p_ring.view(S, Hkv, G, R),
+                                 ring.v).reshape(S, Hq, D)
         if mass is not None:
-            mass.scatter_add_(1, ring.block, ring.p.view(S, Hq, -1).sum(1))
+            mass.scatter_add_(1, ring.block, p_ring.view(S, Hq, R).sum(1))
     out = out.to(q.dtype)
     return (out, mass) if return_block_mass else out
 
 
 def _attend(qs: torch.Tensor, k: QuantizedKV, v: QuantizedKV, b: DecodeBucket,
-            reader: CodeReader, sm: float, ring: _Ring | None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """qs (Sb*Hkv, G, D) in the codes' basis -> out (Sb*Hkv, G, D) codes' basis (ring
-    part not included), p (Sb*Hkv, G, Lp) the blocks' probabilities."""
+            reader: CodeReader, sm: float, ring_scores: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """qs (Sb*Hkv, G, D) in the codes' basis -> out (Sb*Hkv, G, D) codes' basis (the exact
+    keys' part not included), p (Sb*Hkv, G, Lp) the blocks' probabilities and p_ring
+    (Sb*Hkv, G, R) the exact keys' (one softmax over both), None without ring_scores."""
     n, L = qs.shape[0], b.length
     kc = reader.read(k, b.rows).view(n, L, -1)  # (n, Lp, D)
     raw = torch.bmm(qs, kc.transpose(1, 2))  # (n, G, Lp)
@@ -105,49 +112,48 @@ def _attend(qs: torch.Tensor, k: QuantizedKV, v: QuantizedKV, b: DecodeBucket,
             scores = torch.addcmul(scores, qs.sum(-1, keepdim=True), kz, value=sm)
     else:
         scores = torch.add(b.bias, raw, alpha=sm)
-    if ring is None:
+    p_ring = None
+    if ring_scores is None:
         p = torch.softmax(scores, dim=-1)
-    else:  # one softmax over the blocks' keys and the exact ones
-        p_all = torch.softmax(torch.cat([scores, ring.scores], dim=-1), dim=-1)
-        p, ring.p = p_all[..., :L], p_all[..., L:]
-        ring.out = torch.einsum("shgr,srhd->shgd", ring.p.view(ring.shape), ring.v
-                                ).reshape(ring.out_shape)
+    else:
+        p_all = torch.softmax(torch.cat([scores, ring_scores], dim=-1), dim=-1)
+        p, p_ring = p_all[..., :L], p_all[..., L:]
     vc = reader.read(v, b.rows).view(n, L, -1)  # (n, Lp, D)
     if not reader.token_scale:
-        return torch.bmm(p, vc), p
+        return torch.bmm(p, vc), p, p_ring
     pv = p * v.scale.view(-1).index_select(0, b.rows).view(n, 1, L)  # V scale in the weights
     if v.zero is None:
-        return torch.bmm(pv, vc), p
+        return torch.bmm(pv, vc), p, p_ring
     vz = v.zero.view(-1).index_select(0, b.rows).view(n, L, 1)
-    return torch.baddbmm(torch.bmm(p, vz.to(p.dtype)), pv, vc), p
+    return torch.baddbmm(torch.bmm(p, vz.to(p.dtype)), pv, vc), p, p_ring
 
 
-class _Ring:
-    """The exact tail's keys of a decode step: scores (S*Hkv, G, R) with -inf where a ring
-    entry is not read; after _attend, p, out (S, Hq, D) original basis, and block (S, R)
-    the block index of each entry (for block mass)."""
+class _ExactKeys(NamedTuple):
+    """A decode step's exact keys (kernels/exact_tail.py), original basis.
 
-    def __init__(self, scores, v, shape, out_shape, block):
-        self.scores, self.v, self.shape, self.out_shape, self.block = (scores, v, shape,
-                                                                       out_shape, block)
-        self.p = self.out = None
+    scores: (S*Hkv, G, R) fp32, -inf where a ring entry is not read
+    v:      (S, R, Hkv, D) fp32 ring values
+    block:  (S, R) int64 block index of each entry's position (for block mass)
+    """
 
+    scores: torch.Tensor
+    v: torch.Tensor
+    block: torch.Tensor
 
-def _ring_scores(q: torch.Tensor, tail: ExactTail, seq_lens: torch.Tensor, sm: float,
-                 block_size: int) -> _Ring:
-    S, Hq, D = q.shape
-    R, Hkv = tail.window, tail.k.shape[2]
-    G = Hq // Hkv
-    dev = q.device
-    lens = seq_lens.to(device=dev, dtype=torch.long)
-    n_exact = exact_counts(seq_lens, tail.start.to(dev), R)
-    j = torch.arange(R, device=dev)
-    valid = j[None, :] >= (R - n_exact)[:, None]  # (S, R)
-    pos = (lens[:, None] - R + j[None, :]).clamp(min=0)  # (S, R) cache index
-    slots = tail.slots.to(dev).long()[:, None]
-    k = tail.k[slots, pos % R].float()  # (S, R, Hkv, D)
-    v = tail.v[slots, pos % R].float()
-    scores = torch.einsum("shgd,srhd->shgr", q.float().view(S, Hkv, G, D), k) * sm
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    return _Ring(scores.reshape(S * Hkv, G, R), v, (S, Hkv, G, R), (S, Hq, D),
-                 pos // block_size)
+    @staticmethod
+    def of(q: torch.Tensor, tail: ExactTail, seq_lens: torch.Tensor, sm: float,
+           block_size: int) -> _ExactKeys:
+        S, Hq, D = q.shape
+        R, Hkv = tail.window, tail.k.shape[2]
+        dev = q.device
+        lens = seq_lens.to(device=dev, dtype=torch.long)
+        n_exact = exact_counts(seq_lens, tail.start.to(dev), R)
+        j = torch.arange(R, device=dev)
+        valid = j[None, :] >= (R - n_exact)[:, None]  # (S, R)
+        pos = (lens[:, None] - R + j[None, :]).clamp(min=0)  # (S, R) cache index
+        slots = tail.slots.to(dev).long()[:, None]
+        k = tail.k[slots, pos % R].float()  # (S, R, Hkv, D)
+        v = tail.v[slots, pos % R].float()
+        scores = torch.einsum("shgd,srhd->shgr", q.float().view(S, Hkv, Hq // Hkv, D), k)
+        scores = (scores * sm).masked_fill(~valid[:, None, None, :], float("-inf"))
+        return _ExactKeys(scores.reshape(S * Hkv, Hq // Hkv, R), v, pos // block_size)
