@@ -44,10 +44,10 @@ class DecodeBucket:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one step's layers share. ``write_rows``: (T * Hkv,) int64 storage rows of the
-    new tokens (token-major, head-minor); ``buckets``: the decode buckets (empty for a
-    prefill step); ``num_exact``: (S,) tokens each decode query reads from its exact ring
-    (None: no residual window)."""
+    """What one step's layers share. ``write_rows``: (Hkv * T,) int64 storage rows of the
+    new tokens (head-major, as a (Hkv, T, D) K or V lies); ``buckets``: the decode buckets
+    (empty for a prefill step); ``num_exact``: (S,) tokens each decode query reads from its
+    exact ring (None: no residual window)."""
 
     block_size: int
     num_kv_heads: int
@@ -57,11 +57,12 @@ class StepPlan:
 
 
 def slot_rows(slots: torch.Tensor, block_size: int, num_kv_heads: int) -> torch.Tensor:
-    """(T,) flat slots (block * B + offset) -> (T * Hkv,) storage rows, head-minor."""
+    """(T,) flat slots (block * B + offset) -> (Hkv * T,) storage rows, head-major: row
+    ``h * T + t`` is where token t's head h goes."""
     s = slots.detach().cpu().numpy().astype(np.int64)
     blk, off = s // block_size, s % block_size  # (T,)
-    heads = np.arange(num_kv_heads)
-    rows = (blk[:, None] * num_kv_heads + heads) * block_size + off[:, None]
+    heads = np.arange(num_kv_heads)[:, None]
+    rows = (blk[None, :] * num_kv_heads + heads) * block_size + off[None, :]  # (Hkv, T)
     return torch.from_numpy(rows.reshape(-1)).to(slots.device)
 
 

@@ -1,10 +1,11 @@
 """Quantize-and-write of new K/V on the CPU, in a few ops per layer.
 
 K and V are quantized together by the format's own ``quantize_storage`` (one call over a
-(T, 2 * Hkv, D) tensor already in the storage basis, so the codes are the format's to the
-bit; the attention layer rotates q, k and v in one matmul before) and each stored tensor
-(codes, scales, zeros of K and of V) takes its rows with one ``index_copy_`` at the rows
-planned once per step (cpu_plan.slot_rows), not through a 3-way advanced index.
+head-major (2, Hkv * T, D) tensor already in the storage basis, so the codes are the
+format's to the bit; the attention layer rotates q, k and v in one matmul before) and each
+stored tensor (codes, scales, zeros of K and of V) takes its rows with one ``index_copy_``
+of a contiguous source at the rows planned once per step (cpu_plan.slot_rows), not
+through a 3-way advanced index.
 """
 
 from __future__ import annotations
@@ -20,25 +21,25 @@ def write_kv_cpu(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v:
                  slots: torch.Tensor, fmt: KVFormat, rows: torch.Tensor | None = None) -> None:
     """Quantize k, v (T, Hkv, D) into one layer's stores at flat ``slots`` (or at the
     planned storage ``rows`` (T * Hkv,) of those slots). Mutates the stores at those slots
-    only. The stores must be contiguous (as PagedKVCache allocates them)."""
+    only. The stores must be contiguous (as PagedKVCache allocates them); ``rows`` are
+    head-major (cpu_plan.slot_rows)."""
     T, Hkv, D = k.shape
     if T == 0:
         return
     if rows is None:
         rows = slot_rows(slots.to(k_store.data.device), k_store.data.shape[2], Hkv)
-    kv = torch.cat([k, v], 1).to(k_store.data.device)  # (T, 2 * Hkv, D)
-    fmt._check_input(kv)
-    write_kv_storage(k_store, v_store, fmt.to_storage_basis(kv.float()), rows, fmt)
+    kv = torch.stack([k.transpose(0, 1), v.transpose(0, 1)]).to(k_store.data.device)
+    fmt._check_input(kv)  # (2, Hkv, T, D)
+    write_kv_storage(k_store, v_store, fmt.to_storage_basis(kv.float()).view(2, Hkv * T, D),
+                     rows, fmt)
 
 
 def write_kv_storage(k_store: QuantizedKV, v_store: QuantizedKV, kv: torch.Tensor,
                      rows: torch.Tensor, fmt: KVFormat) -> None:
-    """kv (T, 2 * Hkv, D) fp32 in the storage basis, K heads then V heads, stored at the
-    planned ``rows`` (T * Hkv,). Mutates the stores at those rows only."""
-    Hkv = k_store.data.shape[1]
-    q = fmt.quantize_storage(kv)  # (T, 2 * Hkv, ...)
-    for half, store in ((slice(0, Hkv), k_store), (slice(Hkv, None), v_store)):
+    """kv (2, Hkv * T, D) fp32 in the storage basis, K then V, each head-major, stored at
+    the planned ``rows`` (Hkv * T,). Mutates the stores at those rows only."""
+    q = fmt.quantize_storage(kv)  # (2, Hkv * T, ...)
+    for i, store in enumerate((k_store, v_store)):
         for dst, src in ((store.data, q.data), (store.scale, q.scale), (store.zero, q.zero)):
             if dst is not None:
-                w = dst.shape[-1]
-                dst.view(-1, w).index_copy_(0, rows, src[:, half].reshape(-1, w))
+                dst.view(-1, dst.shape[-1]).index_copy_(0, rows, src[i])

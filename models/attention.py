@@ -113,10 +113,12 @@ class PagedAttention(nn.Module):
         q_storage = None
         if plan is not None and k.device == k_store.data.device and get_backend() != "reference":
             # CPU: q, k, v into the storage basis in one matmul; rows planned once per step
-            Hq = self.num_heads
-            qkv = cache.format.to_storage_basis(torch.cat([q, k, v], 1).float())
-            write_kv_storage(k_store, v_store, qkv[:, Hq:], plan.write_rows, cache.format)
-            q_storage = qkv[:, :Hq]
+            Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+            heads = torch.cat([q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)])
+            heads = cache.format.to_storage_basis(heads.float())  # (Hq + 2 Hkv, T, D)
+            write_kv_storage(k_store, v_store, heads[Hq:].view(2, Hkv * T, D),
+                             plan.write_rows, cache.format)
+            q_storage = heads[:Hq].transpose(0, 1)  # (T, Hq, D)
         else:
             cache.write(self.layer_idx, k, v, meta.slot_mapping)
         exact = window = None

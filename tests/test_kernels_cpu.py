@@ -151,9 +151,9 @@ def test_write_stores_the_formats_codes(name):
 def test_plan_rows_address_every_layer_alike():
     """slot -> row is the storage index of (block, head, offset)."""
     slots = torch.tensor([3, 16 * 5 + 9])
-    rows = slot_rows(slots, 16, 3).view(2, 3)
+    rows = slot_rows(slots, 16, 3).view(3, 2)  # head-major
     store = torch.arange(7 * 3 * 16).view(7, 3, 16)  # (blocks, Hkv, B): value = flat row
-    assert torch.equal(rows[0], store[0, :, 3]) and torch.equal(rows[1], store[5, :, 9])
+    assert torch.equal(rows[:, 0], store[0, :, 3]) and torch.equal(rows[:, 1], store[5, :, 9])
     plan = plan_step(torch.zeros(2, 1, dtype=torch.int32), torch.tensor([4, 7]), slots, 3,
                      16, 3)
     assert plan.buckets == () and torch.equal(plan.write_rows, rows.reshape(-1))
