@@ -20,8 +20,9 @@ from edgekv.quant import KVFormat, QuantizedKV
 
 from .exact_tail import ExactTail
 
-# Scores held per tile: Hq x n x tile fp32. 16 Mi elements (64 MiB) whatever the history.
-TILE_SCORES = 1 << 24
+# Scores held per tile: Hq x n x tile fp32. 4 Mi elements (16 MiB; a tile step holds a few
+# such temporaries) whatever the history.
+TILE_SCORES = 1 << 22
 
 
 def _tile_len(Hq: int, n: int, B: int) -> int:

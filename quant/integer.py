@@ -80,7 +80,7 @@ class IntFormat(KVFormat):
             codes = torch.round(xg / scale.float().unsqueeze(-1)).clamp(-self.qmax, self.qmax)
             zero = None
         else:
-            lo, hi = xg.amin(-1), xg.amax(-1)
+            lo, hi = torch.aminmax(xg, dim=-1)  # one pass (the same values as amin, amax)
             scale = fp16_scale((hi - lo) / self.levels)
             zero = lo.to(scale.dtype)
             codes = torch.round((xg - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1))
@@ -89,7 +89,7 @@ class IntFormat(KVFormat):
         if self.bits == 8:
             data = codes.to(self.storage_dtype)
         else:
-            data = pack_int4((codes + self.offset).to(torch.uint8))  # (..., d/2)
+            data = pack_int4((codes + self.offset if self.offset else codes).to(torch.uint8))
         return QuantizedKV(data=data, scale=scale, zero=zero)
 
     def decode(self, q: QuantizedKV) -> torch.Tensor:

@@ -160,11 +160,11 @@ def test_plan_rows_address_every_layer_alike():
 
 
 def test_prefill_memory_grows_with_the_tile_not_the_history(monkeypatch):
-    """The score tile is capped (64 MiB of fp32 scores at Llama-3.1-8B's 32 query heads and
+    """The score tile is capped (16 MiB of fp32 scores at Llama-3.1-8B's 32 query heads and
     a 512-token chunk, whatever the history): a long history is read in more tiles, not
     bigger ones, and the result does not depend on the tile."""
     monkeypatch.setattr(cpu_prefill, "TILE_SCORES", TILE_SCORES)
-    assert cpu_prefill._tile_len(32, 512, 16) * 32 * 512 * 4 <= 64 * 2**20
+    assert cpu_prefill._tile_len(32, 512, 16) * 32 * 512 * 4 <= 16 * 2**20
     Hq, n, B = 8, 2, 16
     monkeypatch.setattr(cpu_prefill, "TILE_SCORES", Hq * n * 2 * B)  # two blocks a tile
     fmt = get_format("int4")
