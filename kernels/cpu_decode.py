@@ -11,9 +11,14 @@ handful of batched ops over a plan made once per step (cpu_plan.py):
     out @ o_mat                                        back to the original basis, once
 
 so no (S, Hkv, L, D) fp32 history is built and no scale is applied per element. Sequences
-are padded only to the longest of their length bucket. One thread per op: torch's
-intra-op threads split the batched matmuls across the history (flash-decoding's split,
-done by the BLAS).
+are padded only to the longest of their length bucket.
+
+Why plain torch (measured, one thread, int8, head_dim 128, GQA 4): this function's core
+at 16 sequences x 33 tokens took 169 us; ``torch.compile(dynamic=True)`` of the same core
+266 us, after 19 s of compiling (and it needs a C++ compiler at run time); a numba kernel
+(gather, dot, online softmax, weighted sum in one loop nest) 193 us against this whole
+function's 256 us, and 278 us against 278 us at 1 sequence x 1,000 tokens. Neither pays for
+a JIT dependency and its compile time in CI.
 """
 
 from __future__ import annotations
