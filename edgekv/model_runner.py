@@ -45,9 +45,8 @@ class ModelRunner:
                 last.append(cu[-1] - 1)
         tables = [self.manager.block_ids(s.seq_id) for s in batch.seqs]
         width = max(len(t) for t in tables)
-        block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                    dtype=torch.int32)  # (S, width), one op
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
