@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from edgekv.kernels.cpu_plan import exact_counts, plan_step
 from edgekv.models import AttentionMetadata
 
 from .block_manager import BlockManager
@@ -45,9 +46,8 @@ class ModelRunner:
                 last.append(cu[-1] - 1)
         tables = [self.manager.block_ids(s.seq_id) for s in batch.seqs]
         width = max(len(t) for t in tables)
-        block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                    dtype=torch.int32)  # (S, width), one op
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -63,6 +63,14 @@ class ModelRunner:
             ends = [a + n for a, n in zip(starts, batch.num_new, strict=True)]
             step = self.residual.step([s.seq_id for s in batch.seqs], starts, ends)
             meta.residual = (self.residual, step)
+        if dev.type == "cpu":  # every layer's rows and decode buckets, planned once
+            num_exact = None
+            if meta.residual is not None and meta.max_query_len == 1:
+                num_exact = exact_counts(meta.seq_lens, meta.residual[1].start,
+                                         self.residual.tokens)
+            c = self.cache.config
+            meta.plan = plan_step(meta.block_tables, meta.seq_lens, meta.slot_mapping,
+                                  meta.max_query_len, c.block_size, c.num_kv_heads, num_exact)
         ev = self.evictor
         if ev is not None and ev.needs_mass:
             meta.block_mass = torch.zeros(len(tables), width, dtype=torch.float32, device=dev)

@@ -1,9 +1,16 @@
 """Attention over the paged, quantized KV cache, and the writes into it.
 
 ``dispatch.py`` holds the entry points the runtime calls (``paged_decode_attention``,
-``paged_prefill_attention``, ``write_kv``): fused Triton kernels on CUDA, the torch
-reference on CPU, a switch to force either. ``reference.py`` is pure torch: the CPU path,
-and the reference every fused kernel is tested against on the same quantized blocks.
+``paged_prefill_attention``, ``write_kv``): fused Triton kernels on CUDA, the torch path on
+CPU, a switch to force either or the oracle. ``reference.py`` is the oracle: simple pure
+torch that every other path is tested against on the same quantized blocks, never the
+product path.
+
+    cpu_plan.py       the CPU path's per-step plan: storage rows, decode length buckets
+    cpu_codes.py      how the CPU path reads each format's stored codes and scales
+    cpu_decode.py     CPU decode attention over the blocks as stored
+    cpu_prefill.py    CPU prefill / append attention and block mass in key tiles
+    cpu_write.py      CPU quantize-and-write, one index_copy_ per stored tensor
 
     kv_tiles.py       format constants for the kernels; shared dequantize-in-registers tiles
     paged_decode.py   split-KV (flash-decoding) GQA decode kernel + launcher

@@ -6,15 +6,19 @@
     write_kv(k_store, v_store, k, v, slots, fmt)
 
 Routing (``auto``): CUDA tensors go to the fused Triton kernels, CPU tensors to the torch
-reference (reference.py), which is the CPU path. ``set_backend("triton" | "torch")`` or the
-environment variable ``EDGEKV_ATTENTION_BACKEND`` forces one; ``set_backend`` wins, and is
-undone by ``set_backend(None)``. Forcing ``triton`` on CPU tensors runs the kernels in
+path (cpu_decode.py, cpu_prefill.py, cpu_write.py: plain torch over the blocks as stored,
+planned once per step by cpu_plan.py). ``reference`` runs the oracle (reference.py), the
+simple implementation every other path is tested against, never the product path.
+``set_backend("triton" | "torch" | "reference")`` or the environment variable
+``EDGEKV_ATTENTION_BACKEND`` forces one; ``set_backend`` wins, and is undone by
+``set_backend(None)``. Forcing ``triton`` on CPU tensors runs the kernels in
 Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before the kernel
 modules are first imported; that is how CI tests them.
 
 Fallback: under ``auto``, a CUDA call the kernels cannot take (a format or head_dim they do
 not support, Triton missing, a kernel that fails to compile) runs the torch path and logs
-one warning per reason (logging, logger ``edgekv.kernels.dispatch``). Under ``triton`` the
+one warning per reason (logging, logger ``edgekv.kernels.dispatch``). The torch path needs
+no compiler and no CPU feature, so it has no fallback of its own. Under ``triton`` the
 same case raises ValueError. Nothing falls back silently.
 
 The kernel modules are imported lazily, on first use, so that importing edgekv does not
@@ -31,6 +35,10 @@ import torch
 
 from edgekv.quant import KVFormat, QuantizedKV, get_format
 
+from .cpu_decode import paged_decode_attention_cpu
+from .cpu_plan import StepPlan
+from .cpu_prefill import paged_prefill_attention_cpu, prefill_block_mass_cpu
+from .cpu_write import write_kv_cpu
 from .exact_tail import ExactTail, exact_decode_attention, merge_attention
 from .reference import (
     paged_decode_attention_ref,
@@ -41,7 +49,7 @@ from .reference import (
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "reference")
 _NO_EXACT = "the prefill kernel does not read the exact residual window (kv_residual) yet"
 _NO_EXACT_MASS = "block mass with the exact residual window (kv_residual)"
 ENV_VAR = "EDGEKV_ATTENTION_BACKEND"
@@ -50,7 +58,8 @@ _warned: set[str] = set()
 
 
 def set_backend(name: str | None) -> None:
-    """Force ``"triton"`` or ``"torch"`` (or ``"auto"``) for every later call; None undoes it."""
+    """Force ``"triton"``, ``"torch"`` or ``"reference"`` (or ``"auto"``) for every later
+    call; None undoes it."""
     global _forced
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
@@ -89,11 +98,11 @@ def _triton_problem(device: torch.device, fmt: KVFormat, head_dim: int) -> str |
     return None
 
 
-def _warn_once(reason: str) -> None:
+def _warn_once(reason: str, what: str = "Triton kernels unavailable, using the torch path"
+               ) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        logger.warning("edgekv: Triton kernels unavailable, using the torch reference: %s",
-                       reason)
+        logger.warning("edgekv: %s: %s", what, reason)
 
 
 def _use_triton(device: torch.device, fmt: KVFormat, head_dim: int,
@@ -101,7 +110,7 @@ def _use_triton(device: torch.device, fmt: KVFormat, head_dim: int,
     """Route one call: True for the Triton kernels. Raises or warns as the module says.
     ``unsupported``: an option of this call the kernel does not take (why it cannot run)."""
     backend = get_backend()
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend in ("torch", "reference") or (backend == "auto" and device.type != "cuda"):
         return False
     problem = unsupported or _triton_problem(device, fmt, head_dim)
     if problem is None:
@@ -132,19 +141,34 @@ def _run(kernel, fallback, reason: str):
 def paged_decode_attention(
     q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, fmt: KVFormat | str, sm_scale: float | None = None, *,
-    return_block_mass: bool = False, exact: ExactTail | None = None, **kernel_options,
+    return_block_mass: bool = False, exact: ExactTail | None = None,
+    plan: StepPlan | None = None, q_storage_basis: bool = False, **kernel_options,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention, (S, Hq, D) -> (S, Hq, D); see paged_decode.py for the contract and
     for ``kernel_options`` (num_splits, block_n, ...; the torch path ignores them).
     With ``return_block_mass`` also returns (S, max_blocks) fp32 block mass (rows sum to Hq).
-    ``exact``: each sequence's newest tokens read exact (exact_tail.py).
+    ``exact``: each sequence's newest tokens read exact (exact_tail.py). ``plan``: this
+    step's plan (cpu_plan.plan_step, with ``exact``'s counts), read by the torch path.
+    ``q_storage_basis``: q is fp32 in the format's storage basis (rotated with k and v in
+    one matmul); the output is in the original basis either way.
     """
     fmt = get_format(fmt)
+    q_storage = q if q_storage_basis else None
+    if q_storage_basis and (exact is not None or get_backend() == "reference" or _use_triton(
+            q.device, fmt, q.shape[-1],
+            _NO_EXACT_MASS if exact is not None and return_block_mass else None)):
+        q = fmt.from_storage_basis(q)  # the paths that take q in the original basis
 
     def torch_path():
-        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, fmt,
+        if get_backend() == "reference":
+            return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens,
+                                              fmt, sm_scale,
+                                              return_block_mass=return_block_mass,
+                                              exact=exact)
+        return paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, fmt,
                                           sm_scale, return_block_mass=return_block_mass,
-                                          exact=exact)
+                                          exact=exact, q_storage=q_storage,
+                                          buckets=None if plan is None else plan.buckets)
 
     if not _use_triton(q.device, fmt, q.shape[-1],
                        _NO_EXACT_MASS if exact is not None and return_block_mass else None):
@@ -175,8 +199,10 @@ def paged_prefill_attention(
     fmt = get_format(fmt)
 
     def torch_path():
-        return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, seq_lens,
-                                           cu_seqlens_q, fmt, sm_scale, exact=exact)
+        run = paged_prefill_attention_ref if get_backend() == "reference" \
+            else paged_prefill_attention_cpu
+        return run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, fmt, sm_scale,
+                   exact=exact)
 
     if not _use_triton(q.device, fmt, q.shape[-1], _NO_EXACT if exact is not None else None):
         return torch_path()
@@ -192,15 +218,18 @@ def paged_prefill_block_mass(
     last_n: int = 32,
 ) -> torch.Tensor:
     """(S, max_blocks) block mass of each sequence's last ``last_n`` new queries (see
-    reference.prefill_block_mass_ref). One implementation, in torch, on every device: it
-    scores a small observation window once per prefill chunk, not a hot loop."""
-    return prefill_block_mass_ref(q, k_cache, block_tables, seq_lens, cu_seqlens_q,
-                                  get_format(fmt), sm_scale, last_n)
+    reference.prefill_block_mass_ref). The tiled torch path on every device (the oracle under
+    ``reference``): it scores a small observation window once per prefill chunk."""
+    run = prefill_block_mass_ref if get_backend() == "reference" else prefill_block_mass_cpu
+    return run(q, k_cache, block_tables, seq_lens, cu_seqlens_q, get_format(fmt), sm_scale,
+               last_n)
 
 
 def write_kv(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v: torch.Tensor,
-             slots: torch.Tensor, fmt: KVFormat | str) -> None:
-    """Quantize new K/V (num_tokens, Hkv, D) into one layer's stores at flat ``slots``.
+             slots: torch.Tensor, fmt: KVFormat | str, rows: torch.Tensor | None = None
+             ) -> None:
+    """Quantize new K/V (num_tokens, Hkv, D) into one layer's stores at flat ``slots``
+    (``rows``: their storage rows planned for the step, cpu_plan.slot_rows).
 
     Mutates the stores at those slots only (codes, scales, zeros). Same values as
     ``fmt.quantize`` (the Triton kernel's codes may differ by one where a value sits on a
@@ -209,10 +238,20 @@ def write_kv(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v: tor
     fmt = get_format(fmt)
 
     def torch_path():
-        write_kv_ref(k_store, v_store, k, v, slots, fmt)
+        if get_backend() == "reference":
+            return write_kv_ref(k_store, v_store, k, v, slots, fmt)
+        if not _contiguous(k_store, v_store):
+            _warn_once("non-contiguous KV stores", "writing with the reference's indexed "
+                       "scatter")
+            return write_kv_ref(k_store, v_store, k, v, slots, fmt)
+        write_kv_cpu(k_store, v_store, k, v, slots, fmt, rows)
 
     if not _use_triton(k.device, fmt, k.shape[-1]):
         return torch_path()
     run = _kernels("quant_write").write_kv_triton
     return _run(lambda: run(k_store, v_store, k, v, slots, fmt), torch_path,
                 f"write kernel for {fmt.name}")
+
+
+def _contiguous(*stores: QuantizedKV) -> bool:
+    return all(t is None or t.is_contiguous() for s in stores for t in (s.data, s.scale, s.zero))

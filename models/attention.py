@@ -1,8 +1,10 @@
 """Attention over the paged KV cache: per-step metadata and the attention layer.
 
 ``AttentionMetadata`` is built once per engine step (tokens of all sequences flattened)
-and read by every layer; the layer writes its new K/V into their slots, then attends over
-each sequence's blocks (decode when every sequence has one new token, prefill otherwise).
+and read by every layer, with the step's plan (RoPE cos/sin of the step's positions; on
+CPU the storage rows of the new tokens and the decode buckets, kernels/cpu_plan.py); the
+layer writes its new K/V into their slots, then attends over each sequence's blocks
+(decode when every sequence has one new token, prefill otherwise).
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import torch
 from torch import nn
 
 from edgekv.kernels import (
+    get_backend,
     paged_decode_attention,
     paged_prefill_attention,
     paged_prefill_block_mass,
 )
+from edgekv.kernels.cpu_plan import StepPlan
+from edgekv.kernels.cpu_write import write_kv_storage
 
 from .config import ModelConfig
-from .layers import RMSNorm, RotaryEmbedding
+from .layers import RMSNorm, RotaryEmbedding, apply_rope, fused_linear
 
 
 @dataclass
@@ -38,6 +43,10 @@ class AttentionMetadata:
     residual:      (edgekv.residual.ResidualWindow, ResidualStep) or None: each layer also
                    writes the new K/V to the sequences' exact rings and reads their newest
                    tokens from there (``LLM(kv_residual=...)``)
+    plan:          kernels.cpu_plan.StepPlan or None: the step's storage rows and decode
+                   buckets, planned once (the runner makes one on CPU)
+    rope:          (cos, signed sin), each (T, 1, D), or None: set by the model once per
+                   step from the positions it is given (RotaryEmbedding.cos_sin)
     """
 
     slot_mapping: torch.Tensor
@@ -50,6 +59,8 @@ class AttentionMetadata:
     block_mass: torch.Tensor | None = None
     mass_window: int = 32
     residual: tuple | None = None
+    plan: StepPlan | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class PagedAttention(nn.Module):
@@ -70,18 +81,46 @@ class PagedAttention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_eps)
         self.scale = d**-0.5
 
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+             meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (T, Hq, D), k, v (T, Hkv, D), RoPE applied: one matmul and one rotation for
+        q and k together where the projections fuse and there is no q/k norm."""
+        T, Hq, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        cos, sin = meta.rope if meta.rope is not None else rope.cos_sin(positions, x.dtype)
+        fused = fused_linear(self, ("q_proj", "k_proj", "v_proj"))
+        if fused is None:
+            q = self.q_proj(x).view(T, Hq, D)
+            k = self.k_proj(x).view(T, Hkv, D)
+            v = self.v_proj(x).view(T, Hkv, D)
+        else:
+            qkv = nn.functional.linear(x, *fused).view(T, Hq + 2 * Hkv, D)
+            if not hasattr(self, "q_norm"):
+                qk = apply_rope(qkv[:, : Hq + Hkv], cos, sin)  # cos/sin in x's dtype
+                return qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]
+            q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)), \
+            apply_rope(k, cos.to(k.dtype), sin.to(k.dtype)), v
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # (T, Hq, D)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        q, k, v = self._qkv(x, positions, rope, meta)
         cache = meta.kv_cache
-        cache.write(self.layer_idx, k, v, meta.slot_mapping)
         k_store, v_store = cache.layers[self.layer_idx]
+        plan = meta.plan
+        q_storage = None
+        if plan is not None and k.device == k_store.data.device and get_backend() != "reference":
+            # CPU: q, k, v into the storage basis in one matmul; rows planned once per step
+            Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+            heads = torch.cat([q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)])
+            heads = cache.format.to_storage_basis(heads.float())  # (Hq + 2 Hkv, T, D)
+            write_kv_storage(k_store, v_store, heads[Hq:].view(2, Hkv * T, D),
+                             plan.write_rows, cache.format)
+            q_storage = heads[:Hq].transpose(0, 1)  # (T, Hq, D)
+        else:
+            cache.write(self.layer_idx, k, v, meta.slot_mapping)
         exact = window = None
         if meta.residual is not None:  # exact newest tokens (edgekv/residual.py)
             window, step = meta.residual
@@ -92,9 +131,11 @@ class PagedAttention(nn.Module):
                 exact = window.tail(self.layer_idx, step, k, v)
         mass = meta.block_mass
         if meta.max_query_len == 1:
-            o = paged_decode_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
+            o = paged_decode_attention(q if q_storage is None else q_storage, k_store,
+                                       v_store, meta.block_tables, meta.seq_lens,
                                        cache.format, self.scale, max_seq_len=meta.max_seq_len,
-                                       return_block_mass=mass is not None, exact=exact)
+                                       return_block_mass=mass is not None, exact=exact,
+                                       plan=plan, q_storage_basis=q_storage is not None)
             if mass is not None:
                 o, step_mass = o
                 mass += step_mass

@@ -1,4 +1,10 @@
-"""Building blocks shared by the decoder families: RMSNorm, rotary embedding, SwiGLU MLP."""
+"""Building blocks shared by the decoder families: RMSNorm, rotary embedding, SwiGLU MLP.
+
+Per-step work is kept out of the layers: RoPE's cos/sin are computed once per step from
+the positions the runner passes (``RotaryEmbedding.cos_sin``) and every layer only applies
+them (``apply_rope``). Projections that read the same input run as one matmul
+(``fused_linear``: q/k/v, gate/up), their weights fused on first use.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # one fused op, the same arithmetic
+            return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
@@ -54,17 +62,61 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) -> cos, signed sin (T, 1, D) in ``dtype``: once per step. The sin
+        carries rotate-half's sign (-sin on the first half), so a layer rotates with a roll.
+        Computed from ``positions`` as given (they need not be token indices)."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # (T, D/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        return (torch.cat([cos, cos], -1)[:, None, :].to(dtype),
+                torch.cat([-sin, sin], -1)[:, None, :].to(dtype))
+
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """positions (T,); each x (T, heads, head_dim) -> rotated, same dtype."""
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # (T, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
-        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]  # (T, 1, D)
-        out = []
-        for x in xs:
-            c, s = cos.to(x.dtype), sin.to(x.dtype)
-            x1, x2 = x.chunk(2, dim=-1)
-            out.append(x * c + torch.cat([-x2, x1], dim=-1) * s)
-        return tuple(out)
+        return tuple(apply_rope(x, *self.cos_sin(positions, x.dtype)) for x in xs)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, D) rotated by cos / signed sin (T, 1, D) of ``RotaryEmbedding.cos_sin``:
+    x * cos + rotate_half(x) * sin, where rotate_half(x) * sin == roll(x, D/2) * signed sin."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+def fused_linear(owner: nn.Module, names: tuple[str, ...]):
+    """(weight, bias or None) of ``owner``'s nn.Linear children ``names`` stacked along the
+    output features, or None when they cannot be fused (e.g. bitsandbytes layers).
+
+    On first use (and again if a parameter was moved or replaced) the weights are copied
+    into one tensor and each Linear's parameters become views of it, so the memory is not
+    doubled and a later in-place update of a parameter (a checkpoint copied in) is seen by
+    the fused matmul. The key is the parameters' storage, checked on every call.
+    """
+    lins = [getattr(owner, n) for n in names]
+    if not all(type(m) is nn.Linear for m in lins):
+        return None
+    key = tuple(m.weight.data_ptr() for m in lins) + tuple(
+        m.bias.data_ptr() if m.bias is not None else 0 for m in lins)
+    cached = owner.__dict__.get("_fused")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    has_bias = [m.bias is not None for m in lins]
+    if any(has_bias) and not all(has_bias):
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        w = torch.cat([m.weight for m in lins])  # (sum of out_features, in_features)
+        b = torch.cat([m.bias for m in lins]) if all(has_bias) else None
+        i = 0
+        for m in lins:
+            n = m.out_features
+            m.weight.data = w[i:i + n]
+            if b is not None:
+                m.bias.data = b[i:i + n]
+            i += n
+    key = tuple(m.weight.data_ptr() for m in lins) + tuple(
+        m.bias.data_ptr() if m.bias is not None else 0 for m in lins)
+    owner.__dict__["_fused"] = (key, (w, b))
+    return w, b
 
 
 class SwiGLU(nn.Module):
@@ -76,4 +128,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        fused = fused_linear(self, ("gate_proj", "up_proj"))
+        if fused is None:
+            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = nn.functional.linear(x, *fused).chunk(2, dim=-1)  # (T, I) each
+        return self.down_proj(nn.functional.silu(gate).mul_(up))

@@ -39,6 +39,7 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)  # (T, hidden)
+        meta.rope = self.rotary_emb.cos_sin(positions, x.dtype)  # once per step
         for layer in self.layers:
             x = layer(x, positions, self.rotary_emb, meta)
         return self.norm(x)

@@ -86,6 +86,13 @@ class KVFormat(ABC):
     def quantize(self, x: torch.Tensor) -> QuantizedKV:
         """(..., head_dim) floats -> stored form. Applies the rotation if the format has one."""
 
+    def quantize_storage(self, xs: torch.Tensor) -> QuantizedKV:
+        """Quantize fp32 vectors already in the storage basis: ``quantize(x)`` equals
+        ``quantize_storage(to_storage_basis(x.float()))`` to the bit. Lets a caller rotate
+        several tensors (queries, keys, values) in one matmul."""
+        assert not self.rotate, f"{self.name} must override quantize_storage"
+        return self.quantize(xs)
+
     @abstractmethod
     def decode(self, q: QuantizedKV) -> torch.Tensor:
         """Stored form -> fp32 (..., head_dim) in the storage basis (still rotated)."""

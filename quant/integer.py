@@ -69,16 +69,18 @@ class IntFormat(KVFormat):
     # ---- quantize / decode -------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> QuantizedKV:
         self._check_input(x)
-        d = x.shape[-1]
+        return self.quantize_storage(self.to_storage_basis(x.float()))
+
+    def quantize_storage(self, xf: torch.Tensor) -> QuantizedKV:
+        d = xf.shape[-1]
         g = self.num_groups(d)
-        xf = self.to_storage_basis(x.float())
         xg = xf.reshape(*xf.shape[:-1], g, d // g)  # (..., groups, group_size)
         if self.symmetric:
             scale = fp16_scale(xg.abs().amax(-1) / self.qmax)  # (..., groups)
             codes = torch.round(xg / scale.float().unsqueeze(-1)).clamp(-self.qmax, self.qmax)
             zero = None
         else:
-            lo, hi = xg.amin(-1), xg.amax(-1)
+            lo, hi = torch.aminmax(xg, dim=-1)  # one pass (the same values as amin, amax)
             scale = fp16_scale((hi - lo) / self.levels)
             zero = lo.to(scale.dtype)
             codes = torch.round((xg - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1))
@@ -87,7 +89,7 @@ class IntFormat(KVFormat):
         if self.bits == 8:
             data = codes.to(self.storage_dtype)
         else:
-            data = pack_int4((codes + self.offset).to(torch.uint8))  # (..., d/2)
+            data = pack_int4((codes + self.offset if self.offset else codes).to(torch.uint8))
         return QuantizedKV(data=data, scale=scale, zero=zero)
 
     def decode(self, q: QuantizedKV) -> torch.Tensor:

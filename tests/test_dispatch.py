@@ -1,4 +1,4 @@
-"""Routing of the runtime's entry points: Triton kernels vs the torch reference."""
+"""Routing of the runtime's entry points: Triton kernels, the torch path, the oracle."""
 
 import logging
 
@@ -8,6 +8,7 @@ from kernel_cases import DEVICE, empty_store, random_paged_kv
 
 import edgekv.kernels as K
 from edgekv.kernels import dispatch
+from edgekv.kernels.cpu_decode import paged_decode_attention_cpu
 from edgekv.quant import get_format
 
 
@@ -61,9 +62,11 @@ def test_backend_switches(monkeypatch):
 def test_auto_routes_by_device(calls):
     q, k, v, bt, sl, fmt = _decode_inputs()
     out = K.paged_decode_attention(q, k, v, bt, sl, fmt)
-    if DEVICE.type == "cpu":
+    if DEVICE.type == "cpu":  # the torch path, not the oracle (equal to it within 2e-5)
         assert calls == []
-        assert torch.equal(out, K.paged_decode_attention_ref(q, k, v, bt, sl, fmt))
+        assert torch.equal(out, paged_decode_attention_cpu(q, k, v, bt, sl, fmt))
+        torch.testing.assert_close(out, K.paged_decode_attention_ref(q, k, v, bt, sl, fmt),
+                                   atol=1e-5, rtol=1e-5)
     else:
         assert calls == ["paged_decode_attention"]
 
@@ -94,11 +97,22 @@ def test_forced_torch_on_any_device(calls):
     out, mass = K.paged_decode_attention(q, k, v, bt, sl, fmt, return_block_mass=True)
     assert calls == []
     torch.testing.assert_close(mass.sum(1), torch.full((2,), 8.0, device=DEVICE))
+    assert torch.equal(out, paged_decode_attention_cpu(q, k, v, bt, sl, fmt))
+
+
+def test_forced_reference_runs_the_oracle(calls):
+    dispatch.set_backend("reference")
+    q, k, v, bt, sl, fmt = _decode_inputs("int4")
+    out = K.paged_decode_attention(q, k, v, bt, sl, fmt)
+    assert calls == []
     assert torch.equal(out, K.paged_decode_attention_ref(q, k, v, bt, sl, fmt))
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    out = K.paged_prefill_attention(q, k, v, bt, sl, cu, fmt)
+    assert torch.equal(out, K.paged_prefill_attention_ref(q, k, v, bt, sl, cu, fmt))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_write_kv_both_backends(calls, backend):
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_write_kv_every_backend(calls, backend):
     dispatch.set_backend(backend)
     fmt = get_format("fp8")
     g = torch.Generator().manual_seed(0)
@@ -108,7 +122,7 @@ def test_write_kv_both_backends(calls, backend):
     want = [empty_store(fmt, 4, 2, 16, 64) for _ in range(2)]
     K.write_kv(got[0], got[1], k, v, slots, fmt)
     K.write_kv_ref(want[0], want[1], k, v, slots, fmt)
-    assert calls == ([] if backend == "torch" else ["write_kv_triton"])
+    assert calls == (["write_kv_triton"] if backend == "triton" else [])
     for a, b in zip(got, want, strict=True):
         assert (a.data.int() - b.data.int()).abs().max() <= 1
         torch.testing.assert_close(a.scale, b.scale, rtol=1e-3, atol=0)

@@ -1,0 +1,138 @@
+"""The per-step plan of the CPU attention path: everything every layer would re-derive.
+
+FlashInfer's plan/run split: ``plan_step`` runs once per engine step (the model runner calls
+it) and every layer's write and attention only *run* over its tensors. Block ids are shared
+by all layers and every layer's storage has the same shape, so the row a slot occupies in
+one layer's storage is the row it occupies in all of them.
+
+Rows. One layer's K (or V) codes, viewed flat, are rows of packed_dim elements::
+
+    data.view(-1, P)   row ((block * Hkv) + head) * B + offset    (head-major in a block)
+
+and its scales / zeros the same rows of ``scale.view(-1, groups)``. A decode bucket
+lists, for each of its sequences, KV head and position ``l < length``, the row to read:
+one ``index_select`` gathers a layer's whole batch history in (S, Hkv, length) order, with
+no permute. Positions past a sequence's visible length read that sequence's first row (a
+slot it owns, so the codes are finite) and get a ``-inf`` bias, so they weigh exactly 0.
+
+Length buckets. Sequences are padded only to the longest of their bucket; a batch whose
+lengths differ widely is cut into buckets (sorted by length, each within 2x) so no
+sequence pays for the longest one's history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DecodeBucket:
+    """seqs:   (Sb,) int64 indices into the batch, or None: the whole batch in order
+    rows:   (Sb * Hkv * length,) int64 storage rows, (s, head, position) order
+    bias:   (Sb * Hkv, 1, length) fp32, 0 where a position is read from the blocks, -inf
+            past a sequence's visible length
+    length: padded length, a multiple of B (block mass sums whole blocks)"""
+
+    seqs: torch.Tensor | None
+    rows: torch.Tensor
+    bias: torch.Tensor
+    length: int
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step's layers share. ``write_rows``: (Hkv * T,) int64 storage rows of the
+    new tokens (head-major, as a (Hkv, T, D) K or V lies); ``buckets``: the decode buckets
+    (empty for a prefill step); ``num_exact``: (S,) tokens each decode query reads from its
+    exact ring (None: no residual window)."""
+
+    block_size: int
+    num_kv_heads: int
+    write_rows: torch.Tensor
+    buckets: tuple[DecodeBucket, ...] = ()
+    num_exact: torch.Tensor | None = None
+
+
+def slot_rows(slots: torch.Tensor, block_size: int, num_kv_heads: int) -> torch.Tensor:
+    """(T,) flat slots (block * B + offset) -> (Hkv * T,) storage rows, head-major: row
+    ``h * T + t`` is where token t's head h goes."""
+    s = slots.detach().cpu().numpy().astype(np.int64)
+    blk, off = s // block_size, s % block_size  # (T,)
+    heads = np.arange(num_kv_heads)[:, None]
+    rows = (blk[None, :] * num_kv_heads + heads) * block_size + off[None, :]  # (Hkv, T)
+    return torch.from_numpy(rows.reshape(-1)).to(slots.device)
+
+
+def _bucket(table: np.ndarray, visible: np.ndarray, lens: np.ndarray,
+            seqs: torch.Tensor | None, B: int, Hkv: int, dev: torch.device) -> DecodeBucket:
+    """table (Sb, max_blocks); visible: (Sb,) tokens read from the blocks; lens: (Sb,)
+    tokens owned (>= 1). Host arithmetic in numpy: a few us a step, not ~30 torch ops."""
+    length = max(1, -(-int(lens.max()) // B)) * B
+    pos = np.arange(length)  # (length,)
+    owned = pos[None, :] < visible[:, None]  # (Sb, length)
+    blk = np.where(owned, table[:, pos // B], table[:, :1])  # (Sb, length)
+    off = np.where(owned, pos % B, 0)
+    heads = np.arange(Hkv)[None, :, None]
+    rows = (blk[:, None, :] * Hkv + heads) * B + off[:, None, :]  # (Sb, Hkv, length)
+    bias = np.where(owned, np.float32(0), np.float32(-np.inf))[:, None, :]
+    bias = np.ascontiguousarray(np.broadcast_to(bias, (len(lens), Hkv, length)))
+    return DecodeBucket(seqs, torch.from_numpy(rows.reshape(-1)).to(dev),
+                        torch.from_numpy(bias.reshape(-1, 1, length)).to(dev), length)
+
+
+def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                num_kv_heads: int, num_exact: torch.Tensor | None = None
+                ) -> tuple[DecodeBucket, ...]:
+    """Buckets of a decode step. ``num_exact`` (S,): newest tokens of each sequence read
+    from its exact ring instead (kernels/exact_tail.py); a residual window keeps one
+    bucket (its ring part is attended for the whole batch at once)."""
+    dev = block_tables.device
+    lens = seq_lens.detach().cpu().numpy().astype(np.int64)
+    visible = lens if num_exact is None else lens - num_exact.detach().cpu().numpy()
+    nb = max(1, -(-int(lens.max()) // block_size))
+    table = block_tables[:, :nb].detach().cpu().numpy().astype(np.int64)  # (S, nb)
+    groups = _length_groups(lens.tolist(), block_size) if num_exact is None else [None]
+    if len(groups) == 1:
+        return (_bucket(table, visible, lens, None, block_size, num_kv_heads, dev),)
+    out = []
+    for g in groups:
+        idx = np.asarray(g)
+        out.append(_bucket(table[idx], visible[idx], lens[idx],
+                           torch.from_numpy(idx).to(dev), block_size, num_kv_heads, dev))
+    return tuple(out)
+
+
+def _length_groups(lens: list[int], B: int) -> list[list[int]]:
+    """Sequence indices cut into groups of similar length (max within 2x of min + 2
+    blocks); one group when padding to the longest wastes under a quarter."""
+    padded = [-(-n // B) * B for n in lens]
+    if max(padded) * len(lens) <= 1.25 * sum(padded) + 2 * B * len(lens):
+        return [list(range(len(lens)))]
+    order = sorted(range(len(lens)), key=lambda i: padded[i])
+    groups, lo = [[order[0]]], padded[order[0]]
+    for i in order[1:]:
+        if padded[i] > 2 * lo + 2 * B:
+            groups.append([])
+            lo = padded[i]
+        groups[-1].append(i)
+    return groups
+
+
+def exact_counts(seq_lens: torch.Tensor, start: torch.Tensor, window: int) -> torch.Tensor:
+    """(S,) tokens a decode query reads exact: as ExactTail.num_exact."""
+    lens = seq_lens.to(device=start.device, dtype=torch.long)
+    return (lens - torch.maximum(start, lens - window)).clamp(min=0)
+
+
+def plan_step(block_tables: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor,
+              max_query_len: int, block_size: int, num_kv_heads: int,
+              num_exact: torch.Tensor | None = None) -> StepPlan:
+    """Plan one step (decode buckets when every sequence has one new token)."""
+    buckets = ()
+    if max_query_len == 1 and len(seq_lens):
+        buckets = plan_decode(block_tables, seq_lens, block_size, num_kv_heads, num_exact)
+    return StepPlan(block_size, num_kv_heads, slot_rows(slot_mapping, block_size,
+                                                        num_kv_heads), buckets, num_exact)
