@@ -55,7 +55,7 @@ class ChatSession:
             with self.engine.hold():  # Ctrl-C waits until the turn is set up whole
                 messages, ids, text, dropped = self._turn(message, params)  # changes nothing
                 self.engine.validate(ids, params, keep_cache=True)
-                self.messages, self._prompt_text, started = messages, text, True
+                self.messages, self._prompt_text = messages, text
                 self.dropped_turns = dropped
                 self.total_dropped_turns += dropped
                 if dropped:
@@ -65,11 +65,14 @@ class ChatSession:
                 else:
                     self._reuse_cache(ids)
                 self.prompt_tokens = len(ids) - self.seq.num_computed
-            yield from self.engine.drive(self.seq, params)
+                self.engine.add(self.seq, params)  # with the set-up: a Ctrl-C comes after
+                started = True
+            yield from self.engine.drive(self.seq, queued=True)
         finally:
             if started:  # the reply so far (none if stopped at once) joins the history
-                reply = self.seq.text if self.seq is not None else ""
-                self.messages.append({"role": "assistant", "content": reply})
+                if not self.seq.finished:  # stopped before drive began
+                    self.engine.abort_soon(self.seq)
+                self.messages.append({"role": "assistant", "content": self.seq.text})
 
     def context_limit(self) -> int | None:
         """The most tokens the conversation may hold (the model's context, or the KV pool

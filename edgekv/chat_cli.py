@@ -175,13 +175,16 @@ class ChatREPL:
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
-            if line.startswith("/"):
-                if not self.command(line):
-                    return
-                continue
-            self.interactive_prefix = "model> " if interactive else ""
-            self.say(self.interactive_prefix, end="")
-            self.reply(line)
+            try:
+                if line.startswith("/"):
+                    if not self.command(line):
+                        return
+                    continue
+                self.interactive_prefix = "model> " if interactive else ""
+                self.say(self.interactive_prefix, end="")
+                self.reply(line)
+            except KeyboardInterrupt:  # during a command or the status line: stop only it
+                self.say(" (interrupted)")
 
 
 def stdin_lines(interactive: bool, notify=None):

@@ -19,10 +19,11 @@ re-quantization of the kept keys (``scripts/bench_context_shift.py`` measures it
     indices:    [ 0 | 16 | 32 | 48 |  64 ]   shift: entries 2..4 rotate by -48, and the
                                              next token takes position 64 + its offset
 
-A moved block held by this table alone is rewritten in place; a shared one (a fork) is
-rewritten into a fresh block. The bytes of all layers are computed first and committed
-together with the table, with Ctrl-C held back (``interrupts.py``): a shift is all or
-nothing.
+Moved blocks are rewritten into fresh blocks, and the table points at them only once
+every layer is written, so a shift is all or nothing; a block shared with a fork must move
+this way (copy-on-write). When the pool is short of fresh blocks, blocks this table holds
+alone are rewritten in place instead, committed with the table while Ctrl-C is held back
+(``interrupts.py``).
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ class ContextShift:
         return t.position(t.num_tokens, self.manager.block_size) + n > self.max_position
 
     def blocks_needed(self, seq_id: int, n: int) -> int:
-        """Free blocks a shift before appending ``n`` tokens takes (shared moved blocks)."""
+        """Free blocks a shift before appending ``n`` tokens needs at least: one per moved
+        block another sequence shares (a swapped-out block comes back private)."""
         if not self.needed(seq_id, n):
             return 0
         t, pool = self.manager.tables[seq_id], self.manager.pool
-        return sum(pool.is_shared(t.block_ids[i]) for i, _ in self.manager.shift_plan(seq_id))
+        return sum(t.block_ids[i] is not None and pool.is_shared(t.block_ids[i])
+                   for i, _ in self.manager.shift_plan(seq_id))
 
     def fit(self, seq_id: int, n: int) -> None:
         """Shift ``seq_id`` if its next ``n`` tokens need it. The caller has checked that
@@ -84,6 +87,11 @@ class ContextShift:
         assert not self.needed(seq_id, n), f"sequence {seq_id}: {n} tokens exceed the context"
 
     def shift(self, seq_id: int) -> None:
+        """Move every entry of ``seq_id`` to its cache index. All or nothing: the moved
+        blocks are written into fresh blocks, and only then does the table point at them
+        (the old ones lose this table's reference). When the pool is short, blocks held by
+        this table alone are rewritten in place instead, in one commit with the table
+        that Ctrl-C cannot cut."""
         mgr = self.manager
         t, pool = mgr.tables[seq_id], mgr.pool
         plan = mgr.shift_plan(seq_id)
@@ -91,33 +99,49 @@ class ContextShift:
             return
         assert not t.host, f"shifting swapped-out sequence {seq_id}"
         src = [t.block_ids[i] for i, _ in plan]
-        shared = [pool.is_shared(b) for b in src]
-        dev = self.cache.device
+        everything = pool.num_free >= len(plan)
+        fresh_at = [j for j, b in enumerate(src) if everything or pool.is_shared(b)]
+        stay_at = [j for j, b in enumerate(src) if not (everything or pool.is_shared(b))]
+        dev, fmt = self.cache.device, self.cache.format
         src_t = torch.tensor(src, device=dev)
         delta = torch.tensor([d for _, d in plan], device=dev)
-        fmt, inv = self.cache.format, self.inv_freq.to(dev)
         new_keys = []  # per layer: the moved blocks' keys, quantized again
         for k_store, _ in self.cache.layers:
             k = fmt.dequantize(_gather(k_store, src_t))  # (nb, Hkv, bs, D) fp32
-            new_keys.append(fmt.quantize(rotate_keys(k, delta, inv)))
-        fresh = sum(shared)
-        with deferred_interrupts():  # bytes and table together, or not at all
-            dst = list(src)
-            for j, new in zip([j for j, s in enumerate(shared) if s],
-                              pool.allocate(fresh), strict=True):
-                dst[j] = new
-            dst_t = torch.tensor(dst, device=dev)
-            for (k_store, v_store), new in zip(self.cache.layers, new_keys, strict=True):
-                for part in ("data", "scale", "zero"):
-                    kt, vt = getattr(k_store, part), getattr(v_store, part)
-                    if kt is not None:
-                        kt[dst_t] = getattr(new, part)
-                    if vt is not None and fresh:
-                        vt[dst_t] = vt[src_t]
-            for (i, _), s, b in zip(plan, shared, dst, strict=True):
-                mgr.reposition(seq_id, i, b if s else None)
+            new_keys.append(fmt.quantize(rotate_keys(k, delta, self.inv_freq.to(dev))))
+        fresh = pool.allocate(len(fresh_at))  # NoFreeBlocks: nothing changed
+        dst, committed = list(src), False
+        try:  # fresh blocks: nothing points at them until the table is committed
+            for j, b in zip(fresh_at, fresh, strict=True):
+                dst[j] = b
+            self._store(new_keys, fresh_at, src_t, torch.tensor(dst, device=dev), values=True)
+            with deferred_interrupts():  # in-place bytes and the table, together
+                self._store(new_keys, stay_at, src_t, src_t, values=False)
+                for j, (i, _) in enumerate(plan):
+                    mgr.reposition(seq_id, i, dst[j] if j in fresh_at else None)
+                committed = True
+        finally:
+            if not committed:
+                for b in fresh:
+                    pool.release(b)
         self.shifts += 1
         self.shifted_blocks += len(plan)
+
+    def _store(self, new_keys: list[QuantizedKV], at: list[int], src_t: torch.Tensor,
+               dst_t: torch.Tensor, values: bool) -> None:
+        """Write rows ``at`` of each layer's ``new_keys`` into blocks ``dst_t[at]`` (and,
+        with ``values``, copy the values of ``src_t[at]`` there)."""
+        if not at:
+            return
+        at_t = torch.tensor(at, device=src_t.device)
+        src, dst = src_t[at_t], dst_t[at_t]
+        for (k_store, v_store), new in zip(self.cache.layers, new_keys, strict=True):
+            for part in ("data", "scale", "zero"):
+                kt, vt = getattr(k_store, part), getattr(v_store, part)
+                if kt is not None:
+                    kt[dst] = getattr(new, part)[at_t]
+                if vt is not None and values:
+                    vt[dst] = vt[src]
 
     def stats(self) -> dict:
         return {"context_shifts": self.shifts, "shifted_blocks": self.shifted_blocks}

@@ -169,14 +169,16 @@ class Engine:
                 self._drain_aborts()
             yield
 
-    def drive(self, seq: Sequence, params: SamplingParams | None = None):
-        """Queue ``seq`` (``add``) and step until it finishes, yielding its text deltas
-        (other requests advance too). The engine is held only inside each ``next()``.
-        Closing the generator, an exception, or the generator being collected aborts the
-        sequence (``abort_soon``)."""
+    def drive(self, seq: Sequence, params: SamplingParams | None = None,
+              queued: bool = False):
+        """Queue ``seq`` (``add``; ``queued``: the caller has) and step until it finishes,
+        yielding its text deltas (other requests advance too). The engine is held only
+        inside each ``next()``. Closing the generator, an exception, or the generator being
+        collected aborts the sequence (``abort_soon``)."""
         try:
-            with self.hold():
-                self.add(seq, params)
+            if not queued:
+                with self.hold():
+                    self.add(seq, params)
             while True:
                 while seq.new_text:
                     yield seq.new_text.pop(0)

@@ -167,6 +167,8 @@ class Scheduler:
         mgr = self.manager
         if mgr.is_swapped(seq.seq_id):
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if self.evictor is not None:  # its chunk is capped (and made room for by
+                n = min(n, 1)  # evicting) once it is back: swapped blocks + one slot
             if not self._room(seq, n, shrink=False):
                 return False
             self.offloader.swap_in(seq.seq_id)

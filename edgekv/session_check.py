@@ -137,6 +137,7 @@ def _check_messages(path: Path, text: str | None) -> list[dict]:
     ok = isinstance(messages, list) and all(
         isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ROLES
         and isinstance(m["content"], str) for m in messages)
+    ok = ok and all(m["role"] != "system" for m in messages[1:])  # a system prompt leads
     if not ok:
         raise ValueError(f"{path} has bad messages: expected a list of {{role: "
                          f"system|user|assistant, content: text}}")

@@ -61,14 +61,15 @@ def save_session(chat, path: str | Path, overwrite: bool = False) -> int:
     exist, or it cannot be written, and SessionExists (a ValueError) if it exists and
     ``overwrite`` is False. The write is atomic: on any failure the target is as it was
     and no temporary file is left. The file is created readable by its owner only."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; name a file to save to")
-    if not path.parent.is_dir():
-        what = "is not a directory" if path.parent.exists() else "does not exist"
-        raise ValueError(f"cannot save to {path}: {path.parent} {what}")
-    if path.exists() and not overwrite:
-        raise SessionExists(f"{path} already exists (overwrite=True replaces it)")
+    with _path_errors("save to", path):
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; name a file to save to")
+        if not path.parent.is_dir():
+            what = "is not a directory" if path.parent.exists() else "does not exist"
+            raise ValueError(f"cannot save to {path}: {path.parent} {what}")
+        if path.exists() and not overwrite:
+            raise SessionExists(f"{path} already exists (overwrite=True replaces it)")
     tensors, meta, num_cached = _session_contents(chat)
     meta["checksum"] = session_checksum(tensors, meta)
     try:
@@ -155,10 +156,22 @@ def load_session(chat, path: str | Path) -> int:
     the session exactly as it was (tokens, blocks, messages, the block pool) if the file
     is missing, unreadable, not a session of this model, format and block size, damaged,
     or does not fit in the pool."""
-    path = Path(path).expanduser()
-    meta, tensors = _read(path)
+    with _path_errors("load", path):
+        path = Path(path).expanduser()
+        meta, tensors = _read(path)
     checked = check_session(chat, path, meta, tensors, model_identity(chat.llm.model_dir))
     return _install(chat, checked)
+
+
+@contextlib.contextmanager
+def _path_errors(verb: str, path):
+    """A path the OS will not even look at (a name too long, a folder we may not read,
+    ``~nosuchuser``) is a ValueError too."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"cannot {verb} {path}: {reason}") from None
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -200,6 +213,8 @@ def _install(chat, s: CheckedSession) -> int:
     if not free_first:
         chat.reset()
     chat.seq, chat.messages, chat._prompt_text = seq, s.messages, s.prompt_text
+    lead = s.messages[0] if s.messages else None
+    chat.system = lead["content"] if lead is not None and lead["role"] == "system" else None
     return s.num_cached
 
 

@@ -64,3 +64,31 @@ def test_with_eviction_a_message_longer_than_the_context_streams_through(llama_d
     chat.send("And then?", PARAMS)
     assert chat.dropped_turns == 0
     llm.engine.manager.check_integrity()
+
+
+def test_ctrl_c_while_a_turn_is_set_up_records_an_empty_reply(llm, monkeypatch):
+    """A real SIGINT while the turn is prepared is held back until the turn is queued
+    whole; the turn then ends at once with an empty reply, and the chat goes on."""
+    import os
+    import signal
+
+    chat = llm.chat()
+    first = chat.send("Hello there", PARAMS)
+    real = chat._turn
+
+    def interrupted(*args):
+        out = real(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(chat, "_turn", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        chat.send("Tell me about the quick brown fox", PARAMS)
+    monkeypatch.undo()
+    assert chat.messages[-2:] == [
+        {"role": "user", "content": "Tell me about the quick brown fox"},
+        {"role": "assistant", "content": ""}] and first
+    assert chat.seq.num_prompt == chat.seq.num_tokens  # this turn's prompt, nothing more
+    llm.check_integrity()
+    assert chat.send("And then?", PARAMS)
+    llm.check_integrity()

@@ -105,18 +105,83 @@ def test_without_sinks_a_shift_changes_nothing_but_the_positions(tmp_path):
     torch.testing.assert_close(logits[0], logits[1], atol=2e-3, rtol=0)
 
 
-def test_forked_samples_shift_their_shared_blocks_copy_on_write(llama_dir):
-    """n > 1 samples share their prompt's blocks; a shift moves the shared ones into fresh
-    blocks, so each sample still equals the same request run alone."""
-    p = SamplingParams(max_tokens=2 * CTX, temperature=0.9, seed=11, ignore_eos=True)
-    llm = shift_llm(llama_dir, "int8", kv_memory="8MiB")
-    both = llm.generate([ids(30, seed=2)], SamplingParams(**{**p.__dict__, "n": 2}))[0]
-    alone = [shift_llm(llama_dir, "int8", kv_memory="8MiB").generate(
-        [ids(30, seed=2)], SamplingParams(**{**p.__dict__, "seed": 11 + j}))[0]
-        for j in range(2)]
-    assert [o.token_ids for o in both.outputs] == [o.token_ids for o in alone]
+def test_beams_and_samples_shift_their_shared_blocks_copy_on_write(tmp_path, monkeypatch):
+    """Beams and n > 1 samples share blocks; without sinks a shift moves the shared ones
+    (into fresh blocks) too, and every output equals that of a model whose context never
+    needs a shift."""
+    import edgekv.context_shift as cs
+
+    shared = []
+    real = cs.ContextShift.shift
+
+    def counting(self, seq_id):
+        t, pool = self.manager.tables[seq_id], self.manager.pool
+        shared.append(sum(pool.is_shared(t.block_ids[i])
+                          for i, _ in self.manager.shift_plan(seq_id)))
+        return real(self, seq_id)
+
+    monkeypatch.setattr(cs.ContextShift, "shift", counting)
+    short = build_tiny_model(tmp_path / "short", "llama")
+    long = build_tiny_model(tmp_path / "long", "llama", max_position_embeddings=8 * CTX)
+    requests = (SamplingParams(beam_width=3, max_tokens=CTX + 200),
+                SamplingParams(n=3, max_tokens=CTX + 200, temperature=0.8, seed=4,
+                               ignore_eos=True))
+    outs = {}
+    for path in (short, long):
+        llm = shift_llm(path, policy="streaming", sink_tokens=0, kv_memory="8MiB")
+        outs[path] = [[o.token_ids for o in llm.generate([ids(40, seed=7)], p)[0].outputs]
+                      for p in requests]
+        assert llm.kv_stats()["blocks_used"] == 0
+        llm.check_integrity()
+    assert sum(shared) > 0  # shared blocks did move
+    assert outs[short] == outs[long]
+
+
+def test_a_swapped_out_chat_shifts_when_it_comes_back(llama_dir):
+    """Eviction with offload: the parked chat is swapped out between its turns, and a turn
+    that needs a shift brings it back and shifts it."""
+    per_block = 2 * 2 * 2 * 8 * 34  # int8, 2 layers, 2 KV heads, head_dim 32, block 8
+    llm = LLM(llama_dir, kv_format="int8", dtype=torch.float32, block_size=8,
+              kv_memory=12 * per_block, offload_memory=64 * per_block,
+              eviction=EvictionConfig("streaming", max_kv_tokens=48))
+    chat = llm.chat()
+    p = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    swapped = 0
+    for _ in range(16):
+        reply = chat.send("Once upon a time there was a small cache", p)
+        assert chat.seq.num_outputs == 40 and reply
+        llm.generate(["Hello! How are you today? " * 3] * 2,
+                     SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+        swapped += bool(llm.engine.manager.tables[chat.seq.seq_id].host)
+        llm.check_integrity()
+    assert swapped > 0 and llm.kv_stats()["context_shifts"] > 0
+
+
+@pytest.mark.parametrize("fail_at", [1, 2], ids=["fresh-blocks", "in-place-commit"])
+def test_a_fault_inside_a_shift_changes_nothing(llama_dir, monkeypatch, fail_at):
+    """The shift writes its fresh blocks before the table points at them: a failure while
+    writing (or committing) leaks no block, and the next request is as on a fresh
+    engine."""
+    import edgekv.context_shift as cs
+
+    real, calls = cs.ContextShift._store, []
+
+    def failing(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, *args, **kw)
+
+    p = SamplingParams(max_tokens=CTX, temperature=0.0, ignore_eos=True)
+    want = shift_llm(llama_dir, "int8").generate([ids(50)], p)[0].token_ids
+    llm = shift_llm(llama_dir, "int8")
+    monkeypatch.setattr(cs.ContextShift, "_store", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.generate([ids(50)], SamplingParams(max_tokens=2 * CTX, ignore_eos=True))
+    monkeypatch.setattr(cs.ContextShift, "_store", real)
+    llm.check_integrity()
     assert llm.kv_stats()["blocks_used"] == 0
-    llm.engine.manager.check_integrity()
+    assert llm.generate([ids(50)], p)[0].token_ids == want
 
 
 def test_a_budget_larger_than_the_context_is_refused(llama_dir):

@@ -18,6 +18,8 @@ from edgekv.detokenizer import IncrementalDetokenizer
 from edgekv.guard import BUSY
 from edgekv.sequence import Status
 
+from tiny_models import build_tiny_model
+
 BLOCK = 2 * 2 * 2 * 16 * (32 + 2)  # int8 block: K+V, layers, kv heads, tokens, codes + scale
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 CHAT = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -45,11 +47,25 @@ CONFIGS = {
                    prefix_caching=False),
               ([HEADER * 2 + "The quick", "Hello! How are you today? I am fine, thank you."],
                SamplingParams(beam_width=2, max_tokens=24))),
+    # a 64-token model context under a 32-token budget, with offload and n > 1 forks: the
+    # cache shifts its positions (context_shift.py) every few steps
+    "shift": (dict(kv_memory=24 * BLOCK, offload_memory=64 * BLOCK, eviction="streaming",
+                   max_kv_tokens=32, block_size=8, context=64),
+              ([HEADER + "The quick", "Hello! How are you today? I am fine."],
+               SamplingParams(n=2, max_tokens=40, temperature=0.8, seed=7,
+                              ignore_eos=True))),
 }
 
 
 def build(llama_dir, name):
-    return LLM(llama_dir, kv_format="int8", dtype=torch.float32, **CONFIGS[name][0])
+    kw = dict(CONFIGS[name][0])
+    context = kw.pop("context", None)
+    if context is not None:  # the same tiny Llama with a shorter context
+        path = llama_dir.parent / f"llama-context-{context}"
+        if not path.is_dir():
+            build_tiny_model(path, "llama", max_position_embeddings=context)
+        llama_dir = path
+    return LLM(llama_dir, kv_format="int8", dtype=torch.float32, **kw)
 
 
 @pytest.fixture(scope="module")

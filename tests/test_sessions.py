@@ -205,6 +205,34 @@ def test_missing_file_and_directory_are_refused(llama_dir, tmp_path):
     assert_unchanged(chat, before)
 
 
+def test_paths_the_os_will_not_look_at_are_one_line_errors(llama_dir, tmp_path):
+    chat = live_chat(llama_dir)
+    before = snapshot(chat)
+    for bad in (tmp_path / ("a" * 300) / "x", Path("~no_such_user_edgekv/x")):
+        with pytest.raises(ValueError, match="cannot (save to|load)"):
+            save_session(chat, bad)
+        with pytest.raises(ValueError, match="cannot (save to|load)|no such session"):
+            load_session(chat, bad)
+    assert_unchanged(chat, before)
+
+
+def test_loading_a_session_brings_its_system_prompt(llama_dir, tmp_path):
+    src = LLM(llama_dir, kv_memory="1MiB", **KW).chat(system="Be brief.")
+    src.send("Hello", GREEDY)
+    save_session(src, tmp_path / "s.safetensors")
+    chat = live_chat(llama_dir)  # a chat without a system prompt
+    load_session(chat, tmp_path / "s.safetensors")
+    assert chat.system == "Be brief."
+    chat.reset()
+    assert chat.messages == [{"role": "system", "content": "Be brief."}]
+    plain = live_chat(llama_dir)
+    save_session(plain, tmp_path / "plain.safetensors")
+    load_session(chat, tmp_path / "plain.safetensors")
+    assert chat.system is None
+    chat.reset()
+    assert chat.messages == []
+
+
 def test_a_session_that_fits_only_in_the_chats_own_blocks_loads_and_continues(llama_dir,
                                                                               donor):
     """The pool has room for the donor's blocks and its next turn, but the live chat holds
