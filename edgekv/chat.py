@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, request_seed
 from .sequence import Sequence
 
 log = logging.getLogger("edgekv")
@@ -37,6 +37,7 @@ class ChatSession:
         self.prompt_tokens = 0  # tokens the last turn sent through the model (its prefill)
         self.dropped_turns = 0  # oldest turns the last turn dropped to fit the context
         self.total_dropped_turns = 0
+        self.turns = 0  # turns started (each seeds its sampling apart)
 
     # ---- turns -------------------------------------------------------------------------
     def send(self, message: str, params: SamplingParams | None = None) -> str:
@@ -50,6 +51,10 @@ class ChatSession:
         params = params or SamplingParams()
         if not params.stop and self.llm.chat_stop:  # the model's own end of a turn
             params = dataclasses.replace(params, stop=self.llm.chat_stop)
+        # each turn draws its own samples (the chat keeps one sequence id), reproducibly:
+        # the turn's seed mixes the given seed (or the LLM's) with the turn's number
+        base = params.seed if params.seed is not None else self.engine.seed
+        params = dataclasses.replace(params, seed=request_seed(base, -1 - self.turns))
         started = False
         try:
             with self.engine.hold():  # Ctrl-C waits until the turn is set up whole
@@ -67,6 +72,7 @@ class ChatSession:
                 self.prompt_tokens = len(ids) - self.seq.num_computed
                 self.engine.add(self.seq, params)  # with the set-up: a Ctrl-C comes after
                 started = True
+                self.turns += 1
             yield from self.engine.drive(self.seq, queued=True)
         finally:
             if started:  # the reply so far (none if stopped at once) joins the history
@@ -104,9 +110,10 @@ class ChatSession:
             if len(messages) - first < 3:  # nothing left to drop but this message
                 if len(ids) <= target:
                     break
-                raise ValueError(f"this message ({len(ids)} tokens with the system prompt) "
-                                 f"does not fit the model's context of {limit} tokens with "
-                                 f"{reserve} kept for the reply")
+                raise ValueError(f"this message takes {len(ids)} tokens; with {reserve} kept "
+                                 f"for the reply it does not fit the model's context of "
+                                 f"{limit} tokens: shorten it, lower max_tokens, or use "
+                                 f"eviction")
             del messages[first : first + 2]  # the oldest user message and its reply
             dropped += 1
             text = self.render_text(messages)

@@ -122,7 +122,7 @@ class ChatREPL:
         try:
             for piece in stream:
                 if not started:
-                    started = True
+                    started, t0 = True, time.perf_counter()  # decode speed: from here
                     self._dropped_notice()
                 self.say(piece, end="")
         except ValueError as e:  # refused before it changed anything (chat.py), or cut
@@ -137,15 +137,21 @@ class ChatREPL:
             self._dropped_notice()
         dt = time.perf_counter() - t0
         self.say()
-        gen = self.chat.seq.num_outputs if self.chat.seq is not None else 0
+        seq = self.chat.seq
+        if seq is not None and seq.finish_reason == "context":
+            self.say(f"(the reply stopped at the model's context of "
+                     f"{self.chat.context_limit()} tokens; the next turn drops the oldest "
+                     f"turns, and --eviction goes on past it)")
+        gen = seq.num_outputs if seq is not None else 0
         stats = {**self.llm.kv_stats(), "compute_dtype": self.llm.compute_dtype}
-        self.say(status_line(stats, gen / dt if dt > 0 else 0.0,
+        self.say(status_line(stats, (gen - 1) / dt if gen > 1 and dt > 0 else 0.0,
                              self.chat.prompt_tokens, gen))
 
     def _dropped_notice(self) -> None:
         if self.chat.dropped_turns:
-            self.say(f"(dropped the {self.chat.dropped_turns} oldest turn(s) to fit the "
-                     f"model's context of {self.chat.context_limit()} tokens)")
+            n = self.chat.dropped_turns
+            self.say(f"(dropped the {'oldest turn' if n == 1 else f'{n} oldest turns'} to "
+                     f"fit the model's context of {self.chat.context_limit()} tokens)")
             self.say(self.interactive_prefix, end="")
 
     def run(self, lines, interactive: bool) -> None:

@@ -168,10 +168,17 @@ def generate(prompt: str | None, **opts) -> None:
     if llm.tokenizer is None:
         raise InputError(f"{llm.model_dir} has no tokenizer: generate needs one to read "
                          f"the prompt")
-    with user_errors():  # e.g. a prompt longer than the model's context
-        for piece in llm.stream(prompt, params):
-            click.echo(piece, nl=False)
+    try:
+        with user_errors():  # e.g. a prompt longer than the model's context
+            for piece in llm.stream(prompt, params):
+                click.echo(piece, nl=False)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, as a shell expects
+        click.echo()
+        sys.exit(130)
     click.echo()
+    if llm.last_finish_reason == "context":
+        click.echo(f"(stopped: the model's context of {llm.model_config.max_position} "
+                   f"tokens is full; --eviction goes on past it)", err=True)
 
 
 @main.command()

@@ -122,7 +122,8 @@ class Engine:
         max_len = self.model_config.max_position
         if self.evictor is None and len(token_ids) >= max_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens does not fit the model's "
-                             f"context of {max_len} tokens")
+                             f"context of {max_len} tokens (an eviction policy reads "
+                             f"past it)")
         pool = self.cache_config.num_blocks * self.cache_config.block_size
         if self.evictor is None and len(token_ids) >= pool:
             raise ValueError(f"prompt of {len(token_ids)} tokens does not fit the KV pool of "

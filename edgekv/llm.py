@@ -111,6 +111,7 @@ class LLM:
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.chat_stop = _chat_stop_strings(self.model_dir)
         mc = self.model_config
+        self.last_finish_reason = None  # why the last finished stream() stopped
         self.kv_plan = None  # what kv_memory=None / "auto" chose (edgekv.memory.KVPlan)
         if kv_memory is None or kv_memory == "auto":
             self.kv_plan = auto_kv_plan(self.device, mc, kv_format, block_size, max_num_seqs,
@@ -180,13 +181,15 @@ class LLM:
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None
                ) -> Iterator[str]:
         """Yield the completion's text as it is produced (whole characters only). Closing
-        or dropping the generator stops the request (at the latest, at the next call)."""
+        or dropping the generator stops the request (at the latest, at the next call).
+        When it ends, ``llm.last_finish_reason`` says why (see CompletionOutput)."""
         with self.engine.hold():
             (seq,) = self._sequences(prompt, params)
             if seq.params.n > 1 or seq.params.beam_width is not None:
                 raise ValueError("stream takes n=1 and no beam_width: use generate")
             self.engine.validate(seq.token_ids, seq.params)
         yield from self.engine.drive(seq)
+        self.last_finish_reason = seq.finish_reason
 
     def chat(self, system: str | None = None):
         """A conversation whose history stays in the KV cache between turns."""

@@ -213,6 +213,7 @@ def _install(chat, s: CheckedSession) -> int:
     if not free_first:
         chat.reset()
     chat.seq, chat.messages, chat._prompt_text = seq, s.messages, s.prompt_text
+    chat.turns = sum(m["role"] == "user" for m in s.messages)  # seeds the next turns
     lead = s.messages[0] if s.messages else None
     chat.system = lead["content"] if lead is not None and lead["role"] == "system" else None
     return s.num_cached

@@ -92,3 +92,28 @@ def test_ctrl_c_while_a_turn_is_set_up_records_an_empty_reply(llm, monkeypatch):
     llm.check_integrity()
     assert chat.send("And then?", PARAMS)
     llm.check_integrity()
+
+
+def test_each_turn_draws_its_own_samples_reproducibly(llama_dir):
+    """One chat keeps one sequence, but every turn seeds its sampling apart (from the
+    given seed and the turn's number), so a conversation replays exactly with the same
+    seed and no two turns share a random stream."""
+    p = SamplingParams(max_tokens=8, temperature=1.0, top_p=1.0, seed=1, ignore_eos=True)
+
+    def seeds():
+        chat = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32).chat()
+        out = []
+        for _ in range(3):
+            chat.send("Hello there", p)
+            out.append(chat.seq.seed)
+        return out
+
+    first = seeds()
+    assert len(set(first)) == 3 and seeds() == first
+
+
+def test_a_stream_cut_by_the_context_says_so(llm):
+    prompt = [5] * (CTX - 4)
+    for _ in llm.stream(prompt, SamplingParams(max_tokens=50, ignore_eos=True)):
+        pass
+    assert llm.last_finish_reason == "context"

@@ -159,6 +159,8 @@ def test_bad_input_raises_clear_value_errors(tmp_path):
         plan_memory(spec, "8GiB", batch=0)
     with pytest.raises(ValueError, match="is 8 bytes: give a unit"):
         plan_memory(spec, "8")
+    with pytest.raises(ValueError, match="'100MiB' is under 256 MiB: no GPU is that small"):
+        plan_memory(spec, "100MiB")  # a unit was given: say what is wrong with it
     with pytest.raises(ValueError, match="num_attention_heads must be a positive integer"):
         config_from_hf_dict({"hidden_size": 64, "vocab_size": 10, "intermediate_size": 8,
                              "num_hidden_layers": 1, "num_attention_heads": 0})

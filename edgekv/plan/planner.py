@@ -128,9 +128,12 @@ def plan_memory(spec: ModelSpec, gpu_memory: int | str, context: int | None = No
     """
     cfg = spec.config
     memory = parse_memory(gpu_memory)
-    if memory < 2**28:  # no GPU has under 256 MiB: a unit was most likely left off
+    if memory < 2**28:  # no GPU has under 256 MiB
+        if isinstance(gpu_memory, str) and not gpu_memory.strip().isdigit():
+            raise ValueError(f"GPU memory {gpu_memory!r} is under 256 MiB: no GPU is that "
+                             f"small; give the card's memory, e.g. '8GiB'")
         raise ValueError(f"GPU memory {gpu_memory!r} is {memory:,} bytes: give a unit, "
-                         f"e.g. '8GiB'")
+                         f"e.g. '8GiB'")  # a unit was most likely left off
     context = cfg.max_position if context is None else context
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
         raise ValueError(f"context must be a positive number of tokens, got {context!r}")
