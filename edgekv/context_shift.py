@@ -22,8 +22,8 @@ re-quantization of the kept keys (``scripts/bench_context_shift.py`` measures it
 Moved blocks are rewritten into fresh blocks, and the table points at them only once
 every layer is written, so a shift is all or nothing; a block shared with a fork must move
 this way (copy-on-write). When the pool is short of fresh blocks, blocks this table holds
-alone are rewritten in place instead, committed with the table while Ctrl-C is held back
-(``interrupts.py``).
+alone are rewritten in place instead. Shifts run inside the engine's hold, where a Ctrl-C
+waits for a safe point (``guard.py``), so it cannot cut a commit in half.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import torch
 from edgekv.quant import QuantizedKV
 
 from .block_manager import BlockManager
-from .interrupts import deferred_interrupts
 from .kv_cache import PagedKVCache
 
 
@@ -90,8 +89,8 @@ class ContextShift:
         """Move every entry of ``seq_id`` to its cache index. All or nothing: the moved
         blocks are written into fresh blocks, and only then does the table point at them
         (the old ones lose this table's reference). When the pool is short, blocks held by
-        this table alone are rewritten in place instead, in one commit with the table
-        that Ctrl-C cannot cut."""
+        this table alone are rewritten in place instead, in one commit with the table.
+        Called inside the engine's hold (Ctrl-C deferred to safe points)."""
         mgr = self.manager
         t, pool = mgr.tables[seq_id], mgr.pool
         plan = mgr.shift_plan(seq_id)
@@ -115,11 +114,11 @@ class ContextShift:
             for j, b in zip(fresh_at, fresh, strict=True):
                 dst[j] = b
             self._store(new_keys, fresh_at, src_t, torch.tensor(dst, device=dev), values=True)
-            with deferred_interrupts():  # in-place bytes and the table, together
-                self._store(new_keys, stay_at, src_t, src_t, values=False)
-                for j, (i, _) in enumerate(plan):
-                    mgr.reposition(seq_id, i, dst[j] if j in fresh_at else None)
-                committed = True
+            # in-place bytes and the table, together (no Ctrl-C here: guard.py)
+            self._store(new_keys, stay_at, src_t, src_t, values=False)
+            for j, (i, _) in enumerate(plan):
+                mgr.reposition(seq_id, i, dst[j] if j in fresh_at else None)
+            committed = True
         finally:
             if not committed:
                 for b in fresh:
