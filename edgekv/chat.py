@@ -55,7 +55,7 @@ class ChatSession:
         # the turn's seed mixes the given seed (or the LLM's) with the turn's number
         base = params.seed if params.seed is not None else self.engine.seed
         params = dataclasses.replace(params, seed=request_seed(base, -1 - self.turns))
-        started = False
+        started, seq = False, None
         try:
             with self.engine.hold():  # Ctrl-C waits until the turn is set up whole
                 messages, ids, text, dropped = self._turn(message, params)  # changes nothing
@@ -70,15 +70,17 @@ class ChatSession:
                 else:
                     self._reuse_cache(ids)
                 self.prompt_tokens = len(ids) - self.seq.num_computed
-                self.engine.add(self.seq, params)  # with the set-up: a Ctrl-C comes after
+                seq = self.seq
+                self.engine.add(seq, params)  # with the set-up: a Ctrl-C comes after
                 started = True
                 self.turns += 1
-            yield from self.engine.drive(self.seq, queued=True)
+            yield from self.engine.drive(seq, queued=True)
         finally:
-            if started:  # the reply so far (none if stopped at once) joins the history
-                if not self.seq.finished:  # stopped before drive began
-                    self.engine.abort_soon(self.seq)
-                self.messages.append({"role": "assistant", "content": self.seq.text})
+            if started and seq is self.seq:  # (a reset or load in between: not ours now)
+                if not seq.finished:  # stopped before drive began
+                    self.engine.abort_soon(seq)
+                # the reply so far (none if stopped at once) joins the history
+                self.messages.append({"role": "assistant", "content": seq.text})
 
     def context_limit(self) -> int | None:
         """The most tokens the conversation may hold (the model's context, or the KV pool
@@ -121,12 +123,16 @@ class ChatSession:
         return messages, ids, text, dropped
 
     def reset(self) -> None:
-        """Forget the conversation (the system prompt stays) and free its blocks."""
-        if self.seq is not None:
-            self.engine.scheduler.release(self.seq)
-        self.seq = None
-        self._prompt_text = ""
-        self.messages = self.messages[:1] if self.system else []
+        """Forget the conversation (the system prompt stays) and free its blocks; a reply
+        still being streamed is stopped first."""
+        with self.engine.hold():
+            if self.seq is not None:
+                if not self.seq.finished:
+                    self.engine.abort(self.seq)
+                self.engine.scheduler.release(self.seq)
+            self.seq = None
+            self._prompt_text = ""
+            self.messages = self.messages[:1] if self.system else []
 
     @property
     def num_cached_tokens(self) -> int:

@@ -70,7 +70,8 @@ def save_session(chat, path: str | Path, overwrite: bool = False) -> int:
             raise ValueError(f"cannot save to {path}: {path.parent} {what}")
         if path.exists() and not overwrite:
             raise SessionExists(f"{path} already exists (overwrite=True replaces it)")
-    tensors, meta, num_cached = _session_contents(chat)
+    with chat.engine.hold():  # one thread at a time (guard.py)
+        tensors, meta, num_cached = _session_contents(chat)
     meta["checksum"] = session_checksum(tensors, meta)
     try:
         _write_atomically(path, safetensors_bytes(tensors, metadata=meta))
@@ -159,8 +160,11 @@ def load_session(chat, path: str | Path) -> int:
     with _path_errors("load", path):
         path = Path(path).expanduser()
         meta, tensors = _read(path)
-    checked = check_session(chat, path, meta, tensors, model_identity(chat.llm.model_dir))
-    return _install(chat, checked)
+    with chat.engine.hold():  # one thread at a time; a Ctrl-C waits for the install
+        if chat.seq is not None and not chat.seq.finished:
+            raise ValueError("a reply is still being streamed: finish or close it first")
+        checked = check_session(chat, path, meta, tensors, model_identity(chat.llm.model_dir))
+        return _install(chat, checked)
 
 
 @contextlib.contextmanager

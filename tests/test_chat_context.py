@@ -117,3 +117,23 @@ def test_a_stream_cut_by_the_context_says_so(llm):
     for _ in llm.stream(prompt, SamplingParams(max_tokens=50, ignore_eos=True)):
         pass
     assert llm.last_finish_reason == "context"
+
+
+def test_reset_while_a_reply_streams_stops_it_and_frees_its_blocks(llm, tmp_path):
+    from edgekv.session_io import load_session, save_session
+
+    chat = llm.chat(system="Be brief.")
+    chat.send("Hello there", PARAMS)
+    save_session(chat, tmp_path / "s.safetensors")
+    stream = chat.stream("Tell me more", SamplingParams(max_tokens=40, ignore_eos=True))
+    next(stream)
+    with pytest.raises(ValueError, match="still being streamed"):
+        load_session(chat, tmp_path / "s.safetensors")
+    chat.reset()
+    assert chat.messages == [{"role": "system", "content": "Be brief."}]
+    assert llm.kv_stats()["blocks_used"] == 0
+    stream.close()  # the old turn ends; it adds nothing to the chat
+    assert chat.messages == [{"role": "system", "content": "Be brief."}]
+    llm.check_integrity()
+    assert chat.send("Hello again", PARAMS)
+    llm.check_integrity()
