@@ -27,8 +27,9 @@ from .prefix_cache import cache_salt
 from .residual import ResidualWindow
 from .rollback import StepUndo
 from .sampling import SamplingParams, request_seed, sample
-from .scheduler import ScheduledBatch, Scheduler
+from .scheduler import Scheduler
 from .sequence import Sequence, Status
+from .stop_strings import cut_at_stop_string, emit_text
 
 
 class Engine:
@@ -355,15 +356,15 @@ class Engine:
             reason = "stop"
         elif seq.detok is not None:
             seq.detok.step(seq.token_ids)
-            reason = self._cut_at_stop_string(seq)
+            reason = cut_at_stop_string(seq)
         if reason is None and seq.num_outputs >= p.max_tokens:
             reason = "length"
         elif reason is None and self.context_full(seq):
             reason = "context"
         if reason is not None and seq.detok is not None and not seq.detok.text_cut:
             seq.detok.flush(seq.token_ids)
-            self._cut_at_stop_string(seq)
-        self._emit(seq, final=reason is not None)
+            cut_at_stop_string(seq)
+        emit_text(seq, final=reason is not None)
         if reason is not None:
             self.scheduler.finish(seq, reason)
 
@@ -371,66 +372,6 @@ class Engine:
         """Whether ``seq`` has reached the model's context and cannot take another token.
         Never with eviction: the cache shifts its positions (``context_shift.py``)."""
         return self.evictor is None and seq.num_tokens >= self.model_config.max_position
-
-    def _cut_at_stop_string(self, seq: Sequence) -> str | None:
-        text = seq.detok.text
-        hits = [i for s in seq.params.stop if (i := text.find(s)) >= 0]
-        if hits:
-            seq.detok.text = text[: min(hits)]
-            seq.detok.text_cut = True
-            return "stop"
-        return None
-
-    def _emit(self, seq: Sequence, final: bool) -> None:
-        """Publish new text, holding back a tail that could still become a stop string."""
-        if seq.detok is None:
-            return
-        text = seq.detok.text
-        hold = 0 if final else max((len(s) - 1 for s in seq.params.stop), default=0)
-        ready = text[: max(len(seq.text), len(text) - hold)]
-        if len(ready) > len(seq.text):
-            seq.new_text.append(ready[len(seq.text) :])
-            seq.text = ready
-
-    @torch.inference_mode()
-    def score(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
-        """Teacher-forced logits (T, vocab) fp32 of every position of ``token_ids``.
-
-        The tokens go through the cache in chunks of ``chunk_size`` (None: one prefill;
-        1: token by token, each reading its history from the cache exactly as decode
-        does). With an eviction policy, chunks are capped at the KV budget and blocks are
-        evicted between them, as in generation. Runs outside the scheduler, between steps,
-        and frees its blocks after.
-        """
-        seq = self.new_sequence(token_ids, SamplingParams(max_tokens=1))
-        chunk = chunk_size or max(len(token_ids), 1)
-        out = []
-        try:
-            while seq.num_computed < seq.num_tokens:
-                n = min(chunk, seq.num_tokens - seq.num_computed)
-                if self.evictor is not None:
-                    n = self.evictor.fit(seq, n)
-                    if self.manager.pool.num_free < self.shifter.blocks_needed(seq.seq_id, n):
-                        raise ValueError("no free KV block to shift the context into")
-                    self.shifter.fit(seq.seq_id, n)
-                if not self.manager.can_append(seq.seq_id, n):
-                    raise ValueError(f"{seq.num_tokens} tokens do not fit in the KV pool "
-                                     f"({self.cache_config.num_blocks} blocks of "
-                                     f"{self.cache_config.block_size})")
-                _, copies = self.manager.append_slots(seq.seq_id, n)
-                self.cache.copy_blocks(copies)
-                with self.guard.interruptible():
-                    logits, _ = self.runner.run(ScheduledBatch([seq], [n]), all_logits=True)
-                seq.num_computed += n
-                out.append(logits)
-        finally:
-            if seq.seq_id in self.manager.tables:
-                self.manager.free(seq.seq_id)
-            if self.evictor is not None:
-                self.evictor.forget(seq.seq_id)
-            if self.residual is not None:
-                self.residual.forget(seq.seq_id)
-        return torch.cat(out)
 
     # ---- invariants --------------------------------------------------------------------
     def check_integrity(self) -> None:

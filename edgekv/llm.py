@@ -22,6 +22,7 @@ from .engine import Engine
 from .eviction import EVICTION_POLICIES, EvictionConfig
 from .memory import auto_kv_plan
 from .sampling import SamplingParams
+from .scoring import score
 from .sequence import Sequence
 
 log = logging.getLogger("edgekv")
@@ -206,7 +207,7 @@ class LLM:
         if not ids or (limit is not None and len(ids) > limit):  # eviction: any length
             raise ValueError(f"score needs 1..{limit} tokens, got {len(ids)}")
         with self.engine.hold():
-            return self.engine.score(ids, chunk_size)
+            return score(self.engine, ids, chunk_size)
 
     def check_integrity(self) -> None:
         """Assert that the engine is consistent (``Engine.check_integrity``)."""
