@@ -186,8 +186,10 @@ def _reset_rss_peak() -> bool:
 def edgekv_runner(a: argparse.Namespace, prompts: list[list[int]], fmt: str) -> Generate:
     from edgekv import LLM, SamplingParams
 
+    # no prefix caching: every timed run repeats the warm-up's prompts, which would then
+    # be cache hits that transformers has to compute
     llm = LLM(model=a.model, kv_format=fmt, kv_memory=a.kv_memory, dtype=a.dtype,
-              device=a.device, max_num_seqs=max(64, len(prompts)))
+              device=a.device, max_num_seqs=max(64, len(prompts)), prefix_caching=False)
 
     def generate(track: bool, new_tokens: int) -> tuple[list[list[int]], int | None]:
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
