@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from edgekv.kernels.cpu_compiled import step_compiled
 from edgekv.kernels.cpu_plan import exact_counts, plan_step
 from edgekv.models import AttentionMetadata
 
@@ -63,18 +64,21 @@ class ModelRunner:
             ends = [a + n for a, n in zip(starts, batch.num_new, strict=True)]
             step = self.residual.step([s.seq_id for s in batch.seqs], starts, ends)
             meta.residual = (self.residual, step)
+        ev = self.evictor
+        if ev is not None and ev.needs_mass:
+            meta.block_mass = torch.zeros(len(tables), width, dtype=torch.float32, device=dev)
+            meta.mass_window = ev.budget.obs_window
         if dev.type == "cpu":  # every layer's rows and decode buckets, planned once
             num_exact = None
             if meta.residual is not None and meta.max_query_len == 1:
                 num_exact = exact_counts(meta.seq_lens, meta.residual[1].start,
                                          self.residual.tokens)
             c = self.cache.config
+            compiled = (meta.block_mass is None and meta.max_query_len == 1
+                        and step_compiled(self.cache.format, c.head_dim))
             meta.plan = plan_step(meta.block_tables, meta.seq_lens, meta.slot_mapping,
-                                  meta.max_query_len, c.block_size, c.num_kv_heads, num_exact)
-        ev = self.evictor
-        if ev is not None and ev.needs_mass:
-            meta.block_mass = torch.zeros(len(tables), width, dtype=torch.float32, device=dev)
-            meta.mass_window = ev.budget.obs_window
+                                  meta.max_query_len, c.block_size, c.num_kv_heads, num_exact,
+                                  compiled)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # (T,)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)  # (T,)
         hidden = self.model(input_ids, positions, meta)  # (T, hidden)

@@ -30,6 +30,7 @@ import torch
 from edgekv.quant import KVFormat, QuantizedKV
 
 from .cpu_codes import CodeReader, reader_for
+from .cpu_compiled import compiled_decode
 from .cpu_plan import DecodeBucket, exact_counts, plan_decode
 from .exact_tail import ExactTail
 
@@ -68,6 +69,11 @@ def paged_decode_attention_cpu(
         buckets = plan_decode(block_tables, seq_lens, B, Hkv, num_exact)
     reader = reader_for(fmt, D, q.device)
     qs = (reader.to_codes(q) if q_storage is None else q_storage).reshape(S * Hkv, G, D)
+    if exact is None and not return_block_mass:
+        jit = compiled_decode(qs.view(S, Hkv, G, D), k_cache, v_cache, block_tables,
+                              seq_lens, fmt, reader, sm)
+        if jit is not None:
+            return reader.from_codes(jit.view(S, Hq, D)).to(q.dtype)
     ring = None if exact is None else _ExactKeys.of(q, exact, seq_lens, sm, B)
     mass = torch.zeros(S, width, dtype=torch.float32, device=q.device) \
         if return_block_mass else None

@@ -43,17 +43,35 @@ class DecodeBucket:
 
 
 @dataclass(frozen=True)
+class JitStep:
+    """A decode step's facts in the compiled kernels' form (cpu_compiled.compiled_layer):
+    tables (S, W) int32 block tables; lens (S,) int32 KV lengths, the new token included;
+    blocks, offsets (S,) int64 where each new token is written; max_len = lens.max()."""
+
+    tables: np.ndarray
+    lens: np.ndarray
+    blocks: np.ndarray
+    offsets: np.ndarray
+    max_len: int
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """What one step's layers share. ``write_rows``: (Hkv * T,) int64 storage rows of the
     new tokens (head-major, as a (Hkv, T, D) K or V lies); ``buckets``: the decode buckets
     (empty for a prefill step); ``num_exact``: (S,) tokens each decode query reads from its
-    exact ring (None: no residual window)."""
+    exact ring (None: no residual window); ``jit``: the step for the compiled decode layer
+    (None: the layers run the torch path, or ``attend`` over ``buckets``)."""
 
     block_size: int
     num_kv_heads: int
     write_rows: torch.Tensor
     buckets: tuple[DecodeBucket, ...] = ()
     num_exact: torch.Tensor | None = None
+    jit: JitStep | None = None
+
+
+_NO_ROWS = torch.zeros(0, dtype=torch.int64)
 
 
 def slot_rows(slots: torch.Tensor, block_size: int, num_kv_heads: int) -> torch.Tensor:
@@ -129,8 +147,16 @@ def exact_counts(seq_lens: torch.Tensor, start: torch.Tensor, window: int) -> to
 
 def plan_step(block_tables: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor,
               max_query_len: int, block_size: int, num_kv_heads: int,
-              num_exact: torch.Tensor | None = None) -> StepPlan:
-    """Plan one step (decode buckets when every sequence has one new token)."""
+              num_exact: torch.Tensor | None = None, compiled: bool = False) -> StepPlan:
+    """Plan one step (decode buckets when every sequence has one new token). With
+    ``compiled`` (the caller checked the compiled kernels can run this step), a decode step
+    is planned for them instead: no buckets, no rows."""
+    if compiled and max_query_len == 1 and len(seq_lens) and num_exact is None:
+        lens = seq_lens.to(torch.int32).numpy()
+        slots = slot_mapping.numpy()
+        jit = JitStep(block_tables.to(torch.int32).numpy(), lens, slots // block_size,
+                      slots % block_size, int(lens.max()))
+        return StepPlan(block_size, num_kv_heads, _NO_ROWS, (), None, jit)
     buckets = ()
     if max_query_len == 1 and len(seq_lens):
         buckets = plan_decode(block_tables, seq_lens, block_size, num_kv_heads, num_exact)

@@ -20,6 +20,7 @@ from edgekv.kernels import (
     paged_prefill_attention,
     paged_prefill_block_mass,
 )
+from edgekv.kernels.cpu_compiled import compiled_layer, layer_kind
 from edgekv.kernels.cpu_plan import StepPlan
 from edgekv.kernels.cpu_write import write_kv_storage
 
@@ -103,13 +104,36 @@ class PagedAttention(nn.Module):
         return apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)), \
             apply_rope(k, cos.to(k.dtype), sin.to(k.dtype)), v
 
+    def _compiled(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        """A CPU decode step in one compiled call after the qkv matmul (RoPE, rotation,
+        quantize-and-write, attention: kernels/cpu_jit_loops.decode_layer), or None where
+        the step was not planned for it or it failed to compile (nothing written then)."""
+        step = meta.plan.jit if meta.plan is not None else None
+        fused = fused_linear(self, ("q_proj", "k_proj", "v_proj")) if step is not None \
+            else None
+        if fused is None or hasattr(self, "q_norm"):
+            return None
+        cache = meta.kv_cache
+        lk = layer_kind(cache.format, self.head_dim)
+        cos, sin = meta.rope
+        k_store, v_store = cache.layers[self.layer_idx]
+        qkv = nn.functional.linear(x, *fused).float()  # (T, (Hq + 2 Hkv) * D)
+        o = compiled_layer(qkv, cos.float(), sin.float(), k_store, v_store, step, lk,
+                           self.scale)
+        return None if o is None else self.o_proj(o.to(x.dtype))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
+        out = self._compiled(x, meta)
+        if out is not None:
+            return out
         q, k, v = self._qkv(x, positions, rope, meta)
         cache = meta.kv_cache
         k_store, v_store = cache.layers[self.layer_idx]
         plan = meta.plan
+        if plan is not None and plan.jit is not None:  # planned for the compiled kernel
+            plan = None  # that did not run: the torch path plans for itself
         q_storage = None
         if plan is not None and k.device == k_store.data.device and get_backend() != "reference":
             # CPU: q, k, v into the storage basis in one matmul; rows planned once per step

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu_fused
 from .attention import AttentionMetadata, PagedAttention
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -40,7 +41,10 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)  # (T, hidden)
         meta.rope = self.rotary_emb.cos_sin(positions, x.dtype)  # once per step
-        for layer in self.layers:
+        done = 0
+        if meta.plan is not None and meta.plan.jit is not None and len(input_ids) == 1:
+            done = cpu_fused.run(self, x, meta)  # one sequence: each layer one call
+        for layer in self.layers[done:]:
             x = layer(x, positions, self.rotary_emb, meta)
         return self.norm(x)
 

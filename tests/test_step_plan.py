@@ -1,10 +1,12 @@
 """What every layer shares is made once per step: RoPE from the positions the runner passes,
 projections fused into one matmul, the CPU plan in the attention metadata."""
 
+import pytest
 import torch
 from torch import nn
 
 from edgekv import LLM, SamplingParams
+from edgekv.kernels import cpu_jit
 from edgekv.models.config import ModelConfig
 from edgekv.models.layers import RotaryEmbedding, SwiGLU, fused_linear
 
@@ -54,21 +56,28 @@ def test_fused_projections_stay_the_modules_parameters():
         nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
 
 
-def test_cpu_steps_plan_once_and_match_the_oracle(llama_dir, monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_cpu_steps_plan_once_and_match_the_oracle(llama_dir, monkeypatch, compiled):
     """Through the engine, the CPU path (planned once per step) generates what the oracle
-    path does, and a decode step plans its rows once for every layer."""
+    path does, and a decode step plans once for every layer: its rows and buckets for the
+    torch path, nothing more for the compiled kernels (they walk the block tables)."""
     import edgekv.kernels.cpu_plan as cpu_plan
-    from edgekv.kernels import set_backend
+    import edgekv.model_runner as runner
+    from edgekv.kernels import cpu_compiled, set_backend
 
-    calls = []
-    real = cpu_plan.plan_decode
+    if not compiled:
+        monkeypatch.setenv(cpu_compiled.ENV_VAR, "0")
+    steps, buckets = [], []
+    real_step, real_decode = runner.plan_step, cpu_plan.plan_decode
+    monkeypatch.setattr(runner, "plan_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
     monkeypatch.setattr(cpu_plan, "plan_decode",
-                        lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+                        lambda *a, **k: buckets.append(1) or real_decode(*a, **k))
     prompts = [[5, 9, 11, 40, 41], list(range(3, 60))]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     llm = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32)
     got = [o.token_ids for o in llm.generate(prompts, params)]
-    assert len(calls) == 5  # one plan per decode step (5 of them), not one per layer (4)
+    assert len(steps) == 6  # one plan per step (a prefill, 5 decodes), not one per layer
+    assert len(buckets) == (0 if compiled and cpu_jit.available() else 5)
     set_backend("reference")
     try:
         want = [o.token_ids for o in llm.generate(prompts, params)]

@@ -1,0 +1,164 @@
+"""Routing a CPU decode call to the compiled kernel (cpu_jit.py) when it can take it.
+
+The compiled kernel reads int8, int4 (per token-head scales), fp8 and fp16 storage; the
+plain-torch path (cpu_decode.py) keeps everything else (bf16, fp32, grouped scales), the
+block mass and the exact residual window. ``EDGEKV_CPU_JIT=0`` switches the kernel off.
+Where numba is missing or fails, cpu_jit logs one warning and this returns None.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from edgekv.quant import KVFormat, QuantizedKV
+from edgekv.quant.hadamard import hadamard_block_size
+
+from . import cpu_jit
+from .cpu_codes import CodeReader
+from .cpu_plan import JitStep
+
+ENV_VAR = "EDGEKV_CPU_JIT"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1") != "0"
+
+
+def storage_kind(fmt: KVFormat, reader: CodeReader) -> tuple[int, int, np.ndarray] | None:
+    """(kind, int4 offset, byte table) of a format's stored rows, None when the kernel
+    cannot read them."""
+    dt = fmt.storage_dtype
+    if reader.token_scale:
+        if reader.int4_offset is not None:
+            return cpu_jit.KIND_INT4, reader.int4_offset, _NO_TABLE
+        if dt == torch.int8:
+            return cpu_jit.KIND_INT8, 0, _NO_TABLE
+        if dt == torch.uint8 and getattr(fmt, "fp8_dtype", None) is not None:
+            return cpu_jit.KIND_BYTE_LUT, 0, cpu_jit.byte_table(fmt.fp8_dtype)
+        return None
+    if not fmt.has_scale and dt == torch.float16:
+        return cpu_jit.KIND_FP16, 0, _NO_TABLE
+    return None
+
+
+_NO_TABLE = np.zeros(1, np.float32)
+_NONE16 = np.zeros((0, 0, 0), np.uint16)
+
+
+def _bits(t: torch.Tensor | None) -> np.ndarray:
+    """(num_blocks, Hkv, B, 1) fp16 scales / zeros -> (num_blocks, Hkv, B) uint16 bits, no
+    copy (an empty array for None)."""
+    if t is None:
+        return _NONE16
+    return t.view(torch.int16).numpy().view(np.uint16).reshape(t.shape[:3])
+
+
+def _views(store: QuantizedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data as bytes, scale bits, zero bits) of one layer's store, made once per store
+    (kept on it: the store's tensors never change for its lifetime)."""
+    views = store.__dict__.get("_cpu_jit_views")
+    if views is None:
+        views = (store.data.numpy().view(np.uint8), _bits(store.scale), _bits(store.zero))
+        store.__dict__["_cpu_jit_views"] = views
+    return views
+
+
+def compiled_decode(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, fmt: KVFormat,
+                    reader: CodeReader, sm: float) -> torch.Tensor | None:
+    """q (S, Hkv, G, D) fp32 in the codes' basis -> (S, Hkv, G, D) fp32 codes' basis, or
+    None when the compiled kernel does not take this call (the caller runs the torch
+    path)."""
+    if q.device.type != "cpu" or not enabled():
+        return None
+    kind = storage_kind(fmt, reader)
+    if kind is None or not cpu_jit.available():
+        return None
+    code, offset, table = kind
+    lens = seq_lens.to(torch.int32).numpy()
+    if lens.min() < 1:
+        return None
+    out = cpu_jit.decode(q.contiguous().numpy(), *_views(k), *_views(v),
+                         block_tables.to(torch.int32).numpy(), lens, sm, code, offset, table,
+                         torch.get_num_threads())
+    return None if out is None else torch.from_numpy(out)
+
+
+def rows_compiled(x: torch.Tensor) -> bool:
+    """Whether a row-wise op (RMSNorm) on ``x`` runs compiled: a
+    non-empty contiguous fp32 CPU tensor that needs no gradient, the kernels on."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+            and x.numel() > 0 and not (x.requires_grad and torch.is_grad_enabled())
+            and enabled() and cpu_jit.available())
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x (..., H) -> RMSNorm(x) * w, or None (the caller runs torch)."""
+    if not rows_compiled(x) or w.dtype != torch.float32:
+        return None
+    H = x.shape[-1]
+    out = cpu_jit.rms_norm(x.view(-1, H).numpy(), w.detach().numpy(), eps)
+    return None if out is None else torch.from_numpy(out).view(x.shape)
+
+
+def step_compiled(fmt: KVFormat, head_dim: int) -> bool:
+    """Whether a CPU decode step of this cache can run the compiled decode layer (the
+    runner also checks the step reads no exact window and no block mass)."""
+    from .dispatch import get_backend
+
+    return (enabled() and get_backend() in ("auto", "torch")
+            and layer_kind(fmt, head_dim) is not None and cpu_jit.available())
+
+
+class LayerKind(NamedTuple):
+    """How ``decode_layer`` writes a format: storage kind, int4 offset, largest code
+    (qmax, or levels when asymmetric), symmetric, rotation block size (0: none)."""
+
+    kind: int
+    offset: int
+    qmax: int
+    symmetric: bool
+    rot: int
+
+
+@functools.lru_cache(maxsize=64)
+def layer_kind(fmt: KVFormat, head_dim: int) -> LayerKind | None:
+    """The fused decode layer's view of a format, None where it cannot write it (fp8,
+    bf16, fp32, grouped scales: their layers write with torch and attend with ``attend``
+    or the torch path)."""
+    if head_dim % 2:
+        return None
+    if not fmt.has_scale:
+        return LayerKind(cpu_jit.KIND_FP16, 0, 0, True, 0) \
+            if fmt.storage_dtype == torch.float16 else None
+    bits = getattr(fmt, "bits", None)
+    if bits not in (4, 8) or fmt.num_groups(head_dim) != 1:
+        return None
+    if bits == 8 and not fmt.symmetric:
+        return None
+    rot = hadamard_block_size(head_dim) if fmt.rotate else 0
+    kind = cpu_jit.KIND_INT8 if bits == 8 else cpu_jit.KIND_INT4
+    qmax = fmt.qmax if fmt.symmetric else fmt.levels
+    return LayerKind(kind, fmt.offset, qmax, fmt.symmetric, rot)
+
+
+def compiled_layer(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k: QuantizedKV, v: QuantizedKV, step: JitStep, lk: LayerKind, sm: float
+                   ) -> torch.Tensor | None:
+    """qkv (S, (Hq + 2 Hkv) * D) fp32 projection output (no RoPE); cos, sin (S, 1, D) fp32
+    of layers.RotaryEmbedding.cos_sin. Writes the step's new k, v into ``k``, ``v`` at the
+    planned slots and returns (S, Hq * D) fp32 attention output, original basis; None when
+    the compiled kernel failed to compile (nothing was written)."""
+    if not cpu_jit.available():
+        return None
+    S, D = qkv.shape[0], cos.shape[-1]
+    out = cpu_jit.decode_layer(
+        qkv.view(S, -1, D).numpy(), cos.view(S, D).numpy(), sin.view(S, D).numpy(), lk.rot,
+        step.blocks, step.offsets, *_views(k), *_views(v), step.tables, step.lens,
+        step.max_len, sm, lk.kind, lk.offset, lk.qmax, lk.symmetric, torch.get_num_threads())
+    return None if out is None else torch.from_numpy(out).view(S, -1)

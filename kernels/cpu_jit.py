@@ -1,0 +1,155 @@
+"""The compiled CPU decode path: set-up and calls of the numba kernels (cpu_jit_loops.py).
+
+The plain-torch path (cpu_decode.py) gathers a layer's whole batch history into fp32 before
+it dots anything, and a decode layer dispatches ~40 small ops around it; at long context
+the copy, and at batch 1 the dispatch, is what a step costs. The compiled kernels read the
+codes where they lie (cpu_jit_loops.py says how) and do a decode layer's RoPE, rotation,
+quantize-and-write and attention in one call.
+
+Work items are (sequence, KV head, split): a long history is cut into ``splits`` ranges of
+blocks that run on different threads (flash-decoding) and merge by their softmax maxima and
+sums; with one thread, or enough sequences, there is one split.
+
+numba is imported on first use, not with edgekv, and compiles each kernel once (a few
+seconds, cached on disk where numba can write its cache). Where numba is missing or fails
+to compile, ``available()`` is False, one warning is logged and callers run the plain-torch
+path. Why numba (measured, see README "Kernels"): it installs as wheels on every platform
+torch does, needs no C compiler at run time, and its loops read int8 / int4 codes 3-10x
+faster than the torch path's gather-and-convert.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+KIND_INT8, KIND_INT4, KIND_BYTE_LUT, KIND_FP16 = range(4)
+
+
+@functools.lru_cache(maxsize=1)
+def _jit():
+    """(numba, the kernels' modules), or None when numba cannot be used."""
+    try:
+        import numba
+
+        from . import cpu_jit_layer, cpu_jit_loops, cpu_jit_rows
+    except Exception as e:  # noqa: BLE001 - missing or broken: the torch path needs neither
+        logger.warning("numba is unavailable (%s): CPU decode runs the plain torch path, "
+                       "which reads quantized KV more slowly", e)
+        return None
+    return numba, cpu_jit_loops, cpu_jit_rows, cpu_jit_layer
+
+
+def available() -> bool:
+    """numba imported and no kernel has failed to compile."""
+    return not _disabled and _jit() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def half_table() -> np.ndarray:
+    """(65536,) fp32: the value of every fp16 bit pattern."""
+    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
+        np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def byte_table(dtype: torch.dtype) -> np.ndarray:
+    """(256,) fp32: the value of every byte of an fp8 dtype."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float().numpy()
+
+
+def num_splits(num_items: int, num_blocks: int, threads: int) -> int:
+    """Splits per (sequence, KV head) so that every thread has work, each at least 16
+    blocks long; 1 with one thread."""
+    if threads <= 1 or num_items >= threads:
+        return 1
+    return max(1, min(-(-2 * threads // num_items), num_blocks // 16))
+
+
+def _parallel(kernel, threads: int):
+    """``kernel`` with numba's thread count set to torch's (``threads``)."""
+    numba = _jit()[0]
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    if getattr(_numba_threads, "n", 0) != threads:  # numba's count is per calling thread
+        torch_threads = torch.get_num_threads()
+        numba.set_num_threads(threads)
+        if torch.get_num_threads() != torch_threads:  # numba's OpenMP pool, started on
+            torch.set_num_threads(torch_threads)      # first use, resets torch's count
+        _numba_threads.n = threads
+    return kernel
+
+
+_numba_threads = threading.local()
+_disabled: set[bool] = set()
+_FAILED = object()
+
+
+def _run(fn, *args):
+    """Run a compiled kernel; a failure to compile (not a wrong argument: those are bugs
+    the tests catch) switches the compiled path off with one warning: ``_FAILED``."""
+    try:
+        return fn(*args)
+    except _jit()[0].core.errors.NumbaError as e:
+        logger.warning("a compiled CPU kernel failed to compile (%s): CPU decode runs the "
+                       "plain torch path", str(e).splitlines()[0])
+        _disabled.add(True)
+        return _FAILED
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray | None:
+    """x (T, H) fp32 contiguous, w (H,) fp32 -> (T, H) fp32 (None: compiling failed)."""
+    out = _run(_jit()[2].rms_norm, x, w, np.float32(eps))
+    return None if out is _FAILED else out
+
+
+def decode(q: np.ndarray, kd: np.ndarray, ks: np.ndarray, kz: np.ndarray, vd: np.ndarray,
+           vs: np.ndarray, vz: np.ndarray, tables: np.ndarray, lens: np.ndarray, sm: float,
+           kind: int, offset: int, table: np.ndarray, threads: int) -> np.ndarray | None:
+    """q (S, Hkv, G, D) fp32 in the codes' basis; kd, vd (num_blocks, Hkv, B, row bytes)
+    uint8 views of the stored rows; ks, kz, vs, vz (num_blocks, Hkv, B) uint16 fp16 bits,
+    or (0, 0, 0) where the storage has none; tables (S, W) int32; lens (S,) int32, each
+    >= 1. Returns (S, Hkv, G, D) fp32 in the codes' basis (None: compiling failed)."""
+    S, Hkv = q.shape[0], q.shape[1]
+    nb = -(-int(lens.max()) // kd.shape[2])
+    splits = num_splits(S * Hkv, nb, threads)
+    fn = _parallel(_jit()[1].attend, threads)
+    out = _run(fn, q, kd, ks, kz, vd, vs, vz, tables, lens, np.float32(sm), kind, offset,
+               table, half_table(), splits)
+    return None if out is _FAILED else out
+
+
+def decode_layer(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, rot: int,
+                 wblk: np.ndarray, woff: np.ndarray, kd, ks, kz, vd, vs, vz,
+                 tables: np.ndarray, lens: np.ndarray, max_len: int, sm: float, kind: int,
+                 offset: int, qmax: int, symmetric: bool, threads: int) -> np.ndarray | None:
+    """A decode layer's attention after the qkv projection (cpu_jit_loops._decode_layer):
+    writes the new k, v into their slots; returns (S, Hq, D) fp32, original basis."""
+    S, Hkv = qkv.shape[0], kd.shape[1]
+    splits = num_splits(S * Hkv, -(-max_len // kd.shape[2]), threads)
+    fn = _parallel(_jit()[1].decode_layer, threads)
+    out = _run(fn, qkv, cos, sin, rot, wblk, woff, kd, ks, kz, vd, vs, vz, tables, lens,
+               np.float32(sm), kind, offset, qmax, symmetric, _NO_TABLE, half_table(), splits)
+    return None if out is _FAILED else out
+
+
+_NO_TABLE = np.zeros(1, np.float32)
+
+
+def decoder_layer(x: np.ndarray, weights: tuple, eps: float, cos: np.ndarray,
+                  sin: np.ndarray, rot: int, wblk: np.ndarray, woff: np.ndarray, stores: tuple,
+                  tables: np.ndarray, lens: np.ndarray, max_len: int, sm: float, kind: int,
+                  offset: int, qmax: int, symmetric: bool, threads: int) -> bool:
+    """One sequence's decoder layer (cpu_jit_layer.layer): x (H,) fp32 updated in place,
+    the new k, v written. ``weights``: (ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd);
+    ``stores``: (kd, ks, kz, vd, vs, vz). False when compiling failed (nothing done)."""
+    splits = num_splits(stores[0].shape[1], -(-max_len // stores[0].shape[2]), threads)
+    fn = _parallel(_jit()[3].layer, threads)
+    return _run(fn, x, *weights, np.float32(eps), cos, sin, rot, wblk, woff, *stores, tables,
+                lens, np.float32(sm), kind, offset, qmax, symmetric, _NO_TABLE, half_table(),
+                splits) is not _FAILED
