@@ -6,7 +6,7 @@ import torch
 
 from edgekv.kernels.cpu_compiled import step_compiled
 from edgekv.kernels.cpu_plan import exact_counts, plan_step
-from edgekv.models import AttentionMetadata
+from edgekv.models import AttentionMetadata, cpu_fused
 
 from .block_manager import BlockManager
 from .eviction import Evictor
@@ -24,6 +24,16 @@ class ModelRunner:
         self.model, self.cache, self.manager, self.device = model, cache, manager, device
         self.evictor = evictor  # gets each step's block mass when its policy reads it
         self.residual = residual  # exact rings of the newest tokens (kv_residual)
+
+    def _layers_compiled(self) -> bool:
+        """Whether every decoder layer can take the compiled decode layer (a step planned
+        for it that a layer refused would make every layer plan for itself)."""
+        ok = self.__dict__.get("_compiled_ok")
+        if ok is None:
+            layers = getattr(getattr(self.model, "model", None), "layers", None)
+            ok = layers is not None and all(cpu_fused.fusable(layer) for layer in layers)
+            self._compiled_ok = ok
+        return ok
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, all_logits: bool = False
@@ -75,7 +85,8 @@ class ModelRunner:
                                          self.residual.tokens)
             c = self.cache.config
             compiled = (meta.block_mass is None and meta.max_query_len == 1
-                        and step_compiled(self.cache.format, c.head_dim))
+                        and step_compiled(self.cache.format, c.head_dim)
+                        and self._layers_compiled())
             meta.plan = plan_step(meta.block_tables, meta.seq_lens, meta.slot_mapping,
                                   meta.max_query_len, c.block_size, c.num_kv_heads, num_exact,
                                   compiled)

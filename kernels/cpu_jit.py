@@ -21,8 +21,11 @@ faster than the torch path's gather-and-convert.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,12 +41,29 @@ def _jit():
     try:
         import numba
 
+        _cache_dir(numba)
         from . import cpu_jit_layer, cpu_jit_loops, cpu_jit_rows
     except Exception as e:  # noqa: BLE001 - missing or broken: the torch path needs neither
         logger.warning("numba is unavailable (%s): CPU decode runs the plain torch path, "
                        "which reads quantized KV more slowly", e)
         return None
+    # GNU OpenMP does not survive fork(): a forked child runs the torch path
+    os.register_at_fork(after_in_child=lambda: _disabled.add(True))
     return numba, cpu_jit_loops, cpu_jit_rows, cpu_jit_layer
+
+
+def _cache_dir(numba) -> None:
+    """Compiled kernels are cached under a directory named after the kernels' sources.
+    numba checks only the caller's own file for changes, and ``cpu_jit_layer.layer`` calls
+    into ``cpu_jit_loops``: an edit there would leave a stale cached layer. (Under the
+    user's NUMBA_CACHE_DIR if set, else the user cache directory.)"""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in sorted(here.glob("cpu_jit*.py")):
+        digest.update(name.read_bytes())
+    base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgekv")
+    numba.config.CACHE_DIR = os.path.join(base, f"numba-{digest.hexdigest()[:16]}")
 
 
 def available() -> bool:
@@ -91,20 +111,43 @@ _FAILED = object()
 
 
 def _run(fn, *args):
-    """Run a compiled kernel; a failure to compile (not a wrong argument: those are bugs
-    the tests catch) switches the compiled path off with one warning: ``_FAILED``."""
+    """Run a compiled kernel. numba failing to type or compile it (a numba version that
+    types differently, LLVM trouble; the tests check the compiled path runs) switches the
+    compiled path off with one warning: ``_FAILED``. Under numba's workqueue threading
+    layer (no OpenMP or TBB found), which aborts the process when two threads launch at
+    once, calls are serialised."""
+    numba = _jit()[0]
     try:
+        if _serialise[0] is not False:
+            with _launch_lock:
+                out = fn(*args)
+                try:  # known once a parallel kernel has run
+                    _serialise[0] = numba.threading_layer() == "workqueue"
+                except ValueError:
+                    pass
+            return out
         return fn(*args)
-    except _jit()[0].core.errors.NumbaError as e:
+    except numba.core.errors.NumbaError as e:
         logger.warning("a compiled CPU kernel failed to compile (%s): CPU decode runs the "
                        "plain torch path", str(e).splitlines()[0])
         _disabled.add(True)
         return _FAILED
 
 
+_launch_lock = threading.Lock()
+_serialise: list[bool | None] = [None]  # None until the first launch picks a layer
+
+
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray | None:
     """x (T, H) fp32 contiguous, w (H,) fp32 -> (T, H) fp32 (None: compiling failed)."""
     out = _run(_jit()[2].rms_norm, x, w, np.float32(eps))
+    return None if out is _FAILED else out
+
+
+def small_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int
+                 ) -> np.ndarray | None:
+    """x (S, K) fp32 contiguous @ w (N, K)^T + b (N,) (empty: none) -> (S, N) fp32."""
+    out = _run(_parallel(_jit()[3].small_linear, threads), x, w, b)
     return None if out is _FAILED else out
 
 

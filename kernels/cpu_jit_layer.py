@@ -37,6 +37,24 @@ def gemv(x, w, b, out):
         out[n] = acc + b[n] if has_b else acc
 
 
+@njit(parallel=True, **_OPTS)
+def small_linear(x, w, b):
+    """(S, N) = x (S, K) @ w (N, K)^T [+ b (N,), empty for none], for a few rows: each
+    weight row is read once and dotted with all S inputs (torch's GEMM at 2-8 rows reads
+    at 5-8 GB/s on one thread, this at 8-11; measured on Qwen2.5-0.5B's matrices)."""
+    S, K = x.shape
+    N = w.shape[0]
+    out = np.empty((S, N), np.float32)
+    has_b = b.size > 0
+    for n in prange(N):
+        for s in range(S):
+            acc = np.float32(0)
+            for k in range(K):
+                acc += w[n, k] * x[s, k]
+            out[s, n] = acc + b[n] if has_b else acc
+    return out
+
+
 @njit(inline="always", fastmath=_FAST)
 def _rms(x, w, eps, out):
     H = x.shape[0]

@@ -255,9 +255,10 @@ def _write(x, kind, offset, qmax, symmetric, data, scale, zero, blk, h, off, hal
     """x (D,) fp32 in the storage basis -> codes (and scale, zero) at (blk, h, off): the
     arithmetic of IntFormat.quantize_storage / FloatFormat, to the bit."""
     D = x.shape[0]
-    if kind == 3:  # fp16 values
+    if kind == 3:  # fp16 values, clamped to its finite range as FloatFormat does
         for d in range(D):
-            hb = _half_bits(x[d], buf, bits)
+            hb = _half_bits(min(max(x[d], np.float32(-65504.0)), np.float32(65504.0)), buf,
+                            bits)
             data[blk, h, off, 2 * d] = np.uint8(hb & 0xFF)
             data[blk, h, off, 2 * d + 1] = np.uint8(hb >> 8)
         return

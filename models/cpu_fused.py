@@ -29,6 +29,14 @@ def _np(t: torch.Tensor | None) -> np.ndarray:
     return _EMPTY if t is None else t.detach().numpy()
 
 
+def fusable(layer: nn.Module) -> bool:
+    """Whether a decoder layer's attention can take the compiled decode layer at all (no
+    q/k norms, q, k and v projections that fuse)."""
+    attn = layer.self_attn
+    return not hasattr(attn, "q_norm") and fused_linear(attn, ("q_proj", "k_proj",
+                                                               "v_proj")) is not None
+
+
 def _layer_weights(layer: nn.Module) -> tuple | None:
     """(ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd) as numpy, or None."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -61,11 +69,24 @@ def _weights(model: nn.Module) -> list[tuple] | None:
     return cached[1]
 
 
+def _hooked(model: nn.Module) -> bool:
+    """Whether a forward hook would see the layers' modules run (a fused call skips them)."""
+    from torch.nn.modules import module as m
+
+    if m._global_forward_hooks or m._global_forward_pre_hooks:
+        return True
+    mods = model.__dict__.get("_cpu_fused_modules")
+    if mods is None:
+        mods = model.__dict__["_cpu_fused_modules"] = list(model.layers.modules())
+    return any(x._forward_hooks or x._forward_pre_hooks for x in mods)
+
+
 def run(model: nn.Module, x: torch.Tensor, meta) -> int:
     """x (1, hidden) fp32, the embedded token, updated in place layer by layer; ``meta``
-    the step's AttentionMetadata (its plan has ``jit``). Returns the layers run."""
+    the step's AttentionMetadata (its plan has ``jit``). Returns the layers run (0 where a
+    layer cannot be fused, or a forward hook is registered: the modules run then)."""
     step = meta.plan.jit
-    if x.shape[0] != 1 or x.dtype != torch.float32 or x.requires_grad:
+    if x.shape[0] != 1 or x.dtype != torch.float32 or x.requires_grad or _hooked(model):
         return 0
     ws = _weights(model)
     if ws is None:

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from edgekv.kernels.cpu_compiled import linear as compiled_linear
 from edgekv.kernels.cpu_compiled import rms_norm as compiled_rms_norm
 
 from .config import ModelConfig
@@ -88,6 +89,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """``nn.functional.linear``, or on a CPU for 2-8 fp32 rows (a small decode batch) the
+    compiled product that reads each weight row once (kernels/cpu_jit_layer.py)."""
+    out = compiled_linear(x, weight, bias) if 2 <= x.shape[0] <= 8 else None
+    return nn.functional.linear(x, weight, bias) if out is None else out
+
+
+def apply_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, through ``linear`` when it is a plain nn.Linear."""
+    if type(module) is nn.Linear:
+        return linear(x, module.weight, module.bias)
+    return module(x)
+
+
 def fused_linear(owner: nn.Module, names: tuple[str, ...]):
     """(weight, bias or None) of ``owner``'s nn.Linear children ``names`` stacked along the
     output features, or None when they cannot be fused (e.g. bitsandbytes layers).
@@ -136,5 +152,5 @@ class SwiGLU(nn.Module):
         fused = fused_linear(self, ("gate_proj", "up_proj"))
         if fused is None:
             return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = nn.functional.linear(x, *fused).chunk(2, dim=-1)  # (T, I) each
-        return self.down_proj(nn.functional.silu(gate).mul_(up))
+        gate, up = linear(x, *fused).chunk(2, dim=-1)  # (T, I) each
+        return apply_linear(self.down_proj, nn.functional.silu(gate).mul_(up))
