@@ -8,6 +8,10 @@ if not torch.cuda.is_available():
     # Must be set before triton decorates any kernel.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The compiled CPU kernels' cache (kernels/cpu_jit.py) stays in the real user cache when a
+# test runs the CLI with another HOME: compiled once per run, and nothing in that HOME.
+os.environ.setdefault("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+
 
 import pytest  # noqa: E402
 
