@@ -6,9 +6,16 @@ CPU, a switch to force either or the oracle. ``reference.py`` is the oracle: sim
 torch that every other path is tested against on the same quantized blocks, never the
 product path.
 
-    cpu_plan.py       the CPU path's per-step plan: storage rows, decode length buckets
-    cpu_codes.py      how the CPU path reads each format's stored codes and scales
-    cpu_decode.py     CPU decode attention over the blocks as stored
+    cpu_plan.py       the CPU path's per-step plan: storage rows, decode length buckets, or
+                      the compiled kernels' step (JitStep)
+    cpu_compiled.py   routing CPU calls to the compiled kernels when they can take them
+    cpu_jit.py        the compiled kernels' set-up (numba, lazily) and calls; its loops:
+      cpu_jit_loops.py  decode attention over the blocks as stored; a decode layer's RoPE,
+                        rotation, quantize-and-write and attention in one call
+      cpu_jit_layer.py  one sequence's whole decoder layer; small-batch linears
+      cpu_jit_rows.py   RMSNorm
+    cpu_codes.py      how the CPU torch path reads each format's stored codes and scales
+    cpu_decode.py     CPU decode attention over the blocks as stored (compiled, or torch)
     cpu_prefill.py    CPU prefill / append attention and block mass in key tiles
     cpu_write.py      CPU quantize-and-write, one index_copy_ per stored tensor
 
@@ -20,7 +27,7 @@ product path.
     fp8_bits.py       fp8 <-> fp32 by bit operations (Triton helpers and torch twins)
     launch_checks.py  shape / dtype / stride checks shared by the launchers
 
-Importing this package does not import Triton; the kernel modules load on first use.
+Importing this package imports neither Triton nor numba; they load on first use.
 """
 
 from .dispatch import (

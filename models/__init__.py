@@ -5,6 +5,7 @@
     qwen2.py    Qwen2ForCausalLM (q/k/v bias)
     qwen3.py    Qwen3ForCausalLM (q/k norm)
     loader.py   load_model(dir or hub id) -> (model, ModelConfig, dir)
+    cpu_fused.py  one decoding sequence on a CPU: each decoder layer as one compiled call
 """
 
 from .attention import AttentionMetadata

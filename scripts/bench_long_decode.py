@@ -144,6 +144,7 @@ def main(argv=None) -> None:
     if a.one:
         print(json.dumps(run_one(a)))
         return
+    label = Path(a.model).name if a.model else a.shape
     with tempfile.TemporaryDirectory() as tmp:
         if a.model is None:
             shape = dict(SHAPES[a.shape])
@@ -170,7 +171,7 @@ def main(argv=None) -> None:
         rows.append({**runs[s][0], "tok_s": tok, "tok_s_runs": [x["tok_s"] for x in runs[s]]})
     hf = rows[0]["tok_s"]
     fp16 = next((r["tok_s"] for r in rows if r["format"] == "fp16"), None)
-    print(f"\n{a.shape if a.model else ''} context {a.context} x batch {a.batch}, "
+    print(f"\n{label}: context {a.context} x batch {a.batch}, "
           f"{a.threads} thread(s), median of {a.rounds} rounds of {a.steps} steps; "
           f"1-min load average per round {loads} on {os.cpu_count()} CPUs")
     print("| system | KV | decode tok/s | vs transformers | vs EdgeKV fp16 | KV MiB |")

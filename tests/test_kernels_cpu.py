@@ -174,3 +174,31 @@ def test_prefill_memory_grows_with_the_tile_not_the_history(monkeypatch):
     sl, cu = torch.tensor([L]), torch.tensor([0, n])
     ref = paged_prefill_attention_ref(q, k, v, bt, sl, cu, fmt)
     assert rel_err(paged_prefill_attention_cpu(q, k, v, bt, sl, cu, fmt), ref) < TOL
+
+
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("name", ["int8", "int4", "fp16"])
+def test_prefill_reads_the_history_in_bounded_segments(monkeypatch, name, flash):
+    """Without a residual window, prefill runs torch's fused flash attention over segments
+    of at most SEGMENT_BYTES of K + V (here two blocks), merged by log-sum-exp; without
+    that op (older torch), the key tiles. Either equals the oracle."""
+    B, D, G = 16, 64, 4
+    monkeypatch.setattr(cpu_prefill, "SEGMENT_BYTES", 2 * B * HKV * D * 8)
+    if not flash:
+        monkeypatch.setattr(cpu_prefill, "_FLASH", None)
+    reads = []
+    real = cpu_prefill._read
+    monkeypatch.setattr(cpu_prefill, "_read",
+                        lambda st, tb, t0, t1, f: reads.append(t1 - t0) or real(st, tb, t0, t1, f))
+    fmt = get_format(name)
+    runs = [(20 * B + 3, 2 * B + 5), (B, B), (7, 1)]  # history + chunk, a whole prompt, decode
+    lens = [L for L, _ in runs]
+    k, v, bt = random_paged_kv(fmt, lens, HKV, B, D, seed=2, device=DEV)
+    cu = torch.tensor([0] + [n for _, n in runs]).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu[-1]), HKV * G, D, generator=torch.Generator().manual_seed(3))
+    sl = torch.tensor(lens, dtype=torch.int32)
+    ref = paged_prefill_attention_ref(q, k, v, bt, sl, cu, fmt)
+    assert rel_err(paged_prefill_attention_cpu(q, k, v, bt, sl, cu, fmt), ref) < TOL
+    if flash:  # K and V: history segments of at most two blocks, then each chunk
+        assert sum(reads) == 2 * sum(lens)  # every key read once, K and V
+        assert [r for r in reads if r > 2 * B] == [2 * B + 5] * 2  # only a long chunk

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "transformers", "safetensors", "numpy")
+HEAVY = ("torch", "transformers", "safetensors", "numpy", "numba")
 
 
 def loaded_after(code: str) -> list[str]:
@@ -64,3 +64,8 @@ def test_the_light_name_lists_equal_the_registries():
     assert names.KV_VARIANTS == VARIANTS
     assert names.EVICTION_POLICIES == EVICTION_POLICIES
     assert names.KNOWN_MODELS == tuple(KNOWN_MODELS)
+
+
+def test_loading_the_model_code_imports_no_numba():
+    """numba (and LLVM, ~120 MiB) loads on the first CPU decode step, not with the models."""
+    assert "numba" not in loaded_after("import edgekv.llm, edgekv.models, edgekv.kernels")
