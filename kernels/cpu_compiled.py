@@ -46,7 +46,7 @@ def storage_kind(fmt: KVFormat, reader: CodeReader) -> tuple[int, int, np.ndarra
     return None
 
 
-_NO_TABLE = np.zeros(1, np.float32)
+_NO_TABLE = cpu_jit._NO_TABLE
 _NONE16 = np.zeros((0, 0, 0), np.uint16)
 
 

@@ -1,8 +1,10 @@
 """Decode attention on the CPU, over the blocks as stored: the product path on CPU tensors.
 
 Same contract as ``reference.paged_decode_attention_ref`` (the oracle it is tested
-against, tests/test_kernels_cpu.py) and notation of reference.py. Per layer it runs a
-handful of batched ops over a plan made once per step (cpu_plan.py):
+against, tests/test_kernels_cpu.py) and notation of reference.py. A call the compiled
+kernel takes (cpu_compiled.py: no block mass, no exact window, a format it reads) runs
+it; the rest runs here in torch, a handful of batched ops per layer over a plan made once
+per step (cpu_plan.py):
 
     rows  -> index_select codes and scales            (S*Hkv*Lp, P) as stored, no permute
     scores = sm * s_k * (q · c) [+ sm * z_k * Σq] + bias        bmm, addcmul  (cpu_codes.py)
@@ -10,15 +12,11 @@ handful of batched ops over a plan made once per step (cpu_plan.py):
     out = (p * s_v) @ c_v [+ p @ z_v]                  bmm
     out @ o_mat                                        back to the original basis, once
 
-so no (S, Hkv, L, D) fp32 history is built and no scale is applied per element. Sequences
-are padded only to the longest of their length bucket.
-
-Why plain torch (measured, one thread, int8, head_dim 128, GQA 4): this function's core
-at 16 sequences x 33 tokens took 169 us; ``torch.compile(dynamic=True)`` of the same core
-266 us, after 19 s of compiling (and it needs a C++ compiler at run time); a numba kernel
-(gather, dot, online softmax, weighted sum in one loop nest) 193 us against this whole
-function's 256 us, and 278 us against 278 us at 1 sequence x 1,000 tokens. Neither pays for
-a JIT dependency and its compile time in CI.
+so no scale is applied per element and sequences are padded only to the longest of their
+length bucket; but the gathered codes are converted to fp32 before the dot, which is what
+the compiled kernel avoids (README, "Kernels": 1.1-5.8x faster). ``torch.compile`` of this
+core was slower than eager (266 us against 169 us at 16 sequences x 33 tokens, after 19 s
+of compiling, and it needs a C++ compiler at run time).
 """
 
 from __future__ import annotations

@@ -169,3 +169,24 @@ def test_two_threads_and_a_fork_survive(llama_dir, tmp_path, layer):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("done 0"), out.stdout + out.stderr[-2000:]
+
+
+def test_numba_missing_is_one_warning_and_the_torch_path(llama_dir, monkeypatch, caplog):
+    """Where numba cannot be imported, one warning names why and decoding runs torch."""
+    import logging
+    import sys
+
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
+    cpu_jit._jit.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="edgekv.kernels.cpu_jit"):
+            llm = LLM(llama_dir, kv_format="int4", kv_memory="4MiB", dtype=torch.float32)
+            out = llm.generate([_prompt(12, 1)] * 2, SamplingParams(max_tokens=5,
+                                                                    temperature=0.0))
+        assert [len(o.outputs[0].token_ids) for o in out] == [5, 5]
+        warned = [r for r in caplog.records if "numba is unavailable" in r.getMessage()]
+        assert len(warned) == 1
+    finally:
+        monkeypatch.undo()
+        cpu_jit._jit.cache_clear()
+    assert cpu_jit.available()
