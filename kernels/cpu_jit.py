@@ -64,6 +64,9 @@ def _cache_dir(numba) -> None:
     base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgekv")
     numba.config.CACHE_DIR = os.path.join(base, f"numba-{digest.hexdigest()[:16]}")
+    if not os.path.isdir(numba.config.CACHE_DIR):  # the first decode step will compile
+        logger.warning("compiling EdgeKV's CPU kernels for this machine, once: the first "
+                       "reply takes ~30 s more (cached in %s)", numba.config.CACHE_DIR)
 
 
 def available() -> bool:

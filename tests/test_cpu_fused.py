@@ -190,3 +190,20 @@ def test_numba_missing_is_one_warning_and_the_torch_path(llama_dir, monkeypatch,
         monkeypatch.undo()
         cpu_jit._jit.cache_clear()
     assert cpu_jit.available()
+
+
+def test_a_first_compile_says_so_once(tmp_path, monkeypatch, caplog):
+    """With no compiled kernels cached for these sources, one line says the first reply
+    will take longer; with them cached, nothing."""
+    import logging
+
+    numba = cpu_jit._jit()[0]
+    monkeypatch.setattr(numba.config, "CACHE_DIR", numba.config.CACHE_DIR)  # restored after
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="edgekv.kernels.cpu_jit"):
+        cpu_jit._cache_dir(numba)
+        assert numba.config.CACHE_DIR.startswith(str(tmp_path))
+        os.makedirs(numba.config.CACHE_DIR)
+        cpu_jit._cache_dir(numba)
+    said = [r.getMessage() for r in caplog.records if "compiling" in r.getMessage()]
+    assert len(said) == 1 and numba.config.CACHE_DIR in said[0]
