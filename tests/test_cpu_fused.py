@@ -60,13 +60,33 @@ def test_compiled_decode_matches_the_modules(family, fmt, batch, tiny_model_dirs
     real = cpu_fused.run
     monkeypatch.setattr(cpu_fused, "run", lambda *a: ran.append(real(*a)) or ran[-1])
     got = _decode_logits(path, fmt, prompts)
-    if batch == 1:  # every layer fused; qwen3's q/k norms: the step is not planned for it
-        assert (not ran) if family == "qwen3" else (ran and all(n == 2 for n in ran)), ran
+    # every layer without its modules; qwen3's q/k norms: the step is not planned for it
+    assert (not ran) if family == "qwen3" else (ran and all(n == 2 for n in ran)), ran
     monkeypatch.setenv(cpu_compiled.ENV_VAR, "0")
     want = _decode_logits(path, fmt, prompts)
     # the same codes but for rounding ties (a fast Walsh-Hadamard transform, not a matmul)
     assert (got - want).abs().max() <= 2e-3 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("n_out", [16, 17, 19])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_matches_torch(rows, n_out, bias):
+    """4 x 4 tiles, the rows and outputs left over, the bias: as nn.functional.linear."""
+    g = torch.Generator().manual_seed(rows * 100 + n_out)
+    x, w = torch.randn(rows, 40, generator=g), torch.randn(n_out, 40, generator=g)
+    b = torch.randn(n_out, generator=g) if bias else None
+    got = cpu_compiled.linear(x, w, b)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-4,
+                               rtol=1e-5)
+
+
+def test_small_linear_takes_only_a_few_fp32_rows():
+    w = torch.randn(8, 16)
+    assert cpu_compiled.linear(torch.randn(1, 16), w, None) is None  # the fused gemv's
+    assert cpu_compiled.linear(torch.randn(9, 16), w, None) is None  # torch's GEMM
+    assert cpu_compiled.linear(torch.randn(4, 16).half(), w, None) is None
 
 
 def test_rms_norm_matches_torch():
@@ -99,14 +119,16 @@ def test_without_numba_the_torch_path_runs(llama_dir, monkeypatch, caplog):
     assert len(out[0].outputs[0].token_ids) == 6
 
 
-def test_forward_hooks_see_every_module(llama_dir):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forward_hooks_see_every_module(llama_dir, batch):
     """A hook on a layer's module (as eval's layer probes use) turns the fused call off."""
     llm = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32)
     seen = []
     mlp = llm.engine.runner.model.model.layers[1].mlp
     handle = mlp.register_forward_hook(lambda *a: seen.append(1))
     try:
-        llm.generate([_prompt(10, 0)], SamplingParams(max_tokens=4, temperature=0.0))
+        llm.generate([_prompt(10 + i, i) for i in range(batch)],
+                     SamplingParams(max_tokens=4, temperature=0.0))
     finally:
         handle.remove()
     assert len(seen) == 4  # the prefill and three decode steps
