@@ -107,23 +107,6 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | Non
     return None if out is None else torch.from_numpy(out).view(x.shape)
 
 
-SMALL_ROWS = (2, 8)  # rows a compiled linear takes (one row: the fused layer's gemv)
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
-    """x (S, K) @ w^T + b for 2-8 fp32 rows on CPU, compiled; None: the caller runs torch."""
-    if not SMALL_ROWS[0] <= x.shape[0] <= SMALL_ROWS[1] or x.dim() != 2 \
-            or not rows_compiled(x) or w.dtype != torch.float32 or not w.is_contiguous() \
-            or (w.requires_grad and torch.is_grad_enabled()):
-        return None
-    bias = _NO_BIAS if b is None else b.detach().numpy()
-    out = cpu_jit.small_linear(x.numpy(), w.detach().numpy(), bias, torch.get_num_threads())
-    return None if out is None else torch.from_numpy(out)
-
-
-_NO_BIAS = np.zeros(0, np.float32)
-
-
 def step_compiled(fmt: KVFormat, head_dim: int) -> bool:
     """Whether a CPU decode step of this cache can run the compiled decode layer (the
     runner also checks the step reads no exact window and no block mass)."""

@@ -147,13 +147,6 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray | None:
     return None if out is _FAILED else out
 
 
-def small_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int
-                 ) -> np.ndarray | None:
-    """x (S, K) fp32 contiguous @ w (N, K)^T + b (N,) (empty: none) -> (S, N) fp32."""
-    out = _run(_parallel(_jit()[3].small_linear, threads), x, w, b)
-    return None if out is _FAILED else out
-
-
 def decode(q: np.ndarray, kd: np.ndarray, ks: np.ndarray, kz: np.ndarray, vd: np.ndarray,
            vs: np.ndarray, vz: np.ndarray, tables: np.ndarray, lens: np.ndarray, sm: float,
            kind: int, offset: int, table: np.ndarray, threads: int) -> np.ndarray | None:

