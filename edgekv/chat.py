@@ -25,6 +25,17 @@ FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 SENTINEL = "\x00edgekv-reply\x00"
 
 
+def render_chat(tok, messages: list[dict]) -> str:
+    """``messages`` ({"role", "content"}: system, user, assistant) as the text the model
+    reads, ending with the cue for the assistant's reply: the tokenizer's chat template, or
+    "Role: content" paragraphs where it has none."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = "".join(f"{FALLBACK_ROLES[m['role']]}: {m['content']}\n\n" for m in messages)
+    bos = tok.bos_token or ""
+    return f"{bos}{text}{FALLBACK_ROLES['assistant']}:"
+
+
 class ChatSession:
     def __init__(self, llm, system: str | None = None):
         if llm.tokenizer is None:
@@ -141,12 +152,7 @@ class ChatSession:
     # ---- rendering ---------------------------------------------------------------------
     def render_text(self, messages: list[dict]) -> str:
         """The conversation as text, ending with the cue for the assistant's reply."""
-        tok = self.llm.tokenizer
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        text = "".join(f"{FALLBACK_ROLES[m['role']]}: {m['content']}\n\n" for m in messages)
-        bos = tok.bos_token or ""
-        return f"{bos}{text}{FALLBACK_ROLES['assistant']}:"
+        return render_chat(self.llm.tokenizer, messages)
 
     def _next_turn_ids(self, messages: list[dict]) -> tuple[list[int], str] | None:
         """Previous prompt + reply tokens as generated + the tokens of what follows them

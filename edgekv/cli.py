@@ -1,4 +1,4 @@
-"""The ``edgekv`` command line: chat, generate, formats."""
+"""The ``edgekv`` command line: chat, serve, generate, formats."""
 
 from __future__ import annotations
 
@@ -66,9 +66,10 @@ def model_options(fn):
     return fn
 
 
-def build(opts: dict):
-    """(LLM, SamplingParams) from the shared options; bad input is a one-line error (exit
-    code 2), found before the model loads where the options alone show it."""
+def build(opts: dict, **llm_options):
+    """(LLM, SamplingParams) from the shared options (and ``llm_options`` for LLM); bad
+    input is a one-line error (exit code 2), found before the model loads where the
+    options alone show it."""
     from edgekv import LLM, SamplingParams, parse_memory
     from edgekv.eviction import EvictionConfig
 
@@ -91,7 +92,7 @@ def build(opts: dict):
             llm = LLM(opts["model"], kv_format=opts["kv_format"],
                       kv_memory=opts["kv_memory"], eviction=eviction,
                       weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
-                      seed=opts["seed"], kv_residual=opts["kv_residual"])
+                      seed=opts["seed"], kv_residual=opts["kv_residual"], **llm_options)
         except (RuntimeError, MemoryError) as e:
             if not out_of_memory(e):
                 raise
@@ -146,6 +147,29 @@ def chat(system: str | None, **opts) -> None:
                    f"({s['bytes_per_token']:,} B/token), {s['blocks_total']} blocks of "
                    f"{s['block_size']}. /help for commands, Ctrl-D to quit.")
     repl.run(stdin_lines(interactive, notify=repl.say), interactive)
+
+
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", default=None, envvar="EDGEKV_API_KEY",
+              help="Clients must send Authorization: Bearer KEY (default: no auth; also "
+              "read from EDGEKV_API_KEY).")
+@click.option("--max-num-seqs", default=32, show_default=True, type=click.IntRange(1),
+              help="Sequences decoded together.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
+              help="Requests that may wait beyond those; more get 429.")
+@click.option("--served-model-name", default=None,
+              help="The model's name in the API (default: the model directory's name).")
+@quiet_libraries
+def serve(host: str, port: int, api_key: str | None, max_num_seqs: int, max_queue: int,
+          served_model_name: str | None, **opts) -> None:
+    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)."""
+    from .serve.run import serve as run_server
+
+    run_server(host, port, api_key, max_num_seqs, max_queue, served_model_name, opts)
 
 
 @main.command()

@@ -144,6 +144,7 @@ class Engine:
             if params is not None:
                 seq.params = params
             seq.num_prompt, seq.text, seq.finish_reason = seq.num_tokens, "", None
+            seq.num_prefix_hit = 0
             seq.new_text.clear()
             self._start(seq)
 

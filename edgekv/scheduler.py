@@ -185,7 +185,7 @@ class Scheduler:
         if hit < max_blocks and hashes[hit] in self._pending_hashes():
             mgr.free(seq.seq_id)
             return None
-        seq.num_computed = hit * bs
+        seq.num_computed = seq.num_prefix_hit = hit * bs
         self.prefix_query_tokens += seq.num_tokens
         self.prefix_hit_tokens += hit * bs
         return True
@@ -200,7 +200,7 @@ class Scheduler:
             self.prefix_query_tokens -= seq.num_tokens
             self.prefix_hit_tokens -= seq.num_computed
             self.manager.free(seq.seq_id)
-            seq.num_computed = 0
+            seq.num_computed = seq.num_prefix_hit = 0
 
     def _pending_hashes(self) -> set[bytes]:
         """Hashes of full blocks that running sequences will compute but have not yet."""

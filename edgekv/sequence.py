@@ -35,6 +35,7 @@ class Sequence:
     num_prompt: int = 0
     num_computed: int = 0
     num_evicted: int = 0
+    num_prefix_hit: int = 0  # prompt tokens found in the prefix cache (not computed)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None

@@ -23,8 +23,8 @@ def test_importing_the_cli_imports_no_torch():
 
 @pytest.mark.parametrize("args", [
     ["--help"], ["--version"],
-    ["chat", "--help"], ["generate", "--help"], ["formats", "--help"], ["plan", "--help"],
-    ["eval", "--help"],
+    ["chat", "--help"], ["serve", "--help"], ["generate", "--help"], ["formats", "--help"],
+    ["plan", "--help"], ["eval", "--help"],
     # parsing that fails on a bad choice is decided without loading a model either
     ["chat", "--kv", "int3"], ["generate", "--eviction", "lru", "hi"],
 ])

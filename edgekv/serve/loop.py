@@ -1,0 +1,241 @@
+"""One thread owns the engine; HTTP handlers only submit requests and read their events.
+
+::
+
+    handler (event loop)          EngineLoop thread
+    --------------------          -----------------
+    submit(Job) ─────────────────> inbox ──> validate, engine.add
+    await job.next()  <─── events <───────── after every step: text deltas per choice,
+                                             finish reasons, usage
+    job.cancel() ────────────────> cancels ─> engine.abort before the next step
+
+Requests join and leave between steps (continuous batching): the thread drains its inbox
+and its cancellations, runs one ``engine.step()`` while any request is live, publishes
+each live job's news, and sleeps when there is nothing to do. A client that goes away
+cancels its job; its sequences are aborted (their blocks freed) before the next step.
+
+Backpressure: at most ``max_live`` jobs are accepted at once (running plus waiting in the
+engine); ``submit`` refuses more with ``Busy`` and the server answers 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from edgekv.sampling import SamplingParams
+from edgekv.sequence import Sequence
+
+log = logging.getLogger("edgekv.serve")
+
+
+class Busy(Exception):
+    """Too many requests are live: the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class Choice:
+    """What one output (sample) of a job produced since the last event."""
+
+    index: int
+    text: str
+    num_tokens: int  # tokens generated so far by this choice
+    finish_reason: str | None = None
+
+
+@dataclass
+class Event:
+    """A step's news for one job: its choices' deltas; ``done`` when every choice has
+    finished (``usage`` then set); ``error`` when the engine refused the request."""
+
+    choices: list[Choice] = field(default_factory=list)
+    done: bool = False
+    usage: dict | None = None
+    error: Exception | None = None
+
+
+class Job:
+    """One HTTP request: prompt token ids and sampling parameters in, events out. Events are
+    delivered on the event loop that created the job (``next`` awaits them)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams):
+        self.prompt_ids, self.params = prompt_ids, params
+        self._aio = asyncio.get_running_loop()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self.seq: Sequence | None = None  # set by the loop thread
+        self._sent: dict[int, int] = {}  # choice index -> tokens already counted
+        self._ended: set[int] = set()  # choices whose finish was reported
+        self.cancelled = False
+        self.finished = False
+
+    async def next(self) -> Event:
+        return await self._events.get()
+
+    def _post(self, event: Event) -> None:  # from the loop thread
+        self._aio.call_soon_threadsafe(self._events.put_nowait, event)
+
+
+class EngineLoop:
+    """Drives ``llm.engine`` from one thread for every client. ``stats()`` is a snapshot
+    the thread refreshes after each step (``/metrics`` reads it, never the engine)."""
+
+    def __init__(self, llm, max_live: int):
+        self.llm, self.engine = llm, llm.engine
+        self.max_live = max_live
+        self._inbox: deque[Job] = deque()
+        self._cancels: deque[Job] = deque()
+        self._live: list[Job] = []
+        self._accepted = 0  # jobs submitted and not yet finished (guarded by _cv)
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="edgekv-engine", daemon=True)
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self._snapshot: dict = {}
+        self._refresh()
+
+    # ---- handler side ------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; Busy when ``max_live`` jobs are already live."""
+        with self._cv:
+            if self._accepted >= self.max_live:
+                raise Busy(f"{self._accepted} requests are in progress (the server takes "
+                           f"{self.max_live}); retry shortly")
+            self._accepted += 1
+            self._inbox.append(job)
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: abort the job's sequences before the next step."""
+        with self._cv:
+            if not job.finished and not job.cancelled:
+                job.cancelled = True
+                self._cancels.append(job)
+                self._cv.notify()
+
+    def stats(self) -> dict:
+        return self._snapshot
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- the loop thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        while True:
+            with self._cv:
+                while not (self._stop or self._inbox or self._cancels
+                           or eng.has_unfinished()):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                inbox, self._inbox = list(self._inbox), deque()
+                cancels, self._cancels = list(self._cancels), deque()
+            try:
+                with eng.hold():
+                    for job in cancels:
+                        self._abort(job)
+                    for job in inbox:
+                        self._add(job)
+                    if eng.has_unfinished():
+                        eng.step()
+                    self._publish()
+            except Exception as e:  # noqa: BLE001 - a bug: fail the live jobs, keep serving
+                log.exception("engine step failed")
+                for job in list(self._live):
+                    self._abort(job)
+                    self._finish(job, Event(error=e))
+            self._refresh()
+
+    def _add(self, job: Job) -> None:
+        if job.cancelled:
+            self._release()
+            return
+        eng = self.engine
+        seq = eng.new_sequence(job.prompt_ids, job.params)
+        try:
+            eng.add(seq)
+        except ValueError as e:
+            job.finished = True
+            self._release()
+            job._post(Event(done=True, error=e))
+            return
+        job.seq = seq
+        self._live.append(job)
+
+    def _abort(self, job: Job) -> None:
+        if job.seq is not None and job in self._live:
+            self.engine.abort(job.seq)
+            self._live.remove(job)
+            job.finished = True
+            self._release()
+
+    def _release(self) -> None:
+        with self._cv:
+            self._accepted -= 1
+
+    def _finish(self, job: Job, event: Event) -> None:
+        if job in self._live:
+            self._live.remove(job)
+        job.finished = True
+        self._release()
+        self.requests_finished += 1
+        job._post(event)
+
+    def _publish(self) -> None:
+        """Post each live job its choices' new text and finish reasons."""
+        for job in list(self._live):
+            seq = job.seq
+            outs = seq.samples or [seq]
+            event = Event()
+            for s in outs:
+                i, n = s.sample_index, s.num_outputs
+                text = "".join(s.new_text)
+                s.new_text.clear()
+                ends = s.finished and i not in job._ended
+                if text or ends:
+                    reason = _reason(s.finish_reason) if ends else None
+                    event.choices.append(Choice(i, text, n, reason))
+                if ends:
+                    job._ended.add(i)
+                self.tokens_generated += n - job._sent.get(i, 0)
+                job._sent[i] = n
+            if len(job._ended) == seq.params.n:
+                event.done = True
+                event.usage = {"prompt_tokens": seq.num_prompt,
+                               "completion_tokens": sum(s.num_outputs for s in outs),
+                               "cached_tokens": seq.num_prefix_hit}
+                self._finish(job, event)
+            elif event.choices:
+                job._post(event)
+
+    def _refresh(self) -> None:
+        eng = self.engine
+        try:
+            s = dict(eng.kv_stats())
+        except Exception:  # noqa: BLE001 - a snapshot is best effort
+            return
+        sch = eng.scheduler
+        s.update(running=len(sch.running), waiting=len(sch.waiting),
+                 tokens_generated=self.tokens_generated,
+                 requests_finished=self.requests_finished, time=time.time())
+        self._snapshot = s
+
+
+def _reason(engine_reason: str | None) -> str:
+    """The engine's finish reason in the OpenAI API's words."""
+    return {"stop": "stop", "length": "length", "context": "length",
+            "abort": "abort"}.get(engine_reason or "", "stop")
