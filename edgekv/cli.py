@@ -48,6 +48,9 @@ def model_options(fn):
         click.option("--window-tokens", type=click.IntRange(0), default=None,
                      help="Newest tokens --eviction always keeps (default: half the "
                      "budget)."),
+        click.option("--offload-memory", default="0", show_default=True,
+                     help="Host memory for KV blocks swapped out when the pool runs short, "
+                     "e.g. 1GiB (0: off; preempted sequences are recomputed)."),
         click.option("--weights", type=click.Choice(["int8", "nf4"]), default=None,
                      help="Quantize weights with bitsandbytes."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
@@ -85,6 +88,10 @@ def build(opts: dict, **llm_options):
                              "--eviction")
         if opts["kv_memory"] not in (None, "auto"):
             parse_memory(opts["kv_memory"])
+        offload = opts["offload_memory"]
+        offload = 0 if str(offload).strip() == "0" else offload
+        if offload:
+            parse_memory(offload)
         params = SamplingParams(max_tokens=opts["max_tokens"],
                                 temperature=opts["temperature"], top_p=opts["top_p"],
                                 seed=opts["seed"])
@@ -92,7 +99,8 @@ def build(opts: dict, **llm_options):
             llm = LLM(opts["model"], kv_format=opts["kv_format"],
                       kv_memory=opts["kv_memory"], eviction=eviction,
                       weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
-                      seed=opts["seed"], kv_residual=opts["kv_residual"], **llm_options)
+                      seed=opts["seed"], kv_residual=opts["kv_residual"],
+                      offload_memory=offload, **llm_options)
         except (RuntimeError, MemoryError) as e:
             if not out_of_memory(e):
                 raise

@@ -7,6 +7,7 @@ import torch
 from edgekv.kernels.cpu_compiled import step_compiled
 from edgekv.kernels.cpu_plan import exact_counts, plan_step
 from edgekv.models import AttentionMetadata, cpu_fused
+from edgekv.models.layers import transpose_for_cpu
 
 from .block_manager import BlockManager
 from .eviction import Evictor
@@ -24,6 +25,10 @@ class ModelRunner:
         self.model, self.cache, self.manager, self.device = model, cache, manager, device
         self.evictor = evictor  # gets each step's block mass when its policy reads it
         self.residual = residual  # exact rings of the newest tokens (kv_residual)
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        # a small model's weights lie transposed on a CPU, which torch's GEMM reads faster
+        self.cpu_transposed = (device.type == "cpu" and layers is not None
+                               and transpose_for_cpu(layers))
 
     def _layers_compiled(self) -> bool:
         """Whether every decoder layer can take the compiled decode layer (a step planned

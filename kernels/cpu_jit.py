@@ -147,6 +147,13 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray | None:
     return None if out is _FAILED else out
 
 
+def small_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int
+                 ) -> np.ndarray | None:
+    """x (S, K) fp32 contiguous @ w (N, K)^T + b (N,) (empty: none) -> (S, N) fp32."""
+    out = _run(_parallel(_jit()[3].small_linear, threads), x, w, b)
+    return None if out is _FAILED else out
+
+
 def decode(q: np.ndarray, kd: np.ndarray, ks: np.ndarray, kz: np.ndarray, vd: np.ndarray,
            vs: np.ndarray, vz: np.ndarray, tables: np.ndarray, lens: np.ndarray, sm: float,
            kind: int, offset: int, table: np.ndarray, threads: int) -> np.ndarray | None:
@@ -180,15 +187,17 @@ def decode_layer(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, rot: int,
 _NO_TABLE = np.zeros(1, np.float32)
 
 
-def decoder_layer(x: np.ndarray, weights: tuple, eps: float, cos: np.ndarray,
-                  sin: np.ndarray, rot: int, wblk: np.ndarray, woff: np.ndarray, stores: tuple,
+def decoder_layer(x: np.ndarray, weights: tuple, transposed: bool, eps: float,
+                  cos: np.ndarray, sin: np.ndarray, rot: int, wblk: np.ndarray,
+                  woff: np.ndarray, stores: tuple,
                   tables: np.ndarray, lens: np.ndarray, max_len: int, sm: float, kind: int,
                   offset: int, qmax: int, symmetric: bool, threads: int) -> bool:
     """One sequence's decoder layer (cpu_jit_layer.layer): x (H,) fp32 updated in place,
-    the new k, v written. ``weights``: (ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd);
-    ``stores``: (kd, ks, kz, vd, vs, vz). False when compiling failed (nothing done)."""
+    the new k, v written. ``weights``: (ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd),
+    the matrices (in, out) where ``transposed``, else (out, in); ``stores``: (kd, ks, kz,
+    vd, vs, vz). False when compiling failed (nothing done)."""
     splits = num_splits(stores[0].shape[1], -(-max_len // stores[0].shape[2]), threads)
     fn = _parallel(_jit()[3].layer, threads)
-    return _run(fn, x, *weights, np.float32(eps), cos, sin, rot, wblk, woff, *stores, tables,
-                lens, np.float32(sm), kind, offset, qmax, symmetric, _NO_TABLE, half_table(),
-                splits) is not _FAILED
+    return _run(fn, x, *weights, transposed, np.float32(eps), cos, sin, rot, wblk, woff,
+                *stores, tables, lens, np.float32(sm), kind, offset, qmax, symmetric,
+                _NO_TABLE, half_table(), splits) is not _FAILED

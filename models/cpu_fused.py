@@ -3,11 +3,12 @@
 At batch 1 the torch path spends more time around a layer's four matmuls than in them
 (kernels/cpu_jit_layer.py says why); for one sequence a layer's norms, projections,
 attention and MLP run as one compiled call over the weights' own memory. For several
-sequences torch's GEMM takes the projections (the weights stored transposed, which it
-reads without repacking: layers.cpu_layout), and a layer is eight calls: norm, qkv
-matmul, the compiled attention layer, the output projection added into the residual
-stream in one ``addmm_``, norm, gate/up matmul, SiLU-and-multiply, the down projection
-added the same way (the modules' path is ~30 calls and a module dispatch each).
+sequences a layer is eight calls: norm, qkv matmul, the compiled attention layer, the
+output projection added into the residual stream in one ``addmm_``, norm, gate/up matmul,
+SiLU-and-multiply, the down projection added the same way (the modules' path is ~30 calls
+and a module dispatch each). The matmuls: torch's GEMM where the weights lie transposed (a
+small model: layers.transpose_for_cpu); else, up to 16 sequences, the compiled
+small_linear, which streams large weights faster (kernels/cpu_jit_layer.py).
 
 ``run`` is called by the decoder for a decode step that the runner planned for the
 compiled kernels; it returns how many layers it ran (the modules run the rest: all of
@@ -28,16 +29,17 @@ from edgekv.kernels import cpu_jit
 from edgekv.kernels.cpu_compiled import _views, compiled_layer, layer_kind
 from edgekv.kernels.cpu_compiled import enabled as cpu_compiled_on
 
-from .layers import RMSNorm, SwiGLU, cpu_layout, fused_linear, in_cpu_layout, linear
+from .layers import RMSNorm, SwiGLU, fused_linear, linear
 
 _EMPTY = np.zeros(0, np.float32)
 
 
-def _np(t: torch.Tensor | None) -> np.ndarray:
-    """A vector, or a weight (out, in) as its (in, out) memory (``layers.cpu_layout``)."""
+def _np(t: torch.Tensor | None, transposed: bool) -> np.ndarray:
+    """A vector, or a weight as it lies in memory: (out, in), or (in, out) where
+    ``transposed`` (layers.transpose_for_cpu)."""
     if t is None:
         return _EMPTY
-    return (t.t() if t.dim() == 2 else t).detach().numpy()
+    return (t.t() if transposed and t.dim() == 2 else t).detach().numpy()
 
 
 def fusable(layer: nn.Module) -> bool:
@@ -48,9 +50,9 @@ def fusable(layer: nn.Module) -> bool:
                                                                "v_proj")) is not None
 
 
-def _layer_weights(layer: nn.Module) -> tuple | None:
-    """(ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd) fp32 tensors (biases may be None),
-    or None."""
+def _layer_weights(layer: nn.Module) -> tuple[tuple, bool] | None:
+    """((ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd) fp32 tensors, biases may be None;
+    whether the matrices lie transposed), or None."""
     attn, mlp = layer.self_attn, layer.mlp
     if hasattr(attn, "q_norm") or type(mlp) is not SwiGLU or not all(
             type(n) is RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm)):
@@ -60,25 +62,28 @@ def _layer_weights(layer: nn.Module) -> tuple | None:
     if qkv is None or gu is None or type(attn.o_proj) is not nn.Linear \
             or type(mlp.down_proj) is not nn.Linear:
         return None
-    cpu_layout(attn.o_proj.weight)
-    cpu_layout(mlp.down_proj.weight)
     ts = (layer.input_layernorm.weight, qkv[0], qkv[1], attn.o_proj.weight, attn.o_proj.bias,
           layer.post_attention_layernorm.weight, gu[0], gu[1], mlp.down_proj.weight,
           mlp.down_proj.bias)
-    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not (
-            in_cpu_layout(t) if t.dim() == 2 else t.is_contiguous())) for t in ts):
+    mats = (qkv[0], attn.o_proj.weight, gu[0], mlp.down_proj.weight)
+    transposed = all(t.t().is_contiguous() for t in mats)
+    if not transposed and not all(t.is_contiguous() for t in mats):
         return None
-    return tuple(None if t is None else t.detach() for t in ts)
+    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or (
+            t.dim() == 1 and not t.is_contiguous())) for t in ts):
+        return None
+    return tuple(None if t is None else t.detach() for t in ts), transposed
 
 
-def _weights(model: nn.Module) -> list[tuple[tuple, tuple]] | None:
-    """Per layer (the weights as tensors, as numpy), or None where a layer cannot fuse."""
+def _weights(model: nn.Module) -> list[tuple[tuple, tuple, bool]] | None:
+    """Per layer (the weights as tensors, as numpy, whether the matrices lie transposed),
+    or None where a layer cannot fuse."""
     key = _key(model)
     cached = model.__dict__.get("_cpu_fused")
     if cached is None or cached[0] != key:
         ws = [_layer_weights(layer) for layer in model.layers]
-        ws = None if any(w is None for w in ws) else [(w, tuple(_np(t) for t in w))
-                                                      for w in ws]
+        ws = None if any(w is None for w in ws) else [
+            (w, tuple(_np(t, tr) for t in w), tr) for w, tr in ws]
         cached = (_key(model), ws)  # after fusing
         model.__dict__["_cpu_fused"] = cached
     return cached[1]
@@ -118,7 +123,7 @@ def run(model: nn.Module, x: torch.Tensor, meta) -> int:
     if ws is None:
         return 0
     if x.shape[0] == 1:
-        return _one(model, x, meta, [w[1] for w in ws])
+        return _one(model, x, meta, ws)
     return _rows(model, x, meta, ws)
 
 
@@ -132,9 +137,10 @@ def _one(model: nn.Module, x: torch.Tensor, meta, ws: list[tuple]) -> int:
     xv = x.view(-1).numpy()
     eps = model.layers[0].input_layernorm.eps
     threads = torch.get_num_threads()
-    for i, w in enumerate(ws):
+    for i, (_, w, transposed) in enumerate(ws):
         k, v = cache.layers[i]
-        if not cpu_jit.decoder_layer(xv, w, eps, cos, sin, lk.rot, step.blocks, step.offsets,
+        if not cpu_jit.decoder_layer(xv, w, transposed, eps, cos, sin, lk.rot, step.blocks,
+                                     step.offsets,
                                      (*_views(k), *_views(v)), step.tables, step.lens,
                                      step.max_len, attn.scale, lk.kind, lk.offset, lk.qmax,
                                      lk.symmetric, threads):
@@ -142,25 +148,51 @@ def _one(model: nn.Module, x: torch.Tensor, meta, ws: list[tuple]) -> int:
     return len(ws)
 
 
-def _rows(model: nn.Module, x: torch.Tensor, meta, ws: list[tuple[tuple, tuple]]) -> int:
+def _rows(model: nn.Module, x: torch.Tensor, meta, ws: list[tuple]) -> int:
     """Several sequences (x (S, hidden)): eight calls a layer, no module."""
     step = meta.plan.jit
     cache = meta.kv_cache
     lk = layer_kind(cache.format, model.layers[0].self_attn.head_dim)
     cos, sin = (t.float() for t in meta.rope)  # (S, 1, D) each
-    for i, (layer, (w, wn)) in enumerate(zip(model.layers, ws, strict=True)):
-        _, wqkv, bqkv, wo, bo, _, wgu, bgu, wd, bd = w
+    rows = x.shape[0] <= SMALL_ROWS
+    for i, (layer, (w, wn, transposed)) in enumerate(zip(model.layers, ws, strict=True)):
+        mm = _torch_mm if transposed or not rows else _small_mm
         h = _norm(x, w[0], wn[0], layer.input_layernorm.eps)
-        qkv = linear(h, wqkv, bqkv)  # (S, (Hq + 2 Hkv) * D)
+        qkv = mm(h, w[1], w[2], wn[1], wn[2])  # (S, (Hq + 2 Hkv) * D)
         k, v = cache.layers[i]
         o = compiled_layer(qkv, cos, sin, k, v, step, lk, layer.self_attn.scale)  # (S, Hq D)
         if o is None:  # the kernel failed to compile: nothing written, the modules go on
             return i
-        _add_linear(x, o, wo, bo)
-        gu = linear(_norm(x, w[5], wn[5], layer.post_attention_layernorm.eps), wgu, bgu)
+        mm(o, w[3], w[4], wn[3], wn[4], out=x)
+        gu = mm(_norm(x, w[5], wn[5], layer.post_attention_layernorm.eps), w[6], w[7], wn[6],
+                wn[7])
         n = gu.shape[1] // 2  # gu (S, 2 I): gate, up
-        _add_linear(x, nn.functional.silu(gu[:, :n]).mul_(gu[:, n:]), wd, bd)
+        mm(nn.functional.silu(gu[:, :n]).mul_(gu[:, n:]), w[8], w[9], wn[8], wn[9], out=x)
     return len(ws)
+
+
+# Rows up to which a model whose weights stay (out, in) takes small_linear, not torch.
+SMALL_ROWS = 16
+
+
+def _torch_mm(a, w, b, wn, bn, out=None):
+    """a @ w^T + b, or ``out`` += that in place (one addmm_)."""
+    if out is None:
+        return linear(a, w, b)
+    out.addmm_(a, w.t())
+    if b is not None:
+        out.add_(b)
+    return out
+
+
+def _small_mm(a, w, b, wn, bn, out=None):
+    """As ``_torch_mm``, through the compiled small_linear over (out, in) rows."""
+    y = cpu_jit.small_linear(a.numpy(), wn, bn, torch.get_num_threads()) \
+        if cpu_compiled_on() else None
+    if y is None:
+        return _torch_mm(a, w, b, wn, bn, out)
+    y = torch.from_numpy(y)
+    return y if out is None else out.add_(y)
 
 
 def _norm(x: torch.Tensor, w: torch.Tensor, wn: np.ndarray, eps: float) -> torch.Tensor:
@@ -170,9 +202,3 @@ def _norm(x: torch.Tensor, w: torch.Tensor, wn: np.ndarray, eps: float) -> torch
         torch.from_numpy(out)
 
 
-def _add_linear(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
-                ) -> None:
-    """x += a @ w^T (+ b), in place: one addmm_."""
-    x.addmm_(a, w.t())
-    if b is not None:
-        x.add_(b)

@@ -81,6 +81,8 @@ def test_a_broken_model_is_one_line_that_names_the_problem(case, args, stdin, me
 
 @pytest.mark.parametrize("args, message", [
     (["chat", "--kv-memory", "lots"], "not a memory size: 'lots'"),
+    (["chat", "--offload-memory", "lots"], "not a memory size: 'lots'"),
+    (["serve", "--kv-memory", "lots"], "not a memory size: 'lots'"),
     (["chat", "--max-kv-tokens", "64"], "need --eviction"),
     (["chat", "--device", "gpu"], "unknown device 'gpu'"),
     (["generate", "   "], "the prompt is empty"),

@@ -12,7 +12,7 @@ from kernel_cases import random_paged_kv
 from edgekv import LLM, SamplingParams
 from edgekv.kernels import cpu_compiled, cpu_jit
 from edgekv.kernels.cpu_plan import JitStep
-from edgekv.models import cpu_fused
+from edgekv.models import cpu_fused, layers
 from edgekv.quant import get_format
 from edgekv.scheduler import ScheduledBatch
 
@@ -52,8 +52,13 @@ def _decode_logits(path, fmt, prompts, steps=12):
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_compiled_decode_matches_the_modules(family, fmt, batch, tiny_model_dirs,
+@pytest.mark.parametrize("transposed", [True, False])
+def test_compiled_decode_matches_the_modules(family, fmt, batch, transposed, tiny_model_dirs,
                                              monkeypatch):
+    """Both weight layouts (layers.transpose_for_cpu): a small model's (in, out) memory
+    through torch's GEMM, a large one's (out, in) rows through small_linear."""
+    if not transposed:
+        monkeypatch.setattr(layers, "CPU_TRANSPOSE_MAX_BYTES", 0)
     path = tiny_model_dirs[family]
     prompts = [_prompt(9 + 13 * i, i) for i in range(batch)]
     ran = []
@@ -69,26 +74,45 @@ def test_compiled_decode_matches_the_modules(family, fmt, batch, tiny_model_dirs
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
 
 
-def test_decoder_weights_lie_transposed_on_cpu(llama_dir):
-    """After a decode step every decoder Linear's (out, in) weight is a view of (in, out)
-    memory (layers.cpu_layout), the fused q/k/v and gate/up included; greedy output is the
-    modules' (the compiled kernels off). Logits against transformers': test_model_parity.py."""
+@pytest.mark.parametrize("limit, transposed", [(64 << 20, True), (0, False)])
+def test_a_small_models_weights_lie_transposed_on_cpu(llama_dir, monkeypatch, limit,
+                                                      transposed):
+    """Under the size limit every decoder Linear's (out, in) weight is a view of (in, out)
+    memory, the fused q/k/v and gate/up included; over it they stay (out, in) and a
+    decode batch runs small_linear. Greedy output is the modules' (the compiled kernels
+    off) either way. Logits against transformers': test_model_parity.py."""
+    monkeypatch.setattr(layers, "CPU_TRANSPOSE_MAX_BYTES", limit)
+    calls = []
+    real = cpu_jit.small_linear
+    monkeypatch.setattr(cpu_jit, "small_linear", lambda *a: calls.append(1) or real(*a))
+    prompts = [_prompt(12, 0), _prompt(9, 1)]
+    greedy = SamplingParams(max_tokens=3, temperature=0.0)
     llm = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32)
+    out = llm.generate(prompts, greedy)
     layer = llm.engine.runner.model.model.layers[0]
-    assert layer.self_attn.q_proj.weight.is_contiguous()  # as loaded
-    out = llm.generate([_prompt(12, 0), _prompt(9, 1)], SamplingParams(max_tokens=3,
-                                                                      temperature=0.0))
     for m in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
               layer.mlp.up_proj, layer.mlp.down_proj):
-        assert m.weight.stride(0) == 1 and not m.weight.is_contiguous()  # (in, out) memory
+        assert (m.weight.stride(0) == 1) == transposed  # (in, out) memory
+        assert m.weight.is_contiguous() != transposed
+    assert bool(calls) != transposed
+    monkeypatch.setenv(cpu_compiled.ENV_VAR, "0")
     ref = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32)
-    os.environ[cpu_compiled.ENV_VAR] = "0"
-    try:
-        want = ref.generate([_prompt(12, 0), _prompt(9, 1)], SamplingParams(
-            max_tokens=3, temperature=0.0))
-    finally:
-        del os.environ[cpu_compiled.ENV_VAR]
+    want = ref.generate(prompts, greedy)
     assert [o.token_ids for o in out] == [o.token_ids for o in want]
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 8, 16, 17])
+@pytest.mark.parametrize("n_out", [16, 17, 19])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_matches_torch(rows, n_out, bias):
+    """4 x 4 tiles, the rows and outputs left over, the bias: as nn.functional.linear."""
+    g = torch.Generator().manual_seed(rows * 100 + n_out)
+    x, w = torch.randn(rows, 40, generator=g), torch.randn(n_out, 40, generator=g)
+    b = torch.randn(n_out, generator=g) if bias else None
+    got = cpu_jit.small_linear(x.numpy(), w.numpy(), np.zeros(0, np.float32) if b is None
+                               else b.numpy(), 1)
+    torch.testing.assert_close(torch.from_numpy(got), torch.nn.functional.linear(x, w, b),
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_rms_norm_matches_torch():

@@ -244,12 +244,14 @@ def test_a_client_killed_mid_stream_frees_its_blocks(server, llm):
     got = b""
     while got.count(b"data:") < 3:
         got += s.recv(4096)
-    assert server.metrics()["edgekv_kv_blocks_used"] > 0
+    at_close = server.metrics()
+    assert at_close["edgekv_kv_blocks_used"] > 0
     s.close()
     m = _idle(server, llm, timeout=5)
     assert m["edgekv_kv_blocks_used"] == 0
-    generated = m["edgekv_generation_tokens_total"] - before["edgekv_generation_tokens_total"]
-    assert generated < 300  # stopped long before its 600 tokens
+    after = m["edgekv_generation_tokens_total"] - at_close["edgekv_generation_tokens_total"]
+    assert after <= 32  # a few steps at most (one, once the server has seen the close)
+    assert m["edgekv_generation_tokens_total"] - before["edgekv_generation_tokens_total"] < 100
 
 
 def test_past_the_limit_a_request_gets_429(llm):

@@ -184,15 +184,7 @@ async def completions(request: Request) -> Response:
                 "finish_reason": c.finish_reason}
 
     if req.stream:
-        async def stream() -> AsyncIterator[str]:
-            async for ev in _chain(first, rest):
-                for c in ev.choices:
-                    yield _sse({**head, "choices": [choice(c)]})
-                if ev.done and req.include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(ev.usage)})
-                if ev.done or ev.error is not None:
-                    yield "data: [DONE]\n\n"
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return _stream(_chain(first, rest), head, lambda c: [choice(c)], req.include_usage)
     texts, reasons, usage = await _collect(first, rest, req.n)
     return JSONResponse({**head, "choices": [
         {"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
@@ -220,28 +212,39 @@ async def chat_completions(request: Request) -> Response:
     head = {"id": rid, "object": "chat.completion.chunk", "created": created,
             "model": srv.name}
     if req.stream:
-        async def stream() -> AsyncIterator[str]:
-            for i in range(req.n):
-                yield _sse({**head, "choices": [{"index": i, "delta": {
-                    "role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}]})
-            async for ev in _chain(first, rest):
-                for c in ev.choices:
-                    if c.text:
-                        yield _sse({**head, "choices": [{"index": c.index, "delta": {
-                            "content": c.text}, "logprobs": None, "finish_reason": None}]})
-                    if c.finish_reason is not None:
-                        yield _sse({**head, "choices": [{"index": c.index, "delta": {},
-                                    "logprobs": None, "finish_reason": c.finish_reason}]})
-                if ev.done and req.include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(ev.usage)})
-                if ev.done or ev.error is not None:
-                    yield "data: [DONE]\n\n"
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        def delta(i: int, d: dict, reason: str | None = None) -> dict:
+            return {"index": i, "delta": d, "logprobs": None, "finish_reason": reason}
+
+        def chunks(c) -> list[dict]:
+            out = [delta(c.index, {"content": c.text})] if c.text else []
+            if c.finish_reason is not None:
+                out.append(delta(c.index, {}, c.finish_reason))
+            return out
+
+        opening = [delta(i, {"role": "assistant", "content": ""}) for i in range(req.n)]
+        return _stream(_chain(first, rest), head, chunks, req.include_usage, opening)
     texts, reasons, usage = await _collect(first, rest, req.n)
     return JSONResponse({**head, "object": "chat.completion", "choices": [
         {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
          "finish_reason": reasons[i]} for i in range(req.n)], "usage": _usage(usage)})
+
+
+def _stream(events: AsyncIterator[Event], head: dict, chunks, include_usage: bool,
+            opening: list[dict] = ()) -> StreamingResponse:
+    """Server-sent events: one chunk per choice dict (``opening`` first, then ``chunks(c)``
+    of each choice delta), the usage chunk if asked for, ``[DONE]``."""
+    async def body() -> AsyncIterator[str]:
+        for c in opening:
+            yield _sse({**head, "choices": [c]})
+        async for ev in events:
+            for choice in ev.choices:
+                for c in chunks(choice):
+                    yield _sse({**head, "choices": [c]})
+            if ev.done and include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(ev.usage)})
+            if ev.done or ev.error is not None:
+                yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 async def _chain(first: Event | None, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
