@@ -26,7 +26,7 @@ from .offload import Offloader
 from .prefix_cache import cache_salt
 from .residual import ResidualWindow
 from .rollback import StepUndo
-from .sampling import SamplingParams, request_seed, sample
+from .sampling import SamplingParams, request_seed, sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .stop_strings import cut_at_stop_string, emit_text
@@ -145,6 +145,8 @@ class Engine:
                 seq.params = params
             seq.num_prompt, seq.text, seq.finish_reason = seq.num_tokens, "", None
             seq.num_prefix_hit = 0
+            p = params or seq.params
+            seq.logprobs = [] if p.logprobs is not None and p.beam_width is None else None
             seq.new_text.clear()
             self._start(seq)
 
@@ -268,14 +270,22 @@ class Engine:
         logits = logits[torch.tensor(rows, device=logits.device)]  # (N, vocab)
         self._undo.save(sampled)
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
-        for seq, tok in zip(sampled, tokens, strict=True):
-            self._commit_token(seq, tok)
+        lps = [None] * len(sampled)
+        want = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+        if want:
+            got = token_logprobs(logits[want], [tokens[i] for i in want],
+                                 [sampled[i].params.logprobs for i in want])
+            for i, lp in zip(want, got, strict=True):
+                lps[i] = lp
+        for seq, tok, lp in zip(sampled, tokens, lps, strict=True):
+            self._commit_token(seq, tok, lp)
         return sampled
 
     # ---- transactions ------------------------------------------------------------------
-    def _commit_token(self, seq: Sequence, token: int) -> None:
+    def _commit_token(self, seq: Sequence, token: int, logprob=None) -> None:
         """``_postprocess``, all or nothing: if it raises, ``seq`` is as before (its token
-        not yet sampled, which ``StepUndo.roll_back`` then undoes)."""
+        not yet sampled, which ``StepUndo.roll_back`` then undoes). ``logprob``: the token's
+        entry for ``seq.logprobs`` (params.logprobs set)."""
         n, text, deltas = seq.num_tokens, seq.text, len(seq.new_text)
         detok = copy.copy(seq.detok)
         try:
@@ -285,6 +295,8 @@ class Engine:
             del seq.new_text[deltas:]
             seq.text, seq.detok = text, detok
             raise
+        if seq.logprobs is not None and logprob is not None:
+            seq.logprobs.append(logprob)
 
     def _beam_steps(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor
                     ) -> None:
@@ -329,6 +341,7 @@ class Engine:
         child.block_hashes, child.hashed_ids = list(parent.block_hashes), \
             list(parent.hashed_ids)
         child.new_text, child.samples = [], None
+        child.logprobs = None if parent.logprobs is None else list(parent.logprobs)
         child.detok = copy.copy(parent.detok)
         rid = self.request_of.get(parent.seq_id, parent.seq_id)
         self.request_of[child.seq_id] = rid

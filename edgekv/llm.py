@@ -40,6 +40,8 @@ class CompletionOutput:
     # context or the whole KV pool is full: no room for another token), "abort"
     finish_reason: str
     cumulative_logprob: float | None = None  # beam search only
+    # SamplingParams.logprobs set: per token (its log-prob, [(token, log-prob)] most likely)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -230,7 +232,8 @@ def _request_output(seq: Sequence) -> RequestOutput:
     if seq.beam is not None:
         outs = [CompletionOutput(*o) for o in seq.beam.results()]
     else:
-        outs = [CompletionOutput(s.text, s.output_ids, s.finish_reason)
+        outs = [CompletionOutput(s.text, s.output_ids, s.finish_reason,
+                                 logprobs=None if s.logprobs is None else list(s.logprobs))
                 for s in seq.samples or [seq]]
     best = outs[0]
     return RequestOutput(best.text, best.token_ids, best.finish_reason,

@@ -31,6 +31,10 @@ class SamplingParams:
     ``n``: samples per prompt. They fork off one prefilled prompt and share its blocks;
     sample ``j`` draws from the random stream seeded with ``seed + j`` (seed as above), so
     with a fixed seed it equals a separate ``n=1`` request with ``seed=seed + j``.
+    ``logprobs`` (None: off): record each output token's log-probability under the model
+    (log-softmax of its logits, before temperature and filters) and the ``logprobs`` most
+    likely tokens of that step with theirs (0: the chosen token's only); they land in
+    ``Sequence.logprobs``, one entry per output token.
     ``beam_width`` (None: off): beam search instead of sampling (deterministic; temperature,
     top-k, top-p and stop strings are not used). Hypotheses are ranked by cumulative log-prob
     divided by (output length) ** ``length_penalty``; beam width 1 is greedy decoding.
@@ -47,6 +51,7 @@ class SamplingParams:
     n: int = 1
     beam_width: int | None = None
     length_penalty: float = 1.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +70,9 @@ class SamplingParams:
             v = getattr(self, name)
             if (v is not None or name == "n") and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in 0..20, got {self.logprobs!r}")
         if self.n > 1 and self.beam_width is not None:
             raise ValueError("beam search returns beam_width outputs: leave n at 1")
         if any(not s for s in self.stop):
@@ -73,6 +81,21 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: list[int]
+                   ) -> list[tuple[float, list[tuple[int, float]]]]:
+    """logits (N, vocab); per row (log-prob of ``tokens[i]``, the ``k[i]`` most likely
+    (token, log-prob) pairs, best first), from the log-softmax of the raw logits."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    top = torch.topk(lp, max(k), dim=-1) if max(k) else None
+    out = []
+    for i, c in enumerate(chosen):
+        alts = [] if not k[i] else list(zip(top.indices[i, : k[i]].tolist(),
+                                             top.values[i, : k[i]].tolist(), strict=True))
+        out.append((c, alts))
+    return out
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],

@@ -52,6 +52,8 @@ class Sequence:
     samples: list[Sequence] | None = None
     sample_index: int = 0  # which sample of its request this is (forks are 1..n-1)
     beam: object | None = None  # beam_search.BeamSearch driving this sequence, if any
+    # params.logprobs set: per output token (its log-prob, [(token, log-prob)] most likely)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     @property
     def num_tokens(self) -> int:

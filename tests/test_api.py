@@ -99,9 +99,31 @@ def test_chat_keeps_history_in_the_cache_and_prefills_only_the_new_turn(llm):
     assert chat.num_cached_tokens == 0 and chat.messages == [chat.messages[0]]
 
 
+def test_logprobs_are_the_models_own(llm):
+    """Each output token's log-prob and the best alternatives are the log-softmax of the
+    logits the model gives at that position (teacher-forced through the cache: score);
+    greedy picks the best of them. Forked samples keep their own."""
+    prompt = llm.encode("Once upon a time")
+    out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0,
+                                                ignore_eos=True, logprobs=3))[0].outputs[0]
+    assert len(out.logprobs) == len(out.token_ids) == 8
+    lp = torch.log_softmax(llm.score(prompt + out.token_ids), -1)
+    for j, (tok, (chosen, alts)) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+        row = lp[len(prompt) - 1 + j]
+        assert abs(chosen - row[tok].item()) < 1e-4
+        assert [t for t, _ in alts] == row.topk(3).indices.tolist() and alts[0][0] == tok
+        assert all(abs(v - row[t].item()) < 1e-4 for t, v in alts)
+    two = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=1.0, n=2, seed=3,
+                                                logprobs=0))[0].outputs
+    assert [len(o.logprobs) for o in two] == [len(o.token_ids) for o in two]
+    assert all(alts == [] for o in two for _, alts in o.logprobs)
+    assert llm.generate([prompt], GREEDY)[0].outputs[0].logprobs is None
+    llm.check_integrity()
+
+
 def test_sampling_params_validate():
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2),
-                dict(stop=[""])):
+                dict(stop=[""]), dict(logprobs=-1), dict(logprobs=21)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 

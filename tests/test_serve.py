@@ -169,6 +169,28 @@ def test_n_seed_and_stop(client, ref):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_equal_generates(client, ref):
+    prompt = "The old lighthouse keeper"
+    want = ref.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0,
+                                                 logprobs=2))[0].outputs[0]
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([c for c, _ in want.logprobs], abs=1e-5)
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset[0] == 0 and all(len(d) <= 2 for d in lp.top_logprobs)
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
+              temperature=0, logprobs=True, top_logprobs=3)
+    chat = client.chat.completions.create(**kw)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == c.logprob
+               for c in content)
+    streamed = [c for chunk in client.chat.completions.create(stream=True, **kw)
+                for ch in chunk.choices if ch.logprobs for c in ch.logprobs.content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content])
+
+
 def test_prefix_cache_counts_cached_tokens(client):
     system = "You answer questions about the weather in one short sentence. " * 8
     msgs = lambda q: [{"role": "system", "content": system},  # noqa: E731
@@ -198,7 +220,7 @@ def test_errors_have_the_api_shape_and_the_server_goes_on(server, client, case):
     elif case == "context":
         body["prompt"] = "word " * 5000
     elif case == "logprobs":
-        body["logprobs"] = 3
+        body["logprobs"] = 9  # at most 5
     elif case == "route":
         path = "/v1/nothing"
     elif case == "empty":
@@ -206,8 +228,8 @@ def test_errors_have_the_api_shape_and_the_server_goes_on(server, client, case):
     status, _, got = server.request("POST", path, body, key=key, raw=raw)
     assert status == want, got
     assert set(got["error"]) == {"message", "type", "param", "code"} and got["error"]["message"]
-    if case == "temperature":
-        assert got["error"]["param"] == "temperature"
+    if case in ("temperature", "logprobs"):
+        assert got["error"]["param"] == case
     if case == "context":
         assert got["error"]["code"] == "context_length_exceeded"
     if case == "model":

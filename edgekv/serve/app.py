@@ -179,16 +179,25 @@ async def completions(request: Request) -> Response:
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": srv.name}
 
+    offsets = [0] * req.n  # each choice's text offset of its next token (logprobs)
+
+    def logprobs(i: int, entries) -> dict | None:
+        if entries is None:
+            return None
+        out = _completion_logprobs(entries, offsets[i])
+        offsets[i] += sum(len(e[0]) for e in entries)
+        return out
+
     def choice(c) -> dict:
-        return {"index": c.index, "text": c.text, "logprobs": None,
+        return {"index": c.index, "text": c.text, "logprobs": logprobs(c.index, c.logprobs),
                 "finish_reason": c.finish_reason}
 
     if req.stream:
         return _stream(_chain(first, rest), head, lambda c: [choice(c)], req.include_usage)
-    texts, reasons, usage = await _collect(first, rest, req.n)
+    texts, reasons, usage, lps = await _collect(first, rest, req.n)
     return JSONResponse({**head, "choices": [
-        {"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
-        for i in range(req.n)], "usage": _usage(usage)})
+        {"index": i, "text": texts[i], "logprobs": logprobs(i, lps[i]),
+         "finish_reason": reasons[i]} for i in range(req.n)], "usage": _usage(usage)})
 
 
 async def chat_completions(request: Request) -> Response:
@@ -216,17 +225,40 @@ async def chat_completions(request: Request) -> Response:
             return {"index": i, "delta": d, "logprobs": None, "finish_reason": reason}
 
         def chunks(c) -> list[dict]:
-            out = [delta(c.index, {"content": c.text})] if c.text else []
+            out = [delta(c.index, {"content": c.text})] if c.text or c.logprobs else []
+            if c.logprobs:
+                out[0]["logprobs"] = _chat_logprobs(c.logprobs)
             if c.finish_reason is not None:
                 out.append(delta(c.index, {}, c.finish_reason))
             return out
 
         opening = [delta(i, {"role": "assistant", "content": ""}) for i in range(req.n)]
         return _stream(_chain(first, rest), head, chunks, req.include_usage, opening)
-    texts, reasons, usage = await _collect(first, rest, req.n)
+    texts, reasons, usage, lps = await _collect(first, rest, req.n)
     return JSONResponse({**head, "object": "chat.completion", "choices": [
-        {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+        {"index": i, "message": {"role": "assistant", "content": texts[i]},
+         "logprobs": None if lps[i] is None else _chat_logprobs(lps[i]),
          "finish_reason": reasons[i]} for i in range(req.n)], "usage": _usage(usage)})
+
+
+def _completion_logprobs(entries, offset: int) -> dict:
+    """The completions API's log-probs of ``entries`` ((text, log-prob, alternatives) per
+    token), the first token at ``offset`` in the choice's text."""
+    offs = []
+    for text, _, _ in entries:
+        offs.append(offset)
+        offset += len(text)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [dict(e[2]) for e in entries], "text_offset": offs}
+
+
+def _chat_logprobs(entries) -> dict:
+    """The chat API's log-probs of ``entries``."""
+    def item(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in alts]}
+                        for t, lp, alts in entries]}
 
 
 def _stream(events: AsyncIterator[Event], head: dict, chunks, include_usage: bool,
@@ -255,9 +287,11 @@ async def _chain(first: Event | None, rest: AsyncIterator[Event]) -> AsyncIterat
 
 
 async def _collect(first: Event | None, rest: AsyncIterator[Event], n: int
-                   ) -> tuple[list[str], list[str | None], dict]:
-    """The whole text and finish reason of each choice, and the usage."""
+                   ) -> tuple[list[str], list[str | None], dict, list[list | None]]:
+    """The whole text, finish reason and log-prob entries (None: not asked for) of each
+    choice, and the usage."""
     texts, reasons, usage = [""] * n, [None] * n, None
+    lps: list[list | None] = [None] * n
     async for ev in _chain(first, rest):
         if ev.error is not None:
             raise APIError(500, f"the engine failed: {ev.error}", type="server_error")
@@ -265,11 +299,13 @@ async def _collect(first: Event | None, rest: AsyncIterator[Event], n: int
             texts[c.index] += c.text
             if c.finish_reason is not None:
                 reasons[c.index] = c.finish_reason
+            if c.logprobs:
+                lps[c.index] = (lps[c.index] or []) + c.logprobs
         if ev.done:
             usage = ev.usage
     if usage is None:  # the client went away: nobody reads this
         raise APIError(499, "client closed the request")
-    return texts, reasons, usage
+    return texts, reasons, usage, lps
 
 
 # ---- errors ------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ class Choice:
     text: str
     num_tokens: int  # tokens generated so far by this choice
     finish_reason: str | None = None
+    # with logprobs asked for: the new tokens' (text, log-prob, [(text, log-prob)] best)
+    logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Job:
         self.seq: Sequence | None = None  # set by the loop thread
         self._sent: dict[int, int] = {}  # choice index -> tokens already counted
         self._ended: set[int] = set()  # choices whose finish was reported
+        self._lp_sent: dict[int, int] = {}  # choice index -> logprob entries reported
         self.cancelled = False
         self.finished = False
 
@@ -206,9 +209,10 @@ class EngineLoop:
                 text = "".join(s.new_text)
                 s.new_text.clear()
                 ends = s.finished and i not in job._ended
-                if text or ends:
+                lps = self._new_logprobs(job, s)
+                if text or ends or lps:
                     reason = _reason(s.finish_reason) if ends else None
-                    event.choices.append(Choice(i, text, n, reason))
+                    event.choices.append(Choice(i, text, n, reason, lps))
                 if ends:
                     job._ended.add(i)
                 self.tokens_generated += n - job._sent.get(i, 0)
@@ -221,6 +225,23 @@ class EngineLoop:
                 self._finish(job, event)
             elif event.choices:
                 job._post(event)
+
+    def _new_logprobs(self, job: Job, s: Sequence) -> list | None:
+        """The log-probs of ``s``'s tokens not yet reported, their ids as text."""
+        if s.logprobs is None:
+            return None
+        start = job._lp_sent.get(s.sample_index, 0)
+        if start == len(s.logprobs):
+            return None
+        job._lp_sent[s.sample_index] = len(s.logprobs)
+        ids = s.output_ids
+        text = self._token_text
+        return [(text(ids[j]), lp, [(text(t), v) for t, v in alts])
+                for j, (lp, alts) in enumerate(s.logprobs[start:], start)]
+
+    def _token_text(self, token: int) -> str:
+        tok = self.llm.tokenizer
+        return tok.decode([token]) if tok is not None else str(token)
 
     def _refresh(self) -> None:
         eng = self.engine

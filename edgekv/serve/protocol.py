@@ -58,6 +58,9 @@ class _Sampling(BaseModel):
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """The engine's parameters; APIError for values it does not take."""
+        return self._sampling(default_max_tokens, None)
+
+    def _sampling(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise APIError(400, f"{name} is not supported (leave it 0)", param=name)
@@ -67,7 +70,7 @@ class _Sampling(BaseModel):
         return SamplingParams(max_tokens=self.max_tokens or default_max_tokens,
                               temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, stop=tuple(stop), n=self.n,
-                              ignore_eos=self.ignore_eos)
+                              ignore_eos=self.ignore_eos, logprobs=logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -78,14 +81,15 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions: one prompt, as text or token ids."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
 
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        return self._sampling(default_max_tokens, self.logprobs)
+
     def check(self) -> None:
-        if self.logprobs is not None:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
         if self.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if self.best_of not in (None, 1, self.n):
@@ -129,12 +133,16 @@ class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list | None = None
 
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        return self._sampling(default_max_tokens,
+                              (self.top_logprobs or 0) if self.logprobs else None)
+
     def check(self) -> None:
-        if self.logprobs or self.top_logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
         if self.max_completion_tokens is not None and self.max_tokens is None:
