@@ -171,13 +171,16 @@ def chat(system: str | None, **opts) -> None:
               help="Requests that may wait beyond those; more get 429.")
 @click.option("--served-model-name", default=None,
               help="The model's name in the API (default: the model directory's name).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Threads for the model on a CPU (default: one less than the CPUs, so "
+              "that the HTTP side keeps one).")
 @quiet_libraries
 def serve(host: str, port: int, api_key: str | None, max_num_seqs: int, max_queue: int,
-          served_model_name: str | None, **opts) -> None:
+          served_model_name: str | None, threads: int | None, **opts) -> None:
     """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)."""
     from .serve.run import serve as run_server
 
-    run_server(host, port, api_key, max_num_seqs, max_queue, served_model_name, opts)
+    run_server(host, port, api_key, max_num_seqs, max_queue, served_model_name, threads, opts)
 
 
 @main.command()

@@ -74,10 +74,9 @@ class ServerProcess:
                "--max-num-seqs", str(max(args.clients)), "--served-model-name", "bench"]
         if args.model:
             cmd += ["--model", args.model]
-        env = dict(os.environ)
         if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+            cmd += ["--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 300
@@ -175,7 +174,8 @@ def main(argv=None) -> None:
     p.add_argument("--system-tokens", type=int, default=512)
     p.add_argument("--kv-memory", default="128MiB")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=0, help="server's threads (0: torch's)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="the server's model threads (0: its default, one less than the CPUs)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args(argv)
     a.clients = [int(x) for x in a.clients.split(",")]

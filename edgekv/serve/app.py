@@ -89,31 +89,31 @@ async def _body(request: Request) -> object:
         raise APIError(400, "the request body is not valid JSON") from None
 
 
-async def _disconnected(request: Request) -> None:
-    """Return once the client has gone away (its body is already read)."""
+async def _watch(srv: Server, request: Request, job: Job) -> None:
+    """Once the client has gone away (its body is already read): cancel the job, and wake
+    its reader with a ``gone`` event."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            srv.loop.cancel(job)
+            job.gone()
             return
 
 
 async def _events(srv: Server, request: Request, job: Job) -> AsyncIterator[Event]:
     """The job's events until it is done; a client that disconnects cancels the job (the
     engine aborts it before its next step)."""
-    gone = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(_watch(srv, request, job))
     try:
         while True:
-            nxt = asyncio.ensure_future(job.next())
-            await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
-                nxt.cancel()
+            event = await job.next()
+            if event.gone:
                 return
-            event = nxt.result()
             yield event
             if event.done or event.error is not None:
                 return
     finally:
-        gone.cancel()
+        watcher.cancel()
         if not job.finished:
             srv.loop.cancel(job)
 

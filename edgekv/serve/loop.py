@@ -58,6 +58,7 @@ class Event:
     done: bool = False
     usage: dict | None = None
     error: Exception | None = None
+    gone: bool = False  # the client went away (posted by the server, not the engine)
 
 
 class Job:
@@ -80,6 +81,10 @@ class Job:
 
     def _post(self, event: Event) -> None:  # from the loop thread
         self._aio.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def gone(self) -> None:
+        """Wake ``next`` with a ``gone`` event (on the job's event loop)."""
+        self._events.put_nowait(Event(gone=True))
 
 
 class EngineLoop:
