@@ -16,7 +16,10 @@ the same N one after another. Printed per format and N:
   KV B/tok, peak KV MiB   bytes per cached token; most KV in use during the run (/metrics)
 
     python scripts/bench_serve.py
-    python scripts/bench_serve.py --formats int8 --clients 16 --max-tokens 32
+    python scripts/bench_serve.py --formats int8 --clients 16 --max-tokens 32 --client http
+
+The clients run in this process, on the same machine as the server: with --client http
+(plain http.client and json instead of the openai library) they cost the shared CPUs less.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ class ServerProcess:
 
 
 def one_request(client, system: str, question: str, max_tokens: int) -> dict:
+    if isinstance(client, str):
+        return one_request_http(client, system, question, max_tokens)
     t0 = time.perf_counter()
     times, usage = [], None
     stream = client.chat.completions.create(
@@ -124,6 +129,38 @@ def one_request(client, system: str, question: str, max_tokens: int) -> dict:
     return {"start": t0, "times": times, "end": time.perf_counter(),
             "completion": usage.completion_tokens, "prompt": usage.prompt_tokens,
             "cached": usage.prompt_tokens_details.cached_tokens}
+
+
+def one_request_http(url: str, system: str, question: str, max_tokens: int) -> dict:
+    """As ``one_request``, over plain HTTP (http.client, json): a client that costs the
+    shared CPUs less than the openai client's typed objects."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    body = json.dumps({"model": "bench", "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": question}],
+        "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+        "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    times, usage = [], None
+    for line in r:
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        ch = chunk.get("choices")
+        if ch and ch[0]["delta"].get("content"):
+            times.append(time.perf_counter())
+    conn.close()
+    return {"start": t0, "times": times, "end": time.perf_counter(),
+            "completion": usage["completion_tokens"], "prompt": usage["prompt_tokens"],
+            "cached": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
 def measure(server: ServerProcess, client, system: str, sys_tokens: int, n: int,
@@ -176,6 +213,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0,
                    help="the server's model threads (0: its default, one less than the CPUs)")
+    p.add_argument("--client", choices=["openai", "http"], default="openai",
+                   help="the clients: the openai library, or plain HTTP (lighter)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args(argv)
     a.clients = [int(x) for x in a.clients.split(",")]
@@ -192,7 +231,8 @@ def main(argv=None) -> None:
         server = ServerProcess(a, fmt)
         try:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="none",
-                                   max_retries=0, timeout=600)
+                                   max_retries=0, timeout=600) if a.client == "openai" \
+                else server.url
             one_request(client, system, "warm up", 4)  # compiled kernels, first prefill
             for n in a.clients:
                 r = measure(server, client, system, sys_tokens, n, a.max_tokens)
