@@ -252,7 +252,32 @@ def test_32_concurrent_streams_equal_requests_alone(server, client, ref, llm):
     assert got == want
     m = _idle(server, llm)
     assert m["edgekv_kv_blocks_used"] == 0  # nothing leaked
+    assert server.server.config.app.state.server.loop._accepted == 0
     assert m["edgekv_generation_tokens_total"] >= 32 * 12 - 32
+
+
+def test_an_engine_failure_is_a_500_and_the_server_goes_on(server, client, llm,
+                                                          monkeypatch):
+    real, calls = llm.engine.step, []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 2:  # the prompt's step passed; a decode step raises
+            raise RuntimeError("injected")
+        return real()
+
+    monkeypatch.setattr(llm.engine, "step", failing)
+    status, _, got = server.request("POST", "/v1/completions",
+                                    {"model": NAME, "prompt": "Hello", "max_tokens": 8})
+    assert status == 500 and got["error"]["type"] == "server_error", got
+    assert "Traceback" not in got["error"]["message"]
+    monkeypatch.setattr(llm.engine, "step", real)
+    m = _idle(server, llm)  # rolled back and aborted: nothing held
+    assert m["edgekv_kv_blocks_used"] == 0
+    assert server.server.config.app.state.server.loop._accepted == 0  # no slot leaked
+    for _ in range(3):  # the live count went back down: requests keep being taken
+        r = client.completions.create(model=NAME, prompt="Hello", max_tokens=2)
+        assert r.choices[0].text is not None
 
 
 def test_a_client_killed_mid_stream_frees_its_blocks(server, llm):

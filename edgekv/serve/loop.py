@@ -162,11 +162,19 @@ class EngineLoop:
                         eng.step()
                     self._publish()
             except Exception as e:  # noqa: BLE001 - a bug: fail the live jobs, keep serving
-                log.exception("engine step failed")
-                for job in list(self._live):
-                    self._abort(job)
-                    self._finish(job, Event(error=e))
+                log.exception("engine step failed")  # the step was rolled back (rollback.py)
+                self._fail_live(e)
             self._refresh()
+
+    def _fail_live(self, error: Exception) -> None:
+        """Abort every live job and tell its client why (a 500 or an error chunk)."""
+        for job in list(self._live):
+            try:
+                with self.engine.hold():
+                    self.engine.abort(job.seq)
+            except Exception:  # noqa: BLE001 - its client still hears of the failure
+                log.exception("aborting a failed request")
+            self._finish(job, Event(error=error))
 
     def _add(self, job: Job) -> None:
         if job.cancelled:
