@@ -26,9 +26,8 @@ class ModelRunner:
         self.evictor = evictor  # gets each step's block mass when its policy reads it
         self.residual = residual  # exact rings of the newest tokens (kv_residual)
         layers = getattr(getattr(model, "model", None), "layers", None)
-        # a small model's weights lie transposed on a CPU, which torch's GEMM reads faster
-        self.cpu_transposed = (device.type == "cpu" and layers is not None
-                               and transpose_for_cpu(layers))
+        if device.type == "cpu" and layers is not None:
+            transpose_for_cpu(layers)  # a small model's: torch's GEMM reads them faster
 
     def _layers_compiled(self) -> bool:
         """Whether every decoder layer can take the compiled decode layer (a step planned

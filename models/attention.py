@@ -25,7 +25,7 @@ from edgekv.kernels.cpu_plan import StepPlan
 from edgekv.kernels.cpu_write import write_kv_storage
 
 from .config import ModelConfig
-from .layers import RMSNorm, RotaryEmbedding, apply_linear, apply_rope, fused_linear, linear
+from .layers import RMSNorm, RotaryEmbedding, apply_rope, fused_linear
 
 
 @dataclass
@@ -94,7 +94,7 @@ class PagedAttention(nn.Module):
             k = self.k_proj(x).view(T, Hkv, D)
             v = self.v_proj(x).view(T, Hkv, D)
         else:
-            qkv = linear(x, *fused).view(T, Hq + 2 * Hkv, D)
+            qkv = nn.functional.linear(x, *fused).view(T, Hq + 2 * Hkv, D)
             if not hasattr(self, "q_norm"):
                 qk = apply_rope(qkv[:, : Hq + Hkv], cos, sin)  # cos/sin in x's dtype
                 return qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]
@@ -117,10 +117,10 @@ class PagedAttention(nn.Module):
         lk = layer_kind(cache.format, self.head_dim)
         cos, sin = meta.rope
         k_store, v_store = cache.layers[self.layer_idx]
-        qkv = linear(x, *fused).float()  # (T, (Hq + 2 Hkv) * D)
+        qkv = nn.functional.linear(x, *fused).float()  # (T, (Hq + 2 Hkv) * D)
         o = compiled_layer(qkv, cos.float(), sin.float(), k_store, v_store, step, lk,
                            self.scale)
-        return None if o is None else apply_linear(self.o_proj, o.to(x.dtype))
+        return None if o is None else self.o_proj(o.to(x.dtype))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -173,4 +173,4 @@ class PagedAttention(nn.Module):
                                                  last_n=meta.mass_window)
             if window is not None:
                 window.write(self.layer_idx, k, v, step)
-        return apply_linear(self.o_proj, o.reshape(T, -1).to(x.dtype))  # (T, hidden)
+        return self.o_proj(o.reshape(T, -1).to(x.dtype))  # (T, hidden)

@@ -29,7 +29,7 @@ from edgekv.kernels import cpu_jit
 from edgekv.kernels.cpu_compiled import _views, compiled_layer, layer_kind
 from edgekv.kernels.cpu_compiled import enabled as cpu_compiled_on
 
-from .layers import RMSNorm, SwiGLU, fused_linear, linear
+from .layers import RMSNorm, SwiGLU, fused_linear
 
 _EMPTY = np.zeros(0, np.float32)
 
@@ -178,7 +178,7 @@ SMALL_ROWS = 16
 def _torch_mm(a, w, b, wn, bn, out=None):
     """a @ w^T + b, or ``out`` += that in place (one addmm_)."""
     if out is None:
-        return linear(a, w, b)
+        return nn.functional.linear(a, w, b)
     out.addmm_(a, w.t())
     if b is not None:
         out.add_(b)

@@ -90,19 +90,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """``nn.functional.linear`` (x (T, in) @ weight (out, in)^T + bias)."""
-    return nn.functional.linear(x, weight, bias)
-
-
-def apply_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``, through ``linear`` when it is a plain nn.Linear."""
-    if type(module) is nn.Linear:
-        return linear(x, module.weight, module.bias)
-    return module(x)
-
-
 # Decoder weights up to this many bytes lie transposed on a CPU (transpose_for_cpu).
 CPU_TRANSPOSE_MAX_BYTES = 64 << 20
 
@@ -184,5 +171,5 @@ class SwiGLU(nn.Module):
         fused = fused_linear(self, ("gate_proj", "up_proj"))
         if fused is None:
             return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = linear(x, *fused).chunk(2, dim=-1)  # (T, I) each
-        return apply_linear(self.down_proj, nn.functional.silu(gate).mul_(up))
+        gate, up = nn.functional.linear(x, *fused).chunk(2, dim=-1)  # (T, I) each
+        return self.down_proj(nn.functional.silu(gate).mul_(up))

@@ -13,7 +13,7 @@ from torch import nn
 from . import cpu_fused
 from .attention import AttentionMetadata, PagedAttention
 from .config import ModelConfig
-from .layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_linear, linear
+from .layers import RMSNorm, RotaryEmbedding, SwiGLU
 from .registry import register_model
 
 
@@ -75,6 +75,4 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.config.tie_word_embeddings:  # the embedding's rows stay in place
-            return linear(hidden, self.lm_head.weight, self.lm_head.bias).float()
-        return apply_linear(self.lm_head, hidden).float()  # (N, vocab)
+        return self.lm_head(hidden).float()  # (N, vocab)

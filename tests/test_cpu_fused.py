@@ -146,12 +146,16 @@ def test_without_numba_the_torch_path_runs(llama_dir, monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_forward_hooks_see_every_module(llama_dir, batch):
-    """A hook on a layer's module (as eval's layer probes use) turns the fused call off."""
+@pytest.mark.parametrize("where", ["layers.1.mlp", "layers.0.self_attn.o_proj",
+                                   "lm_head"])
+def test_forward_hooks_see_every_module(llama_dir, batch, where):
+    """A hook on a layer's module (as eval's layer probes use) turns the fused call off;
+    a hook on a projection or the output head sees every call too."""
     llm = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32)
     seen = []
-    mlp = llm.engine.runner.model.model.layers[1].mlp
-    handle = mlp.register_forward_hook(lambda *a: seen.append(1))
+    model = llm.engine.runner.model
+    module = model.get_submodule(where if where == "lm_head" else "model." + where)
+    handle = module.register_forward_hook(lambda *a: seen.append(1))
     try:
         llm.generate([_prompt(10 + i, i) for i in range(batch)],
                      SamplingParams(max_tokens=4, temperature=0.0))
