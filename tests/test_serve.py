@@ -201,12 +201,12 @@ def test_prefix_cache_counts_cached_tokens(client):
 
 
 @pytest.mark.parametrize("case", ["json", "no key", "wrong key", "model", "temperature",
-                                  "context", "logprobs", "route", "empty"])
+                                  "context", "logprobs", "route", "empty", "ids"])
 def test_errors_have_the_api_shape_and_the_server_goes_on(server, client, case):
     body = {"model": NAME, "prompt": "Hello", "max_tokens": 2}
     key, raw, path = KEY, None, "/v1/completions"
     want = {"json": 400, "no key": 401, "wrong key": 401, "model": 404, "temperature": 400,
-            "context": 400, "logprobs": 400, "route": 404, "empty": 400}[case]
+            "context": 400, "logprobs": 400, "route": 404, "empty": 400, "ids": 400}[case]
     if case == "json":
         raw = '{"model": "demo", "prompt": '
     elif case == "no key":
@@ -225,6 +225,8 @@ def test_errors_have_the_api_shape_and_the_server_goes_on(server, client, case):
         path = "/v1/nothing"
     elif case == "empty":
         body["prompt"] = ""
+    elif case == "ids":
+        body["prompt"] = [5, 10**6]  # past the vocabulary
     status, _, got = server.request("POST", path, body, key=key, raw=raw)
     assert status == want, got
     assert set(got["error"]) == {"message", "type", "param", "code"} and got["error"]["message"]

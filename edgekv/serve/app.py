@@ -60,12 +60,8 @@ class Server:
             raise APIError(404, f"the model `{name}` does not exist; this server serves "
                            f"`{self.name}`", param="model", code="model_not_found")
 
-    def submit(self, ids: list[int], params, param: str) -> Job:
-        if not ids:
-            raise APIError(400, f"{param} is empty", param=param)
-        vocab = self.llm.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise APIError(400, f"token ids must be in [0, {vocab})", param=param)
+    def submit(self, ids: list[int], params) -> Job:
+        """Queue a request (the engine checks its tokens: ``_first`` reports a refusal)."""
         job = Job(ids, params)
         try:
             self.loop.submit(job)
@@ -174,7 +170,7 @@ async def completions(request: Request) -> Response:
         ids = srv.llm.tokenizer.encode(prompt)
     else:
         ids = list(prompt)
-    job = srv.submit(ids, req.sampling(COMPLETION_MAX_TOKENS), "prompt")
+    job = srv.submit(ids, req.sampling(COMPLETION_MAX_TOKENS))
     first, rest = await _first(srv, request, job, len(ids), "prompt")
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": srv.name}
@@ -215,7 +211,7 @@ async def chat_completions(request: Request) -> Response:
                        param="messages") from None
     ids = tok.encode(text, add_special_tokens=False)
     room = srv.llm.model_config.max_position - len(ids)
-    job = srv.submit(ids, req.sampling(max(room, 1)), "messages")
+    job = srv.submit(ids, req.sampling(max(room, 1)))
     first, rest = await _first(srv, request, job, len(ids), "messages")
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created,
