@@ -55,7 +55,8 @@ def serve(host: str, port: int, api_key: str | None, max_num_seqs: int, max_queu
     app = create_app(llm, name, api_key, max_live=max_num_seqs + max_queue)
     s = llm.kv_stats()
     auth = "API key required" if api_key else "no API key: anyone who reaches the port may use it"
-    where = f"{torch.get_num_threads()} CPU threads" if llm.device.type == "cpu" \
+    n = torch.get_num_threads()
+    where = f"{n} CPU thread{'s' if n > 1 else ''}" if llm.device.type == "cpu" \
         else str(llm.device)
     click.echo(f"edgekv serve: {name} at http://{host}:{port}/v1, KV {s['kv_format']} "
                f"({s['bytes_per_token']:,} B/token, {s['blocks_total']} blocks), {where}, "
