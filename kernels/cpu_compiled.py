@@ -70,10 +70,12 @@ def _views(store: QuantizedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def compiled_decode(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, fmt: KVFormat,
-                    reader: CodeReader, sm: float) -> torch.Tensor | None:
+                    reader: CodeReader, sm: float, threads: int | None = None,
+                    shared=None) -> torch.Tensor | None:
     """q (S, Hkv, G, D) fp32 in the codes' basis -> (S, Hkv, G, D) fp32 codes' basis, or
     None when the compiled kernel does not take this call (the caller runs the torch
-    path)."""
+    path). threads: None for cpu_jit.attention_threads(); shared: the batch's
+    cpu_plan.SharedPrefix (None: read as sharing nothing)."""
     if q.device.type != "cpu" or not enabled():
         return None
     kind = storage_kind(fmt, reader)
@@ -85,7 +87,7 @@ def compiled_decode(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV,
         return None
     out = cpu_jit.decode(q.contiguous().numpy(), *_views(k), *_views(v),
                          block_tables.to(torch.int32).numpy(), lens, sm, code, offset, table,
-                         torch.get_num_threads())
+                         threads or cpu_jit.attention_threads(), shared)
     return None if out is None else torch.from_numpy(out)
 
 
@@ -161,5 +163,6 @@ def compiled_layer(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     out = cpu_jit.decode_layer(
         qkv.view(S, -1, D).numpy(), cos.view(S, D).numpy(), sin.view(S, D).numpy(), lk.rot,
         step.blocks, step.offsets, *_views(k), *_views(v), step.tables, step.lens,
-        step.max_len, sm, lk.kind, lk.offset, lk.qmax, lk.symmetric, torch.get_num_threads())
+        step.max_len, sm, lk.kind, lk.offset, lk.qmax, lk.symmetric,
+        cpu_jit.attention_threads(), step.shared)
     return None if out is None else torch.from_numpy(out).view(S, -1)

@@ -95,6 +95,25 @@ def num_splits(num_items: int, num_blocks: int, threads: int) -> int:
     return max(1, min(-(-2 * threads // num_items), num_blocks // 16))
 
 
+_attention_threads: list[int | None] = [None]
+
+
+def set_attention_threads(n: int | None) -> None:
+    """Threads for the multi-sequence decode attention (``decode``, ``decode_layer``);
+    None: torch's count. ``edgekv serve`` gives it every CPU and torch one less: the
+    attention of a batch is one fork and join per layer over many independent items, long
+    enough that a CPU shared with the HTTP side still pays, where the small matrix
+    products and the batch-1 layer (a join every ~0.5 ms) stall on it (measured on 2 CPUs,
+    demo model, 16 streaming clients: 3.0-3.25x one-at-a-time against 2.6-2.75x; one
+    client unchanged at ~390 tok/s, and ~200 tok/s had the batch-1 layer 2 threads)."""
+    _attention_threads[0] = n
+
+
+def attention_threads() -> int:
+    """The thread count of the multi-sequence decode attention now."""
+    return _attention_threads[0] or torch.get_num_threads()
+
+
 def _parallel(kernel, threads: int):
     """``kernel`` with numba's thread count set to torch's (``threads``)."""
     numba = _jit()[0]
@@ -156,31 +175,51 @@ def small_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int
 
 def decode(q: np.ndarray, kd: np.ndarray, ks: np.ndarray, kz: np.ndarray, vd: np.ndarray,
            vs: np.ndarray, vz: np.ndarray, tables: np.ndarray, lens: np.ndarray, sm: float,
-           kind: int, offset: int, table: np.ndarray, threads: int) -> np.ndarray | None:
+           kind: int, offset: int, table: np.ndarray, threads: int, shared=None
+           ) -> np.ndarray | None:
     """q (S, Hkv, G, D) fp32 in the codes' basis; kd, vd (num_blocks, Hkv, B, row bytes)
     uint8 views of the stored rows; ks, kz, vs, vz (num_blocks, Hkv, B) uint16 fp16 bits,
     or (0, 0, 0) where the storage has none; tables (S, W) int32; lens (S,) int32, each
-    >= 1. Returns (S, Hkv, G, D) fp32 in the codes' basis (None: compiling failed)."""
+    >= 1; shared: cpu_plan.SharedPrefix of the batch (None: no sharing). Returns
+    (S, Hkv, G, D) fp32 in the codes' basis (None: compiling failed)."""
     S, Hkv = q.shape[0], q.shape[1]
     nb = -(-int(lens.max()) // kd.shape[2])
     splits = num_splits(S * Hkv, nb, threads)
     fn = _parallel(_jit()[1].attend, threads)
     out = _run(fn, q, kd, ks, kz, vd, vs, vz, tables, lens, np.float32(sm), kind, offset,
-               table, half_table(), splits)
+               table, half_table(), splits, *_shared(shared, S, Hkv, threads))
     return None if out is _FAILED else out
+
+
+def _shared(shared, num_seqs: int, num_kv_heads: int, threads: int) -> tuple:
+    """The kernels' shared-prefix arguments (cpu_plan.SharedPrefix; None: no sharing), and
+    how many items each group's blocks are cut into so that every thread has work."""
+    if shared is None:
+        from .cpu_plan import SharedPrefix
+
+        shared = SharedPrefix.none(num_seqs)
+    groups = len(shared.count)
+    splits = 1
+    if threads > 1 and groups:
+        splits = max(1, min(-(-2 * threads // (groups * num_kv_heads)),
+                            int(shared.blocks.min()) // 4))
+    return shared.sel, shared.slot, shared.members, shared.count, shared.blocks, splits
 
 
 def decode_layer(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, rot: int,
                  wblk: np.ndarray, woff: np.ndarray, kd, ks, kz, vd, vs, vz,
                  tables: np.ndarray, lens: np.ndarray, max_len: int, sm: float, kind: int,
-                 offset: int, qmax: int, symmetric: bool, threads: int) -> np.ndarray | None:
+                 offset: int, qmax: int, symmetric: bool, threads: int, shared=None
+                 ) -> np.ndarray | None:
     """A decode layer's attention after the qkv projection (cpu_jit_loops._decode_layer):
-    writes the new k, v into their slots; returns (S, Hq, D) fp32, original basis."""
+    writes the new k, v into their slots; returns (S, Hq, D) fp32, original basis.
+    shared: cpu_plan.SharedPrefix of the batch (None: no sharing)."""
     S, Hkv = qkv.shape[0], kd.shape[1]
     splits = num_splits(S * Hkv, -(-max_len // kd.shape[2]), threads)
     fn = _parallel(_jit()[1].decode_layer, threads)
     out = _run(fn, qkv, cos, sin, rot, wblk, woff, kd, ks, kz, vd, vs, vz, tables, lens,
-               np.float32(sm), kind, offset, qmax, symmetric, _NO_TABLE, half_table(), splits)
+               np.float32(sm), kind, offset, qmax, symmetric, _NO_TABLE, half_table(), splits,
+               *_shared(shared, S, Hkv, threads))
     return None if out is _FAILED else out
 
 

@@ -188,7 +188,10 @@ def layer(x, ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd, transposed, eps, co
     qkv = np.empty(wqkv.shape[1] if transposed else wqkv.shape[0], np.float32)
     _matvec(h, wqkv, bqkv, qkv, transposed)
     o = decode_layer(qkv.reshape(1, -1, D), cos, sin, rot, wblk, woff, kd, ks, kz, vd, vs,
-                     vz, tables, lens, sm, kind, offset, qmax, symmetric, table, half, splits)
+                     vz, tables, lens, sm, kind, offset, qmax, symmetric, table, half, splits,
+                     np.full(1, -1, np.int32), np.zeros(1, np.int32),
+                     np.empty((0, 1), np.int32), np.empty(0, np.int32),
+                     np.empty(0, np.int32), 1)  # one sequence shares nothing
     a = np.empty(H, np.float32)
     _matvec(o.reshape(-1), wo, bo, a, transposed)
     for j in range(H):

@@ -5,7 +5,10 @@ Two kernels, both parallel over work items and exact in their own arithmetic:
 ``attend``       one new query per sequence over its paged history, read as stored: per
                  (sequence, KV head, split) a walk over the blocks with an online softmax;
                  every row's codes are converted in registers and used by the head group's
-                 G queries; splits of one history merge by their maxima and sums.
+                 G queries, four rows at a time; splits of one history merge by their
+                 maxima and sums. Blocks that several sequences share (a common system
+                 prompt, found by cpu_plan.shared_prefixes) are walked once per KV head
+                 for all of their queries, and merged into each sequence's own part.
 ``decode_layer`` a decode layer's whole attention step after the qkv projection: RoPE of q
                  and k, the format's rotation (a fast Walsh-Hadamard transform, not a
                  matmul), quantize-and-write of k and v into their slots, ``attend``'s loop
@@ -62,6 +65,29 @@ def _row(row, kind, offset, table, half, out, out_bits, D):
 
 
 @njit(inline="always", fastmath=_FAST)
+def _row4(row, kind, offset, table, half, i, r0, r1, r2, r3, b0, b1, b2, b3, D):
+    """``_row`` into the i-th of four buffers."""
+    if i == 0:
+        _row(row, kind, offset, table, half, r0, b0, D)
+    elif i == 1:
+        _row(row, kind, offset, table, half, r1, b1, D)
+    elif i == 2:
+        _row(row, kind, offset, table, half, r2, b2, D)
+    else:
+        _row(row, kind, offset, table, half, r3, b3, D)
+
+
+@njit(inline="always")
+def _zero4(i, r0, r1, r2, r3):
+    if i == 1:
+        r1[:] = 0
+    elif i == 2:
+        r2[:] = 0
+    elif i == 3:
+        r3[:] = 0
+
+
+@njit(inline="always", fastmath=_FAST)
 def _exp(x, n, bits):
     """x[:n] = exp(x[:n]) for x <= 0, in one vectorisable loop (math.exp is a libm call
     per element): 2^k from the exponent bits (``bits`` is a uint32 view of an (n,) fp32
@@ -107,21 +133,44 @@ def _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s, h, b0, b1, L, block
     lsum[:] = 0
     acc[:, :] = 0
     sc = np.empty((G, B), np.float32)
-    row = np.empty(D, np.float32)
-    row_bits = row.view(np.uint32)
+    r0 = np.zeros(D, np.float32)  # four rows at a time: four dots per query load
+    r1 = np.zeros(D, np.float32)
+    r2 = np.zeros(D, np.float32)
+    r3 = np.zeros(D, np.float32)
+    b0_, b1_, b2_, b3_ = (r0.view(np.uint32), r1.view(np.uint32), r2.view(np.uint32),
+                          r3.view(np.uint32))
+    ksc = np.empty(4, np.float32)
+    kzt = np.empty(4, np.float32)
     exp_bits = np.empty(B, np.uint32)
     for bi in range(b0, b1):
         blk = blocks[bi]
         n = min(B, L - bi * B)
-        for t in range(n):
-            ksc = sm * half[ks[blk, h, t]] if has_scale else sm
-            kzt = sm * half[kz[blk, h, t]] if has_zero else np.float32(0)
-            _row(kd[blk, h, t], kind, offset, table, half, row, row_bits, D)
+        for t0 in range(0, n, 4):
+            r = min(4, n - t0)
+            for i in range(r):
+                t = t0 + i
+                ksc[i] = sm * half[ks[blk, h, t]] if has_scale else sm
+                kzt[i] = sm * half[kz[blk, h, t]] if has_zero else np.float32(0)
+                _row4(kd[blk, h, t], kind, offset, table, half, i, r0, r1, r2, r3, b0_,
+                      b1_, b2_, b3_, D)
             for g in range(G):
-                dot = np.float32(0)
+                a0 = np.float32(0)
+                a1 = np.float32(0)
+                a2 = np.float32(0)
+                a3 = np.float32(0)
                 for d in range(D):
-                    dot += qh[g, d] * row[d]
-                sc[g, t] = ksc * dot + kzt * qsum[g]
+                    x = qh[g, d]
+                    a0 += x * r0[d]
+                    a1 += x * r1[d]
+                    a2 += x * r2[d]
+                    a3 += x * r3[d]
+                sc[g, t0] = ksc[0] * a0 + kzt[0] * qsum[g]
+                if r > 1:
+                    sc[g, t0 + 1] = ksc[1] * a1 + kzt[1] * qsum[g]
+                if r > 2:
+                    sc[g, t0 + 2] = ksc[2] * a2 + kzt[2] * qsum[g]
+                if r > 3:
+                    sc[g, t0 + 3] = ksc[3] * a3 + kzt[3] * qsum[g]
         for g in range(G):  # online softmax: rescale to the block's new maximum
             mx = m[g]
             for t in range(n):
@@ -144,23 +193,40 @@ def _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s, h, b0, b1, L, block
                     zsum += sc[g, t] * half[vz[blk, h, t]]
                 for d in range(D):
                     acc[g, d] += zsum
-        for t in range(n):  # values: the V scale rides on the weights
-            vsc = half[vs[blk, h, t]] if has_scale else np.float32(1)
-            _row(vd[blk, h, t], kind, offset, table, half, row, row_bits, D)
+        for t0 in range(0, n, 4):  # values: the V scale rides on the weights
+            r = min(4, n - t0)
+            for i in range(r):
+                t = t0 + i
+                ksc[i] = half[vs[blk, h, t]] if has_scale else np.float32(1)
+                _row4(vd[blk, h, t], kind, offset, table, half, i, r0, r1, r2, r3, b0_,
+                      b1_, b2_, b3_, D)
+            for i in range(r, 4):  # a short tail: weight 0 on rows of zeros
+                ksc[i] = 0
+                _zero4(i, r0, r1, r2, r3)
             for g in range(G):
-                w = sc[g, t] * vsc
+                w0 = sc[g, t0] * ksc[0]
+                w1 = sc[g, t0 + 1] * ksc[1] if r > 1 else np.float32(0)
+                w2 = sc[g, t0 + 2] * ksc[2] if r > 2 else np.float32(0)
+                w3 = sc[g, t0 + 3] * ksc[3] if r > 3 else np.float32(0)
                 for d in range(D):
-                    acc[g, d] += w * row[d]
+                    acc[g, d] += (w0 * r0[d] + w1 * r1[d]) + (w2 * r2[d]
+                                                                          + w3 * r3[d])
 
 
 @njit(inline="always", fastmath=_FAST)
-def _merge(part_m, part_l, part_o, first, splits, out):
-    """Items [first, first + splits) of one (sequence, head) -> out (G, D) normalised."""
+def _merge(part_m, part_l, part_o, first, splits, sh_m, sh_l, sh_o, sfirst, ssplits, row0,
+           out):
+    """Items [first, first + splits) of one (sequence, head), and when ``sfirst`` >= 0
+    rows [row0, row0 + G) of shared items [sfirst, sfirst + ssplits) -> out (G, D)
+    normalised."""
     G, D = out.shape
     for g in range(G):
         mx = -np.inf
         for p in range(splits):
             mx = max(mx, part_m[first + p, g])
+        if sfirst >= 0:
+            for p in range(ssplits):
+                mx = max(mx, sh_m[sfirst + p, row0 + g])
         tot = np.float32(0)
         out[g, :] = 0
         for p in range(splits):
@@ -171,31 +237,70 @@ def _merge(part_m, part_l, part_o, first, splits, out):
             tot += part_l[i, g] * f
             for d in range(D):
                 out[g, d] += f * part_o[i, g, d]
+        if sfirst >= 0:
+            for p in range(ssplits):
+                i = sfirst + p
+                if sh_m[i, row0 + g] == -np.inf:
+                    continue
+                f = math.exp(sh_m[i, row0 + g] - mx)
+                tot += sh_l[i, row0 + g] * f
+                for d in range(D):
+                    out[g, d] += f * sh_o[i, row0 + g, d]
         inv = np.float32(1) / tot
         for d in range(D):
             out[g, d] *= inv
 
 
 @njit(inline="always", fastmath=_FAST)
-def _attend(q, kd, ks, kz, vd, vs, vz, tables, lens, sm, kind, offset, table, half, splits):
-    """q (S, Hkv, G, D) fp32 codes' basis -> (S, Hkv, G, D) fp32 codes' basis."""
+def _attend(q, kd, ks, kz, vd, vs, vz, tables, lens, sm, kind, offset, table, half, splits,
+            gsel, gslot, gmem, gcnt, gblk, gsplits):
+    """q (S, Hkv, G, D) fp32 codes' basis -> (S, Hkv, G, D) fp32 codes' basis.
+
+    Shared prefixes (cpu_plan.SharedPrefix; none where ``gmem`` has no rows): sequence s
+    of group ``gsel[s]`` >= 0 (its member ``gslot[s]``) shares its first ``gblk[g]``
+    blocks with the group's other ``gcnt[g]`` members (``gmem[g]``). Each head's shared
+    blocks are read once for all the group's queries (an item of gcnt x G rows, cut into
+    ``gsplits``), each sequence's own blocks by its own items, and the two merged: the
+    stored rows of a shared system prompt are converted once per step, not once per
+    sequence."""
     S, Hkv, G, D = q.shape
     B = kd.shape[2]
+    NG, M = gmem.shape
     n_items = S * Hkv * splits
     part_m = np.empty((n_items, G), np.float32)
     part_l = np.empty((n_items, G), np.float32)
     part_o = np.empty((n_items, G, D), np.float32)
-    for item in prange(n_items):
+    n_shared = NG * Hkv * gsplits
+    sh_m = np.empty((max(n_shared, 1), M * G), np.float32)
+    sh_l = np.empty((max(n_shared, 1), M * G), np.float32)
+    sh_o = np.empty((max(n_shared, 1), M * G, D), np.float32)
+    for item in prange(n_shared):  # each group's shared blocks, all its queries at once
+        grp, h, part = item // (Hkv * gsplits), (item // gsplits) % Hkv, item % gsplits
+        R = gcnt[grp] * G
+        qh = np.empty((R, D), np.float32)
+        for i in range(gcnt[grp]):
+            qh[i * G:(i + 1) * G] = q[gmem[grp, i], h]
+        c = gblk[grp]
+        per = (c + gsplits - 1) // gsplits
+        s0 = gmem[grp, 0]
+        _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s0, h, part * per,
+                     min(c, (part + 1) * per), c * B, tables[s0], sm, kind, offset,
+                     sh_m[item, :R], sh_l[item, :R], sh_o[item, :R])
+    for item in prange(n_items):  # each sequence's own blocks (all, outside a group)
         s, h, part = item // (Hkv * splits), (item // splits) % Hkv, item % splits
         L = lens[s]
         nblk = (L + B - 1) // B
-        per = (nblk + splits - 1) // splits
-        _attend_item(q[s, h], kd, ks, kz, vd, vs, vz, table, half, s, h, part * per,
-                     min(nblk, (part + 1) * per), L, tables[s], sm, kind, offset,
+        first = gblk[gsel[s]] if gsel[s] >= 0 else 0
+        per = (nblk - first + splits - 1) // splits
+        _attend_item(q[s, h], kd, ks, kz, vd, vs, vz, table, half, s, h, first + part * per,
+                     min(nblk, first + (part + 1) * per), L, tables[s], sm, kind, offset,
                      part_m[item], part_l[item], part_o[item])
     out = np.empty((S, Hkv, G, D), np.float32)
     for sh in prange(S * Hkv):
-        _merge(part_m, part_l, part_o, sh * splits, splits, out[sh // Hkv, sh % Hkv])
+        s, h = sh // Hkv, sh % Hkv
+        sfirst = (gsel[s] * Hkv + h) * gsplits if gsel[s] >= 0 else -1
+        _merge(part_m, part_l, part_o, sh * splits, splits, sh_m, sh_l, sh_o, sfirst,
+               gsplits, gslot[s] * G if gsel[s] >= 0 else 0, out[s, h])
     return out
 
 
@@ -296,11 +401,13 @@ def _write(x, kind, offset, qmax, symmetric, data, scale, zero, blk, h, off, hal
 
 
 def _decode_layer(qkv, cos, sin, rot, wblk, woff, kd, ks, kz, vd, vs, vz, tables, lens, sm,
-                 kind, offset, qmax, symmetric, table, half, splits):
+                 kind, offset, qmax, symmetric, table, half, splits, gsel, gslot, gmem, gcnt,
+                 gblk, gsplits):
     """qkv (S, Hq + 2 Hkv, D) fp32 from the projection, original basis, no RoPE; cos, sin
     (S, D) fp32; rot: the rotation's block size (0: none); wblk, woff (S,) int64: the new
     token's block and offset. Writes the new k, v; returns (S, Hq, D) fp32 attention output
-    in the original basis. The stores' arrays are uint8 / uint16 views (cpu_jit.py)."""
+    in the original basis. The stores' arrays are uint8 / uint16 views (cpu_jit.py);
+    gsel ... gsplits: the step's shared prefixes, as ``_attend`` takes them."""
     S, H3, D = qkv.shape
     Hkv = kd.shape[1]
     Hq = H3 - 2 * Hkv
@@ -332,7 +439,7 @@ def _decode_layer(qkv, cos, sin, rot, wblk, woff, kd, ks, kz, vd, vs, vz, tables
         _write(v, kind, offset, qmax, symmetric, vd, vs, vz, wblk[s], j, woff[s], half, buf,
                bits)
     out = _attend(q, kd, ks, kz, vd, vs, vz, tables, lens, sm, kind, offset, table, half,
-                  splits)
+                  splits, gsel, gslot, gmem, gcnt, gblk, gsplits)
     if rot:
         for sh in prange(S * Hq):
             tmp = np.empty(D, np.float32)

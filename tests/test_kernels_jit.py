@@ -12,6 +12,7 @@ from kernel_cases import ALL_FORMATS, ragged_lens, random_paged_kv, rel_err
 from edgekv.kernels import cpu_compiled, cpu_jit
 from edgekv.kernels.cpu_codes import reader_for
 from edgekv.kernels.cpu_decode import paged_decode_attention_cpu
+from edgekv.kernels.cpu_plan import shared_prefixes
 from edgekv.kernels.reference import paged_decode_attention_ref
 from edgekv.quant import get_format
 
@@ -48,6 +49,40 @@ def test_compiled_decode_matches_oracle(name, G, B, D, threads, monkeypatch):
     ref = paged_decode_attention_ref(q, k, v, bt, sl, fmt)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel_err(out, ref) < TOL
+
+
+def _share(bt, lens, B):
+    """Point sequences 1-3's first 3 blocks at sequence 0's and sequence 5's first 2 at
+    sequence 4's (two groups, as a prefix cache shares a system prompt); 6 shares none."""
+    bt = bt.clone()
+    bt[1:4, :3] = bt[0, :3]
+    bt[5, :2] = bt[4, :2]
+    return bt
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "fp8"])
+def test_shared_prefixes_read_once_match_oracle(name, G, threads):
+    """A batch whose sequences share leading blocks: each group's shared blocks are one
+    item for all its queries, merged into each sequence's own part; == the oracle."""
+    fmt, B, D = get_format(name), 16, 64
+    lens = [3 * B + 1, 5 * B + 7, 4 * B, 9 * B + 2, 2 * B + 1, 6 * B + 3, 7 * B]
+    k, v, bt = random_paged_kv(fmt, lens, HKV, B, D, device=torch.device("cpu"))
+    bt = _share(bt, lens, B)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    shared = shared_prefixes(bt.numpy(), sl.numpy(), B)
+    assert shared.count.tolist() == [4, 2] and shared.blocks.tolist() == [3, 2]
+    q = torch.randn(len(lens), HKV * G, D, generator=torch.Generator().manual_seed(1)) * 2
+    reader = reader_for(fmt, D, "cpu")
+    qs = reader.to_codes(q).view(len(lens), HKV, G, D)
+    got = cpu_compiled.compiled_decode(qs, k, v, bt, sl, fmt, reader, D**-0.5,
+                                       threads=threads, shared=shared)
+    alone = cpu_compiled.compiled_decode(qs, k, v, bt, sl, fmt, reader, D**-0.5,
+                                         threads=threads)
+    ref = paged_decode_attention_ref(q, k, v, bt, sl, fmt)
+    assert rel_err(reader.from_codes(got.view(len(lens), HKV * G, D)), ref) < TOL
+    assert rel_err(got, alone) < TOL
 
 
 def test_splits_give_every_thread_work():

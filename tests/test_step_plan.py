@@ -1,6 +1,7 @@
 """What every layer shares is made once per step: RoPE from the positions the runner passes,
 projections fused into one matmul, the CPU plan in the attention metadata."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -78,6 +79,57 @@ def test_cpu_steps_plan_once_and_match_the_oracle(llama_dir, monkeypatch, compil
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert len(steps) == 6  # one plan per step (a prefill, 5 decodes), not one per layer
     assert len(buckets) == (0 if compiled and cpu_jit.available() else 5)
+    set_backend("reference")
+    try:
+        want = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        set_backend(None)
+    assert got == want
+
+
+def test_shared_prefixes_group_sequences_by_their_leading_blocks():
+    """Sequences are grouped by their first block; a group shares the leading blocks all
+    its tables have, full in every member and before the block this step writes; a lone
+    sequence or a prefix under two blocks makes no group."""
+    from edgekv.kernels.cpu_plan import shared_prefixes
+
+    B = 4
+    tables = np.array([[7, 8, 9, 1], [7, 8, 9, 2], [7, 8, 3, 0], [5, 6, 4, 0],
+                       [7, 8, 9, 10]], np.int32)
+    # full blocks (len - 1) // B: 3, 3, 2, 2, 2 (sequence 4 writes its block 9 this step)
+    sp = shared_prefixes(tables, np.array([14, 13, 12, 12, 9]), B)
+    assert sp.count.tolist() == [4] and sp.blocks.tolist() == [2]
+    assert sp.members[0].tolist() == [0, 1, 2, 4]
+    assert sp.sel.tolist() == [0, 0, 0, -1, 0] and sp.slot.tolist() == [0, 1, 2, 0, 3]
+    two = shared_prefixes(tables[:2], np.array([16, 16]), B)  # differ from the 4th block
+    assert two.blocks.tolist() == [3]
+    none = shared_prefixes(np.array([[7, 1], [7, 2]], np.int32), np.array([8, 8]), B)
+    assert len(none.count) == 0 and none.sel.tolist() == [-1, -1]
+
+
+def test_a_shared_system_prompt_is_read_once_per_step(llama_dir, monkeypatch):
+    """Requests whose prompts start with a system prompt found in the prefix cache share its
+    blocks; the compiled decode reads them once per step for the group and generates what
+    the oracle path does."""
+    import edgekv.kernels.cpu_plan as cpu_plan
+    from edgekv.kernels import set_backend
+
+    if not cpu_jit.available():
+        pytest.skip("numba is not installed")
+    groups = []
+    real = cpu_plan.shared_prefixes
+    monkeypatch.setattr(cpu_plan, "shared_prefixes",
+                        lambda *a: groups.append(real(*a)) or groups[-1])
+    system = list(range(3, 60))  # 57 tokens: 3 full blocks of 16
+    prompts = [system + [100 + i, 7, 8 + i] for i in range(3)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    llm = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32)
+    llm.generate([system + [99]], SamplingParams(max_tokens=1))  # the prompt is cached
+    groups.clear()
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert any(g.count.tolist() == [3] and g.blocks.tolist() == [3] for g in groups), \
+        [(g.count.tolist(), g.blocks.tolist()) for g in groups]
+    llm.check_integrity()
     set_backend("reference")
     try:
         want = [o.token_ids for o in llm.generate(prompts, params)]
