@@ -185,3 +185,27 @@ def test_sharded_checkpoint_and_half_precision_weights(tmp_path):
     assert next(half.model.parameters()).dtype == torch.bfloat16
     assert (half.score(ids) - want).abs().max() <= 0.1
     assert len(half.generate([ids], GREEDY)[0].token_ids) == 20
+
+
+def test_warm_up_runs_each_step_kind_and_leaves_no_trace(llama_dir, monkeypatch):
+    """warm_up (a server's, before its first request) runs a prefill, a one-sequence
+    decode and a two-sequence one, then leaves the cache empty and the counters as they
+    were."""
+    from edgekv.kernels import cpu_jit
+    from edgekv.models import cpu_fused
+
+    batches = []
+    real = cpu_fused.compiled_layer
+    monkeypatch.setattr(cpu_fused, "compiled_layer",
+                        lambda qkv, *a: batches.append(qkv.shape[0]) or real(qkv, *a))
+    llm = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32)
+    llm.generate([list(range(3, 40))], SamplingParams(max_tokens=2))
+    before = llm.kv_stats()
+    llm.warm_up()
+    after = llm.kv_stats()
+    assert after["blocks_used"] == 0
+    for key in ("preemptions", "prefix_query_tokens", "prefix_hit_tokens", "prefix_hit_rate"):
+        assert after[key] == before[key], key
+    llm.check_integrity()
+    if cpu_jit.available():
+        assert 2 in batches  # the batched decode kernel ran (and is loaded)
