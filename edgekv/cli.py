@@ -173,7 +173,7 @@ def chat(system: str | None, **opts) -> None:
               help="The model's name in the API (default: the model directory's name).")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Threads for the model on a CPU (default: one less than the CPUs, so "
-              "that the HTTP side keeps one).")
+              "that the HTTP side keeps one, and every CPU for a batch's attention).")
 @quiet_libraries
 def serve(host: str, port: int, api_key: str | None, max_num_seqs: int, max_queue: int,
           served_model_name: str | None, threads: int | None, **opts) -> None:

@@ -3,23 +3,25 @@
 For each KV format an ``edgekv serve`` process is started on a free loopback port (the
 bundled demo model unless --model). Every request is a chat completion with the same
 system prompt of --system-tokens tokens (built from the model's own tokenizer) and its own
-short question, streaming, --max-tokens new tokens (EOS ignored, greedy). For each N in
---clients the N requests run concurrently (one thread each, the ``openai`` client), then
-the same N one after another. Printed per format and N:
+short question, streaming, --max-tokens new tokens (EOS ignored, greedy). A first request
+(not measured) warms the server up and puts the system prompt in its prefix cache. For
+each N in --clients, --rounds times: the N requests concurrently (one thread each), then
+the same N one after another. Printed per format and N (medians over the rounds):
 
   agg tok/s      completion tokens of all N / wall time, concurrent
-  seq tok/s      the same requests one at a time;  x seq: the ratio
+  seq tok/s      the same requests one at a time;  x seq: the ratio of the two
   TTFT p50/p95   time to the first text of a response, concurrent (ms)
   ITL p50        median gap between a response's text chunks after the first (ms)
-  prefix hit     cached prompt tokens / system prompt tokens, requests after the first
-                 of a run (usage.prompt_tokens_details.cached_tokens)
+  prefix hit     cached prompt tokens / system prompt tokens, every measured request
+                 (usage.prompt_tokens_details.cached_tokens)
   KV B/tok, peak KV MiB   bytes per cached token; most KV in use during the run (/metrics)
 
     python scripts/bench_serve.py
-    python scripts/bench_serve.py --formats int8 --clients 16 --max-tokens 32 --client http
+    python scripts/bench_serve.py --formats int8 --clients 16 --max-tokens 32 --rounds 5
 
-The clients run in this process, on the same machine as the server: with --client http
-(plain http.client and json instead of the openai library) they cost the shared CPUs less.
+The clients run in this process, on the same machine as the server: by default plain
+http.client and json; --client openai uses the openai library, whose typed objects cost
+the shared CPUs about twice as much per token.
 """
 
 from __future__ import annotations
@@ -164,7 +166,9 @@ def one_request_http(url: str, system: str, question: str, max_tokens: int) -> d
 
 
 def measure(server: ServerProcess, client, system: str, sys_tokens: int, n: int,
-            max_tokens: int) -> dict:
+            max_tokens: int, rounds: int) -> dict:
+    """``rounds`` times: the n requests at once, then the same n one after another (so
+    that the machine's load falls on both alike); medians of each."""
     qs = [QUESTIONS[i % len(QUESTIONS)] + f" ({i})" for i in range(n)]
     peak = [0.0]
     done = threading.Event()
@@ -176,24 +180,26 @@ def measure(server: ServerProcess, client, system: str, sys_tokens: int, n: int,
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(n) as pool:
-        conc = list(pool.map(lambda q: one_request(client, system, q, max_tokens), qs))
-    wall = time.perf_counter() - t0
+    aggs, seqs, ttft, gaps, hits = [], [], [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            conc = list(pool.map(lambda q: one_request(client, system, q, max_tokens), qs))
+        aggs.append(sum(r["completion"] for r in conc) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        seq = [one_request(client, system, q, max_tokens) for q in qs]
+        seqs.append(sum(r["completion"] for r in seq) / (time.perf_counter() - t0))
+        ttft += [(r["times"][0] - r["start"]) * 1e3 for r in conc if r["times"]]
+        gaps += [(b - a) * 1e3 for r in conc for a, b in zip(r["times"], r["times"][1:],
+                                                             strict=False)]
+        hits += [r["cached"] / sys_tokens for r in conc + seq]
     done.set()
     watcher.join()
-    t0 = time.perf_counter()
-    seq = [one_request(client, system, q, max_tokens) for q in qs]
-    seq_wall = time.perf_counter() - t0
-    ttft = sorted((r["times"][0] - r["start"]) * 1e3 for r in conc if r["times"])
-    gaps = [(b - a) * 1e3 for r in conc for a, b in zip(r["times"], r["times"][1:],
-                                                        strict=False)]
-    hits = [r["cached"] / sys_tokens for r in sorted(conc, key=lambda r: r["start"])[1:]]
-    hits += [r["cached"] / sys_tokens for r in seq]
+    ttft.sort()
     m = server.metrics()
-    agg = sum(r["completion"] for r in conc) / wall
-    seq_tps = sum(r["completion"] for r in seq) / seq_wall
+    agg, seq_tps = statistics.median(aggs), statistics.median(seqs)
     return {"clients": n, "agg_tok_s": agg, "seq_tok_s": seq_tps, "ratio": agg / seq_tps,
+            "ratios": [a / b for a, b in zip(aggs, seqs, strict=True)],
             "ttft_p50_ms": statistics.median(ttft),
             "ttft_p95_ms": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))],
             "itl_p50_ms": statistics.median(gaps) if gaps else None,
@@ -213,8 +219,12 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0,
                    help="the server's model threads (0: its default, one less than the CPUs)")
-    p.add_argument("--client", choices=["openai", "http"], default="openai",
-                   help="the clients: the openai library, or plain HTTP (lighter)")
+    p.add_argument("--client", choices=["http", "openai"], default="http",
+                   help="the clients: plain HTTP (light), or the openai library (its typed "
+                   "objects cost the shared CPUs ~2x more per token)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="concurrent and one-at-a-time runs alternate this many times; "
+                   "medians are printed")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args(argv)
     a.clients = [int(x) for x in a.clients.split(",")]
@@ -235,17 +245,18 @@ def main(argv=None) -> None:
                 else server.url
             one_request(client, system, "warm up", 4)  # compiled kernels, first prefill
             for n in a.clients:
-                r = measure(server, client, system, sys_tokens, n, a.max_tokens)
+                r = measure(server, client, system, sys_tokens, n, a.max_tokens, a.rounds)
                 r["format"] = fmt
                 rows.append(r)
                 print(f"{fmt} x{n}: {r['agg_tok_s']:.1f} tok/s concurrent, "
-                      f"{r['seq_tok_s']:.1f} one at a time", flush=True)
+                      f"{r['seq_tok_s']:.1f} one at a time (ratios "
+                      f"{', '.join(f'{x:.2f}' for x in r['ratios'])})", flush=True)
         finally:
             server.stop()
     load = os.getloadavg()[0]
     print(f"\n{a.model or 'demo model'}: system prompt {sys_tokens} tokens, "
-          f"{a.max_tokens} new tokens per request, {a.dtype}; load average {load:.2f} on "
-          f"{os.cpu_count()} CPUs")
+          f"{a.max_tokens} new tokens per request, {a.dtype}, {a.client} clients, medians "
+          f"of {a.rounds} rounds; load average {load:.2f} on {os.cpu_count()} CPUs")
     print("| KV | clients | agg tok/s | seq tok/s | x seq | TTFT p50 ms | TTFT p95 ms | "
           "ITL p50 ms | prefix hit | KV B/tok | peak KV MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

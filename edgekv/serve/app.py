@@ -1,6 +1,8 @@
 """The HTTP side of ``edgekv serve``: an OpenAI-compatible API over one ``EngineLoop``.
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+``create_app(llm)`` serves an LLM of this process from a thread (loop.py); ``edgekv
+serve`` gives ``app_for`` the engine in a process of its own (process.py). Routes:
+``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (each plain JSON or, with ``"stream": true``, server-sent events ending in ``[DONE]``),
 ``GET /health``, ``GET /metrics``. Handlers parse and check a request, tokenize it, submit
 a ``Job`` and turn its events into the API's shapes; they never touch the engine.
@@ -29,18 +31,19 @@ from starlette.routing import Route
 from edgekv.chat import render_chat
 
 from . import metrics
-from .loop import Busy, EngineLoop, Event, Job
+from .loop import Busy, EngineLoop, Event, Job, Stopped
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
 
 COMPLETION_MAX_TOKENS = 16  # the API's default for /v1/completions
 
 
 class Server:
-    """The app's state: the model's name, the key, the engine loop."""
+    """The app's state: the model's name, the key, the engine (``loop``: an EngineLoop or
+    an EngineProcess, with the model's tokenizer and context length)."""
 
-    def __init__(self, llm, served_model_name: str, api_key: str | None, max_live: int):
-        self.llm, self.name, self.api_key = llm, served_model_name, api_key
-        self.loop = EngineLoop(llm, max_live)
+    def __init__(self, engine, served_model_name: str, api_key: str | None):
+        self.loop, self.name, self.api_key = engine, served_model_name, api_key
+        self.tokenizer, self.max_position = engine.tokenizer, engine.max_position
         self.registry = metrics.registry_for(self.loop.stats)
         self.created = int(time.time())
 
@@ -68,13 +71,25 @@ class Server:
         except Busy as e:
             raise APIError(429, str(e), type="rate_limit_error",
                            code="rate_limit_exceeded") from None
+        except Stopped as e:
+            raise _unavailable(e) from None
         return job
 
     def refused(self, e: Exception, n_prompt: int, param: str) -> APIError:
         """The engine's ValueError for a request it cannot queue, as a 400."""
-        limit = self.llm.model_config.max_position
-        code = "context_length_exceeded" if n_prompt >= limit else None
+        code = "context_length_exceeded" if n_prompt >= self.max_position else None
         return APIError(400, str(e), param=param, code=code)
+
+
+def _unavailable(e: Exception) -> APIError:
+    return APIError(503, str(e), type="server_error", code="engine_stopped")
+
+
+def _failed(e: Exception) -> APIError:
+    """An engine failure (not the client's doing) as the API's error."""
+    if isinstance(e, Stopped):
+        return _unavailable(e)
+    return APIError(500, f"the engine failed: {e}", type="server_error")
 
 
 async def _body(request: Request) -> object:
@@ -134,7 +149,7 @@ async def _first(srv: Server, request: Request, job: Job, n_prompt: int, param: 
         await it.aclose()
         if isinstance(first.error, ValueError):
             raise srv.refused(first.error, n_prompt, param)
-        raise APIError(500, f"the engine failed: {first.error}", type="server_error")
+        raise _failed(first.error)
     return first, it
 
 
@@ -165,9 +180,9 @@ async def completions(request: Request) -> Response:
     srv.check_model(req.model)
     prompt = req.prompt_one()
     if isinstance(prompt, str):
-        if srv.llm.tokenizer is None:
+        if srv.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
-        ids = srv.llm.tokenizer.encode(prompt)
+        ids = srv.tokenizer.encode(prompt)
     else:
         ids = list(prompt)
     job = srv.submit(ids, req.sampling(COMPLETION_MAX_TOKENS))
@@ -201,7 +216,7 @@ async def chat_completions(request: Request) -> Response:
     srv.authorize(request)
     req = parse(ChatRequest, await _body(request))
     srv.check_model(req.model)
-    tok = srv.llm.tokenizer
+    tok = srv.tokenizer
     if tok is None:
         raise APIError(400, "this model has no tokenizer: chat needs one", param="messages")
     try:
@@ -210,7 +225,7 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(400, f"the chat template refused the messages: {e}",
                        param="messages") from None
     ids = tok.encode(text, add_special_tokens=False)
-    room = srv.llm.model_config.max_position - len(ids)
+    room = srv.max_position - len(ids)
     job = srv.submit(ids, req.sampling(max(room, 1)))
     first, rest = await _first(srv, request, job, len(ids), "messages")
     rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
@@ -270,6 +285,8 @@ def _stream(events: AsyncIterator[Event], head: dict, chunks, include_usage: boo
                     yield _sse({**head, "choices": [c]})
             if ev.done and include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(ev.usage)})
+            if ev.error is not None:  # mid-stream: the API's error object, then the end
+                yield _sse(_failed(ev.error).body())
             if ev.done or ev.error is not None:
                 yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream")
@@ -290,7 +307,7 @@ async def _collect(first: Event | None, rest: AsyncIterator[Event], n: int
     lps: list[list | None] = [None] * n
     async for ev in _chain(first, rest):
         if ev.error is not None:
-            raise APIError(500, f"the engine failed: {ev.error}", type="server_error")
+            raise _failed(ev.error)
         for c in ev.choices:
             texts[c.index] += c.text
             if c.finish_reason is not None:
@@ -323,8 +340,15 @@ async def _server_error(request: Request, e: Exception) -> Response:
 
 def create_app(llm, served_model_name: str, api_key: str | None = None,
                max_live: int = 128) -> Starlette:
-    """The ASGI app over ``llm``; its engine thread starts and stops with the app."""
-    srv = Server(llm, served_model_name, api_key, max_live)
+    """The ASGI app over ``llm`` (of this process); its engine thread starts and stops
+    with the app."""
+    return app_for(EngineLoop(llm, max_live), served_model_name, api_key)
+
+
+def app_for(engine, served_model_name: str, api_key: str | None = None) -> Starlette:
+    """The ASGI app over ``engine`` (an EngineLoop or an EngineProcess), started and
+    stopped with the app."""
+    srv = Server(engine, served_model_name, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

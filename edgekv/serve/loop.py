@@ -37,6 +37,10 @@ class Busy(Exception):
     """Too many requests are live: the caller should retry later (HTTP 429)."""
 
 
+class Stopped(Exception):
+    """The engine is not running (it failed or is shutting down): HTTP 503."""
+
+
 @dataclass
 class Choice:
     """What one output (sample) of a job produced since the last event."""
@@ -61,14 +65,12 @@ class Event:
     gone: bool = False  # the client went away (posted by the server, not the engine)
 
 
-class Job:
-    """One HTTP request: prompt token ids and sampling parameters in, events out. Events are
-    delivered on the event loop that created the job (``next`` awaits them)."""
+class Request:
+    """The engine loop's view of one request: prompt token ids and sampling parameters in,
+    events out through ``_post`` (a subclass says where they go)."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams):
         self.prompt_ids, self.params = prompt_ids, params
-        self._aio = asyncio.get_running_loop()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.seq: Sequence | None = None  # set by the loop thread
         self._sent: dict[int, int] = {}  # choice index -> tokens already counted
         self._ended: set[int] = set()  # choices whose finish was reported
@@ -76,11 +78,31 @@ class Job:
         self.cancelled = False
         self.finished = False
 
+    def _post(self, event: Event) -> None:  # from the loop thread
+        raise NotImplementedError
+
+    def _released(self) -> None:  # from the loop thread: its slot is free again
+        pass
+
+
+class Job(Request):
+    """One HTTP request, its events delivered on the event loop that created it (``next``
+    awaits them)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams):
+        super().__init__(prompt_ids, params)
+        self._aio = asyncio.get_running_loop()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+
     async def next(self) -> Event:
         return await self._events.get()
 
-    def _post(self, event: Event) -> None:  # from the loop thread
+    def _post(self, event: Event) -> None:  # from another thread
         self._aio.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def deliver(self, event: Event) -> None:
+        """Queue ``event`` (on the job's event loop)."""
+        self._events.put_nowait(event)
 
     def gone(self) -> None:
         """Wake ``next`` with a ``gone`` event (on the job's event loop)."""
@@ -89,14 +111,18 @@ class Job:
 
 class EngineLoop:
     """Drives ``llm.engine`` from one thread for every client. ``stats()`` is a snapshot
-    the thread refreshes after each step (``/metrics`` reads it, never the engine)."""
+    the thread refreshes after each step (``/metrics`` reads it, never the engine).
+    ``on_step``, if given, is called by the thread after each round (a step, or requests
+    taken or dropped without one): process.py sends the round's events from there."""
 
-    def __init__(self, llm, max_live: int):
+    def __init__(self, llm, max_live: int, on_step=None):
         self.llm, self.engine = llm, llm.engine
+        self.tokenizer, self.max_position = llm.tokenizer, llm.model_config.max_position
         self.max_live = max_live
-        self._inbox: deque[Job] = deque()
-        self._cancels: deque[Job] = deque()
-        self._live: list[Job] = []
+        self._on_step = on_step
+        self._inbox: deque[Request] = deque()
+        self._cancels: deque[Request] = deque()
+        self._live: list[Request] = []
         self._accepted = 0  # jobs submitted and not yet finished (guarded by _cv)
         self._cv = threading.Condition()
         self._stop = False
@@ -116,9 +142,11 @@ class EngineLoop:
             self._cv.notify()
         self._thread.join(timeout=30)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Request) -> None:
         """Queue ``job``; Busy when ``max_live`` jobs are already live."""
         with self._cv:
+            if self._stop:
+                raise Stopped("the server is shutting down")
             if self._accepted >= self.max_live:
                 raise Busy(f"{self._accepted} requests are in progress (the server takes "
                            f"{self.max_live}); retry shortly")
@@ -126,7 +154,7 @@ class EngineLoop:
             self._inbox.append(job)
             self._cv.notify()
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Request) -> None:
         """The client went away: abort the job's sequences before the next step."""
         with self._cv:
             if not job.finished and not job.cancelled:
@@ -165,6 +193,8 @@ class EngineLoop:
                 log.exception("engine step failed")  # the step was rolled back (rollback.py)
                 self._fail_live(e)
             self._refresh()
+            if self._on_step is not None:
+                self._on_step()
 
     def _fail_live(self, error: Exception) -> None:
         """Abort every live job and tell its client why (a 500 or an error chunk)."""
@@ -176,9 +206,9 @@ class EngineLoop:
                 log.exception("aborting a failed request")
             self._finish(job, Event(error=error))
 
-    def _add(self, job: Job) -> None:
+    def _add(self, job: Request) -> None:
         if job.cancelled:
-            self._release()
+            self._release(job)
             return
         eng = self.engine
         seq = eng.new_sequence(job.prompt_ids, job.params)
@@ -186,30 +216,31 @@ class EngineLoop:
             eng.add(seq)
         except ValueError as e:
             job.finished = True
-            self._release()
             job._post(Event(done=True, error=e))
+            self._release(job)
             return
         job.seq = seq
         self._live.append(job)
 
-    def _abort(self, job: Job) -> None:
+    def _abort(self, job: Request) -> None:
         if job.seq is not None and job in self._live:
             self.engine.abort(job.seq)
             self._live.remove(job)
             job.finished = True
-            self._release()
+            self._release(job)
 
-    def _release(self) -> None:
+    def _release(self, job: Request) -> None:
         with self._cv:
             self._accepted -= 1
+        job._released()
 
-    def _finish(self, job: Job, event: Event) -> None:
+    def _finish(self, job: Request, event: Event) -> None:
         if job in self._live:
             self._live.remove(job)
         job.finished = True
-        self._release()
         self.requests_finished += 1
         job._post(event)
+        self._release(job)
 
     def _publish(self) -> None:
         """Post each live job its choices' new text and finish reasons."""
@@ -239,7 +270,7 @@ class EngineLoop:
             elif event.choices:
                 job._post(event)
 
-    def _new_logprobs(self, job: Job, s: Sequence) -> list | None:
+    def _new_logprobs(self, job: Request, s: Sequence) -> list | None:
         """The log-probs of ``s``'s tokens not yet reported, their ids as text."""
         if s.logprobs is None:
             return None

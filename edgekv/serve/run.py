@@ -1,4 +1,5 @@
-"""``edgekv serve``'s body: check the address, load the model, run uvicorn until Ctrl-C."""
+"""``edgekv serve``'s body: check the address, start the engine process (it loads the
+model), run uvicorn until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import errno
 import logging
 import os
 import socket
+from pathlib import Path
 
 import click
 
-from edgekv.cli import build
 from edgekv.cli_errors import InputError
 
 
@@ -38,28 +39,39 @@ def cpus() -> int:
 
 def serve(host: str, port: int, api_key: str | None, max_num_seqs: int, max_queue: int,
           served_model_name: str | None, threads: int | None, opts: dict) -> None:
-    """Run the server until Ctrl-C. On a CPU the model gets ``threads`` (default: one less
-    than the CPUs): with all of them, the threads of its parallel kernels keep every core
-    busy between steps and the HTTP side waits for a core (measured on 2 CPUs: one client
-    streamed 200 tok/s with 2 model threads, 330 with 1)."""
-    import torch
+    """Run the server until Ctrl-C: the engine in a process of its own (process.py), the
+    HTTP side in this one. On a CPU, torch's operations get ``threads`` (default: one less
+    than the CPUs) and a batch's attention every CPU (``threads`` if given): with all of
+    them, torch's thread pool keeps every core busy between steps and the HTTP side waits
+    for a core (measured on 2 CPUs: one client streamed 200 tok/s with 2 threads, 390 with
+    1)."""
     import uvicorn
 
-    from .app import create_app
+    from .app import app_for
+    from .process import EngineFailed, EngineProcess
 
     check_address(host, port)
-    llm, _ = build(opts, max_num_seqs=max_num_seqs)
-    if llm.device.type == "cpu":
-        torch.set_num_threads(threads or max(1, cpus() - 1))
-    name = served_model_name or llm.model_dir.name
-    app = create_app(llm, name, api_key, max_live=max_num_seqs + max_queue)
-    s = llm.kv_stats()
+    # torch leaves the HTTP side a CPU; a batch's attention takes them all (cpu_jit.py)
+    engine = EngineProcess(opts, {"max_num_seqs": max_num_seqs},
+                           threads or max(1, cpus() - 1), threads or cpus(),
+                           max_live=max_num_seqs + max_queue)
+    try:
+        info = engine.launch()
+    except EngineFailed as e:
+        raise click.ClickException(f"the engine did not start: {e}") from None
+    name = served_model_name or Path(info["model_dir"]).name
+    app = app_for(engine, name, api_key)
+    s = info["stats"]
     auth = "API key required" if api_key else "no API key: anyone who reaches the port may use it"
-    n = torch.get_num_threads()
-    where = f"{n} CPU thread{'s' if n > 1 else ''}" if llm.device.type == "cpu" \
-        else str(llm.device)
+    n, na = info["threads"], info["attention_threads"]
+    where = (f"{n} CPU thread{'s' if n > 1 else ''}" + (f" ({na} for attention)"
+                                                        if na != n else "")
+             if info["device"] == "cpu" else info["device"])
     click.echo(f"edgekv serve: {name} at http://{host}:{port}/v1, KV {s['kv_format']} "
                f"({s['bytes_per_token']:,} B/token, {s['blocks_total']} blocks), {where}, "
                f"{auth}. Ctrl-C stops.")
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        engine.stop()  # (the app's shutdown did, unless uvicorn never started)
