@@ -71,24 +71,37 @@ class SharedPrefix:
 MIN_SHARED_BLOCKS = 2
 
 
-def shared_prefixes(tables: np.ndarray, lens: np.ndarray, block_size: int) -> SharedPrefix:
-    """The shared prefixes of a decode step: tables (S, W) int32, lens (S,) KV lengths
-    with the new token. Sequences are grouped by their first block; a group's shared
-    blocks are the leading ones every member's table has, full in every member."""
-    S = len(lens)
-    full = (lens.astype(np.int64) - 1) // block_size  # blocks this step does not write
-    by_first: dict[int, list[int]] = {}
+def prefix_groups(tables: np.ndarray, full: np.ndarray) -> list[tuple[list[int], int]]:
+    """Groups of sequences whose block tables (S, W) start with the same blocks, each as
+    (members, shared blocks), counting for sequence s only its first ``full[s]`` blocks.
+    Candidates share their first MIN_SHARED_BLOCKS blocks; of those, the group and the
+    shared length that save the most block reads ((members - 1) x blocks) are taken, so
+    that one request sharing little does not cut everyone's shared length down."""
+    buckets: dict[tuple, list[int]] = {}
     for s in np.flatnonzero(full >= MIN_SHARED_BLOCKS).tolist():
-        by_first.setdefault(int(tables[s, 0]), []).append(s)
+        buckets.setdefault(tuple(tables[s, :MIN_SHARED_BLOCKS].tolist()), []).append(s)
     groups = []
-    for members in by_first.values():
+    for members in buckets.values():
         if len(members) < 2:
             continue
-        t = tables[members, :int(full[members].min())]
-        same = (t == t[0]).all(axis=0)
-        c = len(same) if same.all() else int(same.argmin())
-        if c >= MIN_SHARED_BLOCKS:
-            groups.append((members, c))
+        ref = max(members, key=lambda s: full[s])
+        agree = []
+        for s in members:
+            m = int(min(full[s], full[ref]))
+            eq = tables[s, :m] == tables[ref, :m]
+            agree.append(m if eq.all() else int(eq.argmin()))
+        order = sorted(range(len(members)), key=lambda i: -agree[i])
+        k = max(range(2, len(order) + 1), key=lambda k: (k - 1) * agree[order[k - 1]])
+        groups.append((sorted(members[i] for i in order[:k]), agree[order[k - 1]]))
+    return groups
+
+
+def shared_prefixes(tables: np.ndarray, lens: np.ndarray, block_size: int) -> SharedPrefix:
+    """The shared prefixes of a decode step (``prefix_groups``): tables (S, W) int32, lens
+    (S,) KV lengths with the new token; a block is shared only if it is full and before
+    the one the step writes."""
+    S = len(lens)
+    groups = prefix_groups(tables, (lens.astype(np.int64) - 1) // block_size)
     if not groups:
         return SharedPrefix.none(S)
     sel, slot = np.full(S, -1, np.int32), np.zeros(S, np.int32)

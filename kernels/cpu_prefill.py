@@ -19,10 +19,12 @@ log-sum-exp first, then each tile's probabilities summed into its blocks.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from edgekv.quant import KVFormat, QuantizedKV
 
+from .cpu_plan import prefix_groups
 from .exact_tail import ExactTail
 
 # Scores held per tile: Hq x n x tile fp32. 4 Mi elements (16 MiB; a tile step holds a few
@@ -108,21 +110,24 @@ SEGMENT_BYTES = 32 << 20  # fp32 K + V of one key segment
 
 
 def _flash_segments(q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV,
-                    table: torch.Tensor, L: int, fmt: KVFormat, sm: float) -> torch.Tensor:
+                    table: torch.Tensor, L: int, fmt: KVFormat, sm: float, start: int = 0,
+                    prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q (n, Hq, D) fp32 in the storage basis, the last n of L positions -> (n, Hq, D).
 
     The keys are read from the blocks a segment at a time (at most SEGMENT_BYTES of fp32
     K and V) and each segment goes through torch's fused flash attention, which tiles its
     scores internally: the history before the chunk, which every query sees whole, then
     the chunk's own keys with a causal mask. Segments merge by their log-sum-exp, so
-    memory grows with the chunk and the segment, never with the history."""
+    memory grows with the chunk and the segment, never with the history. ``prior``: the
+    (out (1, Hq, n, D), lse (1, Hq, n)) of positions [0, start), attended already (a
+    shared prefix, ``_shared_parts``); the history is then read from ``start``."""
     n, Hq, D = q.shape
     Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
     a = L - n
     seg = max(B, SEGMENT_BYTES // (Hkv * D * 8) // B * B)
     qf = q.transpose(0, 1)[None]  # (1, Hq, n, D)
-    out = lse = None
-    for t0, t1, causal in [(t, min(a, t + seg), False) for t in range(0, a, seg)] + \
+    out, lse = prior if prior is not None else (None, None)
+    for t0, t1, causal in [(t, min(a, t + seg), False) for t in range(start, a, seg)] + \
             [(a, L, True)]:
         k = _read(k_cache, table, t0, t1, fmt)[None]  # (1, Hkv, t, D)
         v = _read(v_cache, table, t0, t1, fmt)[None]
@@ -135,6 +140,32 @@ def _flash_segments(q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV,
         out = (out * wa[..., None] + o * wb[..., None]) / (wa + wb)[..., None]
         lse = m + torch.log(wa + wb)
     return out[0].transpose(0, 1)  # (n, Hq, D)
+
+
+def _shared_parts(qs: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV,
+                  block_tables: torch.Tensor, lens: list[int], cu: list[int], fmt: KVFormat,
+                  sm: float) -> dict[int, tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Sequences whose histories start with the same blocks (a system prompt that several
+    requests of one step found in the prefix cache): each group's shared blocks are read
+    once and attended by all of its sequences' new tokens in one flash call. Returns, per
+    such sequence, (tokens covered, (out (1, Hq, n, D), lse (1, Hq, n)) of its tokens),
+    ``_flash_segments``' ``start`` and ``prior``. (Measured, demo model, 16 requests
+    sharing 513 tokens: reading and converting a copy per sequence took a third of the
+    step.)"""
+    B = k_cache.data.shape[2]
+    hist = np.array([(L - (cu[s + 1] - cu[s])) // B for s, L in enumerate(lens)])
+    parts = {}
+    for members, c in prefix_groups(block_tables.cpu().numpy(), hist):
+        k = _read(k_cache, block_tables[members[0]], 0, c * B, fmt)[None]
+        v = _read(v_cache, block_tables[members[0]], 0, c * B, fmt)[None]
+        rows = torch.cat([qs[cu[s]:cu[s + 1]] for s in members])  # (N, Hq, D)
+        o, ls = _FLASH(rows.transpose(0, 1)[None], k, v, 0.0, False, scale=sm)
+        i = 0
+        for s in members:
+            n = cu[s + 1] - cu[s]
+            parts[s] = (c * B, (o[:, :, i:i + n], ls[:, :, i:i + n]))
+            i += n
+    return parts
 
 
 def paged_prefill_attention_cpu(
@@ -159,15 +190,19 @@ def paged_prefill_attention_cpu(
     out = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
     qs = fmt.to_storage_basis(q.float())  # (T, Hq, D)
     cu = cu_seqlens_q.tolist()
-    for s, L in enumerate(seq_lens.tolist()):
+    lens = seq_lens.tolist()
+    shared = _shared_parts(qs, k_cache, v_cache, block_tables, lens, cu, fmt, sm) \
+        if exact is None and _FLASH is not None and len(lens) > 1 else {}
+    for s, L in enumerate(lens):
         q0, q1 = cu[s], cu[s + 1]
         n = q1 - q0
         if n == 0:
             continue
         assert 0 < n <= L, f"sequence {s}: {n} queries over {L} KV tokens"
         if exact is None and _FLASH is not None:
+            start, prior = shared.get(s, (0, None))
             out[q0:q1] = _flash_segments(qs[q0:q1], k_cache, v_cache, block_tables[s], L,
-                                         fmt, sm)
+                                         fmt, sm, start, prior)
             continue
         qh = qs[q0:q1].view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * n, D)
         qpos = torch.arange(L - n, L, device=q.device)

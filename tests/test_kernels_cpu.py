@@ -148,6 +148,37 @@ def test_write_stores_the_formats_codes(name):
                 assert torch.equal(x2.view(torch.uint8), y.view(torch.uint8))
 
 
+@pytest.mark.parametrize("name", ["int8", "int4", "fp16"])
+def test_prefill_reads_a_shared_prefix_once_for_its_group(monkeypatch, name):
+    """Requests of one step whose histories start with the same blocks (a cached system
+    prompt): the shared blocks are read once for the group, every sequence's chunk
+    attends them in one call and the rest of its own history after; == the oracle."""
+    if cpu_prefill._FLASH is None:
+        pytest.skip("torch has no fused CPU flash attention")
+    B, D, G = 16, 64, 4
+    reads = []
+    real = cpu_prefill._read
+    monkeypatch.setattr(cpu_prefill, "_read",
+                        lambda st, tb, t0, t1, f: reads.append((t0, t1)) or real(st, tb, t0, t1, f))
+    fmt = get_format(name)
+    # (history + chunk): three share 4 blocks, one of them with more history of its own;
+    # one shares only a block; one is a whole prompt (no history)
+    runs = [(4 * B + 9, 6), (6 * B + 2, B + 3), (4 * B + 1, 1), (3 * B, 5), (B + 4, B + 4)]
+    lens = [L for L, _ in runs]
+    k, v, bt = random_paged_kv(fmt, lens, HKV, B, D, seed=6, device=DEV)
+    bt = bt.clone()
+    bt[1:3, :4] = bt[0, :4]
+    bt[3, :1] = bt[0, :1]
+    cu = torch.tensor([0] + [n for _, n in runs]).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu[-1]), HKV * G, D, generator=torch.Generator().manual_seed(7))
+    sl = torch.tensor(lens, dtype=torch.int32)
+    ref = paged_prefill_attention_ref(q, k, v, bt, sl, cu, fmt)
+    assert rel_err(paged_prefill_attention_cpu(q, k, v, bt, sl, cu, fmt), ref) < TOL
+    # the shared 4 blocks read once (K and V), then each member from there on
+    assert reads.count((0, 4 * B)) == 2 and (4 * B, 6 * B + 2 - (B + 3)) in reads
+    assert reads.count((0, 3 * B - 5)) == 2  # sequence 3 shares one block: read alone
+
+
 def test_plan_rows_address_every_layer_alike():
     """slot -> row is the storage index of (block, head, offset)."""
     slots = torch.tensor([3, 16 * 5 + 9])

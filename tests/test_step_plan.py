@@ -105,6 +105,12 @@ def test_shared_prefixes_group_sequences_by_their_leading_blocks():
     assert two.blocks.tolist() == [3]
     none = shared_prefixes(np.array([[7, 1], [7, 2]], np.int32), np.array([8, 8]), B)
     assert len(none.count) == 0 and none.sel.tolist() == [-1, -1]
+    # one request sharing 2 blocks does not cut three others' 5 down to 2: it goes alone
+    tables = np.array([[1, 2, 3, 4, 5, 9], [1, 2, 3, 4, 5, 8], [1, 2, 3, 4, 5, 7],
+                       [1, 2, 6, 0, 0, 0]], np.int32)
+    most = shared_prefixes(tables, np.full(4, 6 * B), B)
+    assert most.members.tolist() == [[0, 1, 2]] and most.blocks.tolist() == [5]
+    assert most.sel.tolist() == [0, 0, 0, -1]
 
 
 def test_a_shared_system_prompt_is_read_once_per_step(llama_dir, monkeypatch):
