@@ -215,16 +215,19 @@ class LLM:
         """Run the step kinds once (a prefill, one sequence decoding, two at once) so that
         the kernels they compile or load are ready before the first request: a server's
         first batch otherwise waits ~0.4 s for the batched decode kernel. Prompts shorter
-        than a block leave nothing in the prefix cache; the counters are put back."""
-        sch = self.engine.scheduler
-        counters = (sch.num_preemptions, sch.prefix_query_tokens, sch.prefix_hit_tokens)
+        than a block leave nothing in the prefix cache; the counters and the next request
+        id (default seeds derive from it) are put back."""
+        sch, eng = self.engine.scheduler, self.engine
+        counters = (sch.num_preemptions, sch.prefix_query_tokens, sch.prefix_hit_tokens,
+                    eng._next_id)  # request ids: the default seeds stay as without it
         n = max(1, min(self.cache_config.block_size - 4, self.model_config.max_position - 3))
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         vocab = self.model_config.vocab_size
         self.generate([[i % vocab for i in range(1, n + 1)]], params)
         self.generate([[i % vocab for i in range(2, n + 2)],
                        [i % vocab for i in range(3, n + 3)]], params)
-        sch.num_preemptions, sch.prefix_query_tokens, sch.prefix_hit_tokens = counters
+        (sch.num_preemptions, sch.prefix_query_tokens, sch.prefix_hit_tokens,
+         eng._next_id) = counters
 
     def check_integrity(self) -> None:
         """Assert that the engine is consistent (``Engine.check_integrity``)."""

@@ -200,12 +200,14 @@ def test_warm_up_runs_each_step_kind_and_leaves_no_trace(llama_dir, monkeypatch)
                         lambda qkv, *a: batches.append(qkv.shape[0]) or real(qkv, *a))
     llm = LLM(llama_dir, kv_format="int8", kv_memory="4MiB", dtype=torch.float32)
     llm.generate([list(range(3, 40))], SamplingParams(max_tokens=2))
-    before = llm.kv_stats()
+    before, next_id = llm.kv_stats(), llm.engine._next_id
     llm.warm_up()
     after = llm.kv_stats()
     assert after["blocks_used"] == 0
-    for key in ("preemptions", "prefix_query_tokens", "prefix_hit_tokens", "prefix_hit_rate"):
+    for key in ("preemptions", "prefix_query_tokens", "prefix_hit_tokens", "prefix_hit_rate",
+                "cached_blocks"):
         assert after[key] == before[key], key
+    assert llm.engine._next_id == next_id  # default seeds derive from request ids
     llm.check_integrity()
     if cpu_jit.available():
         assert 2 in batches  # the batched decode kernel ran (and is loaded)

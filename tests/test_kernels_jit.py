@@ -60,12 +60,19 @@ def _share(bt, lens, B):
     return bt
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("name", ["fp16", "int8", "int4", "fp8"])
-def test_shared_prefixes_read_once_match_oracle(name, G, threads):
+def test_shared_prefixes_read_once_match_oracle(name, G, threads, split, monkeypatch):
     """A batch whose sequences share leading blocks: each group's shared blocks are one
-    item for all its queries, merged into each sequence's own part; == the oracle."""
+    item for all its queries, merged into each sequence's own part; == the oracle. With
+    ``split``, both parts are cut into more items than some ranges have blocks (empty
+    items merge as nothing)."""
+    if split:
+        monkeypatch.setattr(cpu_jit, "num_splits", lambda *a: 3)
+        real = cpu_jit._shared
+        monkeypatch.setattr(cpu_jit, "_shared", lambda *a: (*real(*a)[:-1], 4))
     fmt, B, D = get_format(name), 16, 64
     lens = [3 * B + 1, 5 * B + 7, 4 * B, 9 * B + 2, 2 * B + 1, 6 * B + 3, 7 * B]
     k, v, bt = random_paged_kv(fmt, lens, HKV, B, D, device=torch.device("cpu"))

@@ -344,3 +344,37 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads():
     assert r.returncode == 2 and len(err) == 1, r.stderr
     assert f"127.0.0.1:{port} is in use" in err[0]
     assert time.time() - t < 20  # the model was not loaded first
+
+
+def test_a_loop_that_fails_itself_stops_taking_requests_and_tells_the_waiting():
+    """A bug in the loop thread (not an engine step, which is rolled back and failed per
+    request): every request it held hears Stopped (a 503), later ones are refused, the
+    crash hook runs (the engine process exits on it, so the server sees it gone)."""
+    from edgekv.serve.loop import EngineLoop, Request, Stopped
+
+    class Recorded(Request):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.events = []
+
+        def _post(self, event):
+            self.events.append(event)
+
+    crashed = threading.Event()
+
+    def on_step():
+        raise RuntimeError("a bug in the loop")
+
+    llm = LLM(**OPTS)
+    loop = EngineLoop(llm, 4, on_step=on_step, on_crash=crashed.set)
+    job = Recorded([5, 6, 7], SamplingParams(max_tokens=50))
+    loop.submit(job)
+    loop.start()
+    assert crashed.wait(30)
+    # its first step's text, then Stopped: never left waiting
+    assert isinstance(job.events[-1].error, Stopped) and job.finished
+    assert not any(e.done for e in job.events[:-1])
+    assert not loop.alive()
+    with pytest.raises(Stopped):
+        loop.submit(Recorded([5], SamplingParams(max_tokens=1)))
+    assert loop._accepted == 0

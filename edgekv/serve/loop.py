@@ -113,19 +113,22 @@ class EngineLoop:
     """Drives ``llm.engine`` from one thread for every client. ``stats()`` is a snapshot
     the thread refreshes after each step (``/metrics`` reads it, never the engine).
     ``on_step``, if given, is called by the thread after each round (a step, or requests
-    taken or dropped without one): process.py sends the round's events from there."""
+    taken or dropped without one): process.py sends the round's events from there.
+    ``on_crash``, if given, is called should the thread itself fail (a bug): process.py
+    ends the engine process then, so that the server sees it gone."""
 
-    def __init__(self, llm, max_live: int, on_step=None):
+    def __init__(self, llm, max_live: int, on_step=None, on_crash=None):
         self.llm, self.engine = llm, llm.engine
         self.tokenizer, self.max_position = llm.tokenizer, llm.model_config.max_position
         self.max_live = max_live
-        self._on_step = on_step
+        self._on_step, self._on_crash = on_step, on_crash
         self._inbox: deque[Request] = deque()
         self._cancels: deque[Request] = deque()
         self._live: list[Request] = []
         self._accepted = 0  # jobs submitted and not yet finished (guarded by _cv)
         self._cv = threading.Condition()
         self._stop = False
+        self._crashed = False
         self._thread = threading.Thread(target=self._run, name="edgekv-engine", daemon=True)
         self.tokens_generated = 0
         self.requests_finished = 0
@@ -143,10 +146,11 @@ class EngineLoop:
         self._thread.join(timeout=30)
 
     def submit(self, job: Request) -> None:
-        """Queue ``job``; Busy when ``max_live`` jobs are already live."""
+        """Queue ``job``; Busy when ``max_live`` jobs are already live, Stopped when the
+        loop is not running."""
         with self._cv:
-            if self._stop:
-                raise Stopped("the server is shutting down")
+            if self._stop or self._crashed:
+                raise Stopped("the engine has stopped: the server must be restarted")
             if self._accepted >= self.max_live:
                 raise Busy(f"{self._accepted} requests are in progress (the server takes "
                            f"{self.max_live}); retry shortly")
@@ -166,10 +170,28 @@ class EngineLoop:
         return self._snapshot
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._crashed
 
     # ---- the loop thread ---------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug in the loop itself: nothing is taken any more
+            log.exception("the engine loop stopped")
+            with self._cv:
+                self._crashed = True
+                waiting = list(self._inbox)
+                self._inbox.clear()
+            error = Stopped("the engine has stopped: the server must be restarted")
+            for job in waiting + list(self._live):
+                try:
+                    self._finish(job, Event(error=error))
+                except Exception:  # noqa: BLE001 - best effort; the rest still hear
+                    pass
+            if self._on_crash is not None:
+                self._on_crash()
+
+    def _loop(self) -> None:
         eng = self.engine
         while True:
             with self._cv:
@@ -211,13 +233,15 @@ class EngineLoop:
             self._release(job)
             return
         eng = self.engine
-        seq = eng.new_sequence(job.prompt_ids, job.params)
         try:
-            eng.add(seq)
-        except ValueError as e:
+            seq = eng.new_sequence(job.prompt_ids, job.params)
+            eng.add(seq)  # validates first: a refusal changes nothing
+        except Exception as e:  # noqa: BLE001 - ValueError: refused (400); else a bug (500)
+            if not isinstance(e, ValueError):
+                log.exception("adding a request")
             job.finished = True
-            job._post(Event(done=True, error=e))
             self._release(job)
+            job._post(Event(done=True, error=e))
             return
         job.seq = seq
         self._live.append(job)
@@ -239,8 +263,8 @@ class EngineLoop:
             self._live.remove(job)
         job.finished = True
         self.requests_finished += 1
+        self._release(job)  # first: a client told it is done may come straight back
         job._post(event)
-        self._release(job)
 
     def _publish(self) -> None:
         """Post each live job its choices' new text and finish reasons."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import traceback
@@ -60,6 +61,7 @@ class EngineProcess:
         self.info: dict = {}
         self.tokenizer = None
         self.max_position = 0
+        self._proc = self._reader = None
 
     # ---- life ----------------------------------------------------------------------------
     def launch(self) -> dict:
@@ -96,12 +98,17 @@ class EngineProcess:
         self.info = msg[1]
         self._snapshot = self.info["stats"]
         self.max_position = self.info["max_position"]
-        if self.info["has_tokenizer"]:
+        if self.info["has_tokenizer"]:  # (the engine loaded it: it reads)
             from pathlib import Path
 
             from edgekv.llm import _load_tokenizer
 
-            self.tokenizer = _load_tokenizer(Path(self.info["model_dir"]))
+            try:
+                self.tokenizer = _load_tokenizer(Path(self.info["model_dir"]))
+            except BaseException:
+                self._alive = True  # so that stop() asks the engine to finish
+                self.stop()
+                raise
         self._alive = True
         self._reader = threading.Thread(target=self._read, name="edgekv-engine-reader",
                                         daemon=True)
@@ -112,21 +119,25 @@ class EngineProcess:
         """(The app's startup: the process runs since ``launch``.)"""
 
     def stop(self) -> None:
-        """Ask the engine process to finish, wait for it (then end it if it hangs)."""
+        """Take no more requests, ask the engine process to finish and wait for it (then
+        end it if it hangs). Safe to call twice, or after a failed launch."""
         with self._lock:
             if self._alive:
+                self._alive = False
                 try:
                     self._to.send(("stop",))
                 except OSError:
                     pass
-        self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=5)
-        self._reader.join(timeout=5)
+        if self._proc is not None:
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(timeout=5)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
 
     def alive(self) -> bool:
-        return self._alive and self._proc.is_alive()
+        return self._alive and self._proc is not None and self._proc.is_alive()
 
     def stats(self) -> dict:
         return self._snapshot
@@ -142,10 +153,15 @@ class EngineProcess:
                 raise Busy(f"{self._accepted} requests are in progress (the server takes "
                            f"{self.max_live}); retry shortly")
             jid = next(self._ids)
+            try:  # (the engine reads its pipe all the time: a send does not wait long)
+                self._to.send(("add", jid, job.prompt_ids, job.params))
+            except OSError:  # the engine just died; the reader will see its pipe close
+                self._alive = False
+                raise Stopped("the engine has stopped: the server must be restarted") \
+                    from None
             job.rid = jid
             self._jobs[jid] = job
             self._accepted += 1
-            self._to.send(("add", jid, job.prompt_ids, job.params))
 
     def cancel(self, job: Job) -> None:
         """The client went away: the engine aborts the job's sequences before its next
@@ -154,7 +170,10 @@ class EngineProcess:
             if job.finished or job.cancelled or not self._alive:
                 return
             job.cancelled = True
-            self._to.send(("cancel", job.rid))
+            try:
+                self._to.send(("cancel", job.rid))
+            except OSError:  # the engine is gone: the reader fails the job
+                pass
 
     # ---- the reader thread -------------------------------------------------------------------
     def _read(self) -> None:
@@ -195,7 +214,8 @@ class EngineProcess:
         with self._lock:
             was_alive, self._alive = self._alive, False
             jobs, self._jobs, self._accepted = list(self._jobs.values()), {}, 0
-        if was_alive and self._proc.exitcode not in (0, None):
+        if was_alive:  # not stopped by us: it died
+            self._proc.join(timeout=1)
             log.error("the engine process exited (code %s)", self._proc.exitcode)
         by_loop: dict[object, list[tuple[Job, Event]]] = defaultdict(list)
         for job in jobs:
@@ -244,8 +264,10 @@ class _Outbox:
 def _portable(e: Exception) -> Exception:
     """``e`` as an exception the server can unpickle: a ValueError (the engine refused
     the request: 400) stays one; anything else becomes a RuntimeError with its words."""
-    if isinstance(e, (ValueError, Stopped)):
-        return type(e)(str(e))
+    if isinstance(e, Stopped):
+        return Stopped(str(e))
+    if isinstance(e, ValueError):
+        return ValueError(str(e))
     return RuntimeError(f"{type(e).__name__}: {e}")
 
 
@@ -284,7 +306,11 @@ def _child(opts: dict, llm_options: dict, threads: int, attention_threads: int, 
         except OSError:  # the server is gone; the main thread sees the pipe close
             pass
 
-    loop = EngineLoop(llm, max_live=1 << 30, on_step=send_round)  # the server counts
+    def crashed() -> None:  # the loop thread failed (logged): the server must see us go
+        os._exit(1)
+
+    # (the server counts live requests against --max-num-seqs + --max-queue, not us)
+    loop = EngineLoop(llm, max_live=1 << 30, on_step=send_round, on_crash=crashed)
     outbox.send(("ready", {
         "model_dir": str(llm.model_dir), "device": llm.device.type,
         "threads": torch.get_num_threads(), "attention_threads": cpu_jit.attention_threads(),
