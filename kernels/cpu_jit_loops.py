@@ -274,18 +274,19 @@ def _attend(q, kd, ks, kz, vd, vs, vz, tables, lens, sm, kind, offset, table, ha
     sh_m = np.empty((max(n_shared, 1), M * G), np.float32)
     sh_l = np.empty((max(n_shared, 1), M * G), np.float32)
     sh_o = np.empty((max(n_shared, 1), M * G, D), np.float32)
-    for item in prange(n_shared):  # each group's shared blocks, all its queries at once
-        grp, h, part = item // (Hkv * gsplits), (item // gsplits) % Hkv, item % gsplits
-        R = gcnt[grp] * G
-        qh = np.empty((R, D), np.float32)
-        for i in range(gcnt[grp]):
-            qh[i * G:(i + 1) * G] = q[gmem[grp, i], h]
-        c = gblk[grp]
-        per = (c + gsplits - 1) // gsplits
-        s0 = gmem[grp, 0]
-        _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s0, h, part * per,
-                     min(c, (part + 1) * per), c * B, tables[s0], sm, kind, offset,
-                     sh_m[item, :R], sh_l[item, :R], sh_o[item, :R])
+    if n_shared > 0:  # (a parallel launch of no items still costs: skip it)
+        for item in prange(n_shared):  # each group's shared blocks, all its queries at once
+            grp, h, part = item // (Hkv * gsplits), (item // gsplits) % Hkv, item % gsplits
+            R = gcnt[grp] * G
+            qh = np.empty((R, D), np.float32)
+            for i in range(gcnt[grp]):
+                qh[i * G:(i + 1) * G] = q[gmem[grp, i], h]
+            c = gblk[grp]
+            per = (c + gsplits - 1) // gsplits
+            s0 = gmem[grp, 0]
+            _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s0, h, part * per,
+                         min(c, (part + 1) * per), c * B, tables[s0], sm, kind, offset,
+                         sh_m[item, :R], sh_l[item, :R], sh_o[item, :R])
     for item in prange(n_items):  # each sequence's own blocks (all, outside a group)
         s, h, part = item // (Hkv * splits), (item // splits) % Hkv, item % splits
         L = lens[s]

@@ -230,8 +230,9 @@ def plan_step(block_tables: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: 
         lens = seq_lens.to(torch.int32).numpy()
         slots = slot_mapping.numpy()
         tables = block_tables.to(torch.int32).numpy()
+        shared = shared_prefixes(tables, lens, block_size) if len(lens) > 1 else None
         jit = JitStep(tables, lens, slots // block_size, slots % block_size, int(lens.max()),
-                      shared_prefixes(tables, lens, block_size))
+                      shared)
         return StepPlan(block_size, num_kv_heads, _NO_ROWS, (), None, jit)
     buckets = ()
     if max_query_len == 1 and len(seq_lens):
