@@ -12,6 +12,17 @@ from edgekv.models.config import ModelConfig
 from edgekv.models.layers import RotaryEmbedding, SwiGLU, fused_linear
 
 
+def _oracle_tokens(llm, prompts, params) -> list[list[int]]:
+    """What the reference (oracle) kernels generate for ``prompts``."""
+    from edgekv.kernels import set_backend
+
+    set_backend("reference")
+    try:
+        return [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        set_backend(None)
+
+
 def _cfg(**kw) -> ModelConfig:
     hf = dict(architectures=["LlamaForCausalLM"], hidden_size=64, num_hidden_layers=1,
               num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
@@ -64,7 +75,7 @@ def test_cpu_steps_plan_once_and_match_the_oracle(llama_dir, monkeypatch, compil
     torch path, nothing more for the compiled kernels (they walk the block tables)."""
     import edgekv.kernels.cpu_plan as cpu_plan
     import edgekv.model_runner as runner
-    from edgekv.kernels import cpu_compiled, set_backend
+    from edgekv.kernels import cpu_compiled
 
     if not compiled:
         monkeypatch.setenv(cpu_compiled.ENV_VAR, "0")
@@ -79,12 +90,7 @@ def test_cpu_steps_plan_once_and_match_the_oracle(llama_dir, monkeypatch, compil
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert len(steps) == 6  # one plan per step (a prefill, 5 decodes), not one per layer
     assert len(buckets) == (0 if compiled and cpu_jit.available() else 5)
-    set_backend("reference")
-    try:
-        want = [o.token_ids for o in llm.generate(prompts, params)]
-    finally:
-        set_backend(None)
-    assert got == want
+    assert got == _oracle_tokens(llm, prompts, params)
 
 
 def test_shared_prefixes_group_sequences_by_their_leading_blocks():
@@ -118,7 +124,6 @@ def test_a_shared_system_prompt_is_read_once_per_step(llama_dir, monkeypatch):
     blocks; the compiled decode reads them once per step for the group and generates what
     the oracle path does."""
     import edgekv.kernels.cpu_plan as cpu_plan
-    from edgekv.kernels import set_backend
 
     if not cpu_jit.available():
         pytest.skip("numba is not installed")
@@ -136,9 +141,4 @@ def test_a_shared_system_prompt_is_read_once_per_step(llama_dir, monkeypatch):
     assert any(g.count.tolist() == [3] and g.blocks.tolist() == [3] for g in groups), \
         [(g.count.tolist(), g.blocks.tolist()) for g in groups]
     llm.check_integrity()
-    set_backend("reference")
-    try:
-        want = [o.token_ids for o in llm.generate(prompts, params)]
-    finally:
-        set_backend(None)
-    assert got == want
+    assert got == _oracle_tokens(llm, prompts, params)
