@@ -66,7 +66,8 @@ def _cache_dir(numba) -> None:
     numba.config.CACHE_DIR = os.path.join(base, f"numba-{digest.hexdigest()[:16]}")
     if not os.path.isdir(numba.config.CACHE_DIR):  # the first decode step will compile
         logger.warning("compiling EdgeKV's CPU kernels for this machine, once: the first "
-                       "reply takes ~30 s more (cached in %s)", numba.config.CACHE_DIR)
+                       "reply takes up to a few minutes more (cached in %s)",
+                       numba.config.CACHE_DIR)
 
 
 def available() -> bool:
