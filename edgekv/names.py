@@ -13,7 +13,7 @@ registry that does import torch; tests/test_startup.py checks that they stay equ
 from __future__ import annotations
 
 KV_FORMATS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "fp8_e5m2", "int4")
-KV_VARIANTS: tuple[str, ...] = ("int8_norot", "int4_norot", "int4_sym", "int4_g32")
+KV_VARIANTS: tuple[str, ...] = ("int8_norot", "int4_norot", "int4_sym", "int4_g32", "int4_nl")
 EVICTION_POLICIES: tuple[str, ...] = ("h2o", "snapkv", "streaming")
 KNOWN_MODELS: tuple[str, ...] = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b",
                                  "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "mistral-7b")

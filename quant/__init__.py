@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import MIN_SCALE, SCALE_DTYPE, KVFormat, QuantizedKV
+from .codebook import CodebookFormat
 from .float_formats import FloatFormat
 from .fp8 import Fp8Format
 from .integer import IntFormat
@@ -50,6 +51,7 @@ for _f in (
     IntFormat("int4_norot", bits=4, symmetric=False, rotate=False),
     IntFormat("int4_sym", bits=4, symmetric=True, rotate=True),
     IntFormat("int4_g32", bits=4, symmetric=False, group_size=32, rotate=True),
+    CodebookFormat("int4_nl", group_size=32),
 ):
     register(_f)
 VARIANTS: tuple[str, ...] = tuple(n for n in _REGISTRY if n not in FORMATS)
@@ -70,6 +72,6 @@ def get_format(name: str | KVFormat) -> KVFormat:
 
 __all__ = [
     "FORMATS", "VARIANTS", "KVFormat", "QuantizedKV", "get_format", "register",
-    "FloatFormat", "Fp8Format", "IntFormat", "pack_int4", "unpack_int4",
+    "CodebookFormat", "FloatFormat", "Fp8Format", "IntFormat", "pack_int4", "unpack_int4",
     "SCALE_DTYPE", "MIN_SCALE",
 ]

@@ -1,0 +1,139 @@
+"""4-bit storage through a fixed non-uniform codebook, one fp16 scale per group of values.
+
+After the format's Hadamard rotation a head vector's values are close to Gaussian (measured
+on the demo model's keys and values: kurtosis 2.96, a Gaussian's is 3), and a uniform grid
+spends its levels evenly where the values are not. Here each value is one of 16 levels
+(``levels``, fitted by Lloyd's algorithm to Gaussian groups; scripts/fit_codebook.py),
+a polynomial of the code that a kernel evaluates in registers:
+
+    x  ~  s * level(code)           code in [0, 16), s fp16, one per group
+    level(c) = u (p0 + u (p1 + u (p2 + u (p3 + u p4)))),   u = c - 7   (POLY)
+
+The scale is a signed multiple of the group's extreme value ``e`` (its largest magnitude,
+with its sign): of the candidates ``s = e * f`` for f in ``SCALE_FACTORS`` the one with the
+least squared error is kept (the first on a tie). f = 1 puts the extreme exactly on the top
+level; a smaller f clips it to gain resolution for the rest. Codes are the nearest level to
+``x / s`` computed from the *stored* fp16 scale, as ``torch.bucketize`` over the midpoints
+between levels (a value on a midpoint takes the lower level); they are packed two per byte in
+the split-halves order of ``packing.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import hadamard
+from .base import MIN_SCALE, SCALE_DTYPE, KVFormat, QuantizedKV
+from .packing import pack_int4, unpack_int4
+
+# The 16 levels: POLY[0] u + POLY[1] u^2 + ... + POLY[4] u^5 at u = code - ZERO_CODE, a
+# polynomial so that a kernel decodes a code with five multiply-adds, no table (fitted by
+# Lloyd's algorithm to groups of 32 Gaussian values normalised by their signed extreme and
+# the best of SCALE_FACTORS: scripts/fit_codebook.py)
+ZERO_CODE = 7
+POLY = (9.442123e-02, -5.268296e-04, 3.134332e-04, -2.400334e-06, 5.125546e-06)
+SCALE_FACTORS = tuple(round(0.6 + 0.5 * i / 15, 6) for i in range(16))  # 0.6 .. 1.1
+
+
+class CodebookFormat(KVFormat):
+    """Codes through the 16 levels of ``poly`` (``levels``, increasing), a signed fp16
+    scale per ``group_size`` values (None: one per token-head), optionally rotated."""
+
+    def __init__(self, name: str, poly=POLY, group_size: int | None = 32,
+                 rotate: bool = True, factors=SCALE_FACTORS):
+        self.name = name
+        self.poly = tuple(float(c) for c in poly)
+        self.levels = levels_of(self.poly)
+        assert list(self.levels) == sorted(self.levels), "the levels must increase"
+        self.group_size = group_size
+        self.rotate = rotate
+        self.factors = tuple(float(f) for f in factors)
+        self.has_scale = True
+        self.has_zero = False
+        self.storage_dtype = torch.uint8
+
+    def level_tensor(self, device=None) -> torch.Tensor:
+        """(16,) fp32 levels."""
+        return torch.tensor(self.levels, dtype=torch.float32, device=device)
+
+    def midpoints(self, device=None) -> torch.Tensor:
+        """(15,) fp32 decision boundaries: code = number of midpoints below x / s."""
+        lv = self.level_tensor(device)
+        return (lv[1:] + lv[:-1]) * 0.5
+
+    # ---- shape rules -------------------------------------------------------------------
+    def check_head_dim(self, head_dim: int) -> None:
+        super().check_head_dim(head_dim)
+        if head_dim % 2:
+            raise ValueError(f"{self.name}: head_dim must be even to pack two 4-bit codes "
+                             f"per byte, got {head_dim}")
+        if self.group_size and head_dim % self.group_size:
+            raise ValueError(f"{self.name}: head_dim {head_dim} is not divisible by the "
+                             f"scale group size {self.group_size}")
+
+    def packed_dim(self, head_dim: int) -> int:
+        self.check_head_dim(head_dim)
+        return head_dim // 2
+
+    def num_groups(self, head_dim: int) -> int:
+        self.check_head_dim(head_dim)
+        return head_dim // self.group_size if self.group_size else 1
+
+    # ---- basis -------------------------------------------------------------------------
+    def to_storage_basis(self, x: torch.Tensor) -> torch.Tensor:
+        return hadamard.rotate(x).to(x.dtype) if self.rotate else x
+
+    def from_storage_basis(self, x: torch.Tensor) -> torch.Tensor:
+        return hadamard.rotate(x).to(x.dtype) if self.rotate else x
+
+    # ---- quantize / decode -------------------------------------------------------------
+    def quantize(self, x: torch.Tensor) -> QuantizedKV:
+        self._check_input(x)
+        return self.quantize_storage(self.to_storage_basis(x.float()))
+
+    def quantize_storage(self, xf: torch.Tensor) -> QuantizedKV:
+        d = xf.shape[-1]
+        g = self.num_groups(d)
+        xg = xf.float().reshape(*xf.shape[:-1], g, d // g)  # (..., groups, group_size)
+        lv, mid = self.level_tensor(xf.device), self.midpoints(xf.device)
+        ext = xg.gather(-1, xg.abs().argmax(-1, keepdim=True)).squeeze(-1)  # (..., groups)
+        best_err = best_scale = best_codes = None
+        for f in self.factors:
+            scale = signed_fp16_scale(ext * f)  # (..., groups) fp16
+            s = scale.float().unsqueeze(-1)
+            codes = torch.bucketize(xg / s, mid)  # (..., groups, group_size) int64
+            err = (xg - lv[codes] * s).square().sum(-1)  # (..., groups)
+            if best_err is None:
+                best_err, best_scale, best_codes = err, scale, codes
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, scale, best_scale)
+                best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+        data = pack_int4(best_codes.reshape(xf.shape).to(torch.uint8))
+        return QuantizedKV(data=data, scale=best_scale, zero=None)
+
+    def decode(self, q: QuantizedKV) -> torch.Tensor:
+        codes = unpack_int4(q.data).long()  # (..., d)
+        x = self.level_tensor(q.data.device)[codes]
+        d = x.shape[-1]
+        g = q.scale.shape[-1]
+        xg = x.reshape(*x.shape[:-1], g, d // g) * q.scale.float().unsqueeze(-1)
+        return xg.reshape(x.shape)
+
+
+def levels_of(poly) -> tuple[float, ...]:
+    """The 16 fp32 levels of a polynomial (POLY's order), computed in float64 and
+    rounded once: a kernel evaluating it by Horner's rule in fp32 lands within ~2 ulp."""
+    u = torch.arange(16, dtype=torch.float64) - ZERO_CODE
+    lv = torch.zeros(16, dtype=torch.float64)
+    for c in reversed(poly):
+        lv = (lv + c) * u
+    return tuple(lv.float().tolist())
+
+
+def signed_fp16_scale(raw: torch.Tensor) -> torch.Tensor:
+    """fp32 scales -> fp16, keeping the sign, magnitude clamped to [MIN_SCALE, fp16 max]
+    (a zero group gets +MIN_SCALE: its codes are the level nearest 0)."""
+    mag = raw.abs().clamp(min=MIN_SCALE, max=torch.finfo(SCALE_DTYPE).max)
+    return torch.where(raw < 0, -mag, mag).to(SCALE_DTYPE)
