@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgekv.quant import KVFormat, QuantizedKV
+from edgekv.quant import CodebookFormat, KVFormat, QuantizedKV
 from edgekv.quant.hadamard import hadamard_matrix
 
 
@@ -76,7 +76,8 @@ def reader_for(fmt: KVFormat, head_dim: int, device: torch.device) -> CodeReader
 def _reader(fmt: KVFormat, head_dim: int, device: str) -> CodeReader:
     bits = getattr(fmt, "bits", None)
     grouped = fmt.has_scale and fmt.num_groups(head_dim) != 1
-    token_scale = fmt.has_scale and not grouped
+    # a codebook's codes are not values: it reads through fmt.decode, scale and all
+    token_scale = fmt.has_scale and not grouped and not isinstance(fmt, CodebookFormat)
     rot = hadamard_matrix(head_dim, device) if fmt.rotate else None
     offset = fmt.offset if bits == 4 and token_scale else None
     return CodeReader(fmt, head_dim, rot, rot, offset, token_scale)

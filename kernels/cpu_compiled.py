@@ -1,7 +1,8 @@
 """Routing a CPU decode call to the compiled kernel (cpu_jit.py) when it can take it.
 
-The compiled kernel reads int8, int4 (per token-head scales), fp8 and fp16 storage; the
-plain-torch path (cpu_decode.py) keeps everything else (bf16, fp32, grouped scales), the
+The compiled kernel reads int8, int4 (per token-head scales), fp8, fp16 and the 4-bit
+codebook (scales per group) storage; the plain-torch path (cpu_decode.py) keeps everything
+else (bf16, fp32, grouped integer scales), the
 block mass and the exact residual window. ``EDGEKV_CPU_JIT=0`` switches the kernel off.
 Where numba is missing or fails, cpu_jit logs one warning and this returns None.
 """
@@ -15,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from edgekv.quant import KVFormat, QuantizedKV
+from edgekv.quant import CodebookFormat, KVFormat, QuantizedKV
 from edgekv.quant.hadamard import hadamard_block_size
 
 from . import cpu_jit
@@ -33,6 +34,8 @@ def storage_kind(fmt: KVFormat, reader: CodeReader) -> tuple[int, int, np.ndarra
     """(kind, int4 offset, byte table) of a format's stored rows, None when the kernel
     cannot read them."""
     dt = fmt.storage_dtype
+    if isinstance(fmt, CodebookFormat):
+        return cpu_jit.KIND_CODEBOOK, 0, codebook_table(fmt)
     if reader.token_scale:
         if reader.int4_offset is not None:
             return cpu_jit.KIND_INT4, reader.int4_offset, _NO_TABLE
@@ -47,15 +50,23 @@ def storage_kind(fmt: KVFormat, reader: CodeReader) -> tuple[int, int, np.ndarra
 
 
 _NO_TABLE = cpu_jit._NO_TABLE
+
+
+@functools.lru_cache(maxsize=8)
+def codebook_table(fmt: CodebookFormat) -> np.ndarray:
+    """(36 + factors,) fp32: the 16 levels, the 15 midpoints between them, the level
+    polynomial's coefficients, the candidate scale factors (cpu_jit_loops' kind 4)."""
+    return torch.cat([fmt.level_tensor(), fmt.midpoints(),
+                      torch.tensor(fmt.poly + fmt.factors, dtype=torch.float32)]).numpy()
 _NONE16 = np.zeros((0, 0, 0), np.uint16)
 
 
 def _bits(t: torch.Tensor | None) -> np.ndarray:
-    """(num_blocks, Hkv, B, 1) fp16 scales / zeros -> (num_blocks, Hkv, B) uint16 bits, no
-    copy (an empty array for None)."""
+    """(num_blocks, Hkv, B, groups) fp16 scales / zeros -> (num_blocks, Hkv, B x groups)
+    uint16 bits, no copy (an empty array for None)."""
     if t is None:
         return _NONE16
-    return t.view(torch.int16).numpy().view(np.uint16).reshape(t.shape[:3])
+    return t.view(torch.int16).numpy().view(np.uint16).reshape(*t.shape[:2], -1)
 
 
 def _views(store: QuantizedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,13 +131,15 @@ def step_compiled(fmt: KVFormat, head_dim: int) -> bool:
 
 class LayerKind(NamedTuple):
     """How ``decode_layer`` writes a format: storage kind, int4 offset, largest code
-    (qmax, or levels when asymmetric), symmetric, rotation block size (0: none)."""
+    (qmax, or levels when asymmetric), symmetric, rotation block size (0: none), the
+    codebook's table (None for the other kinds)."""
 
     kind: int
     offset: int
     qmax: int
     symmetric: bool
     rot: int
+    table: np.ndarray | None = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,12 +152,14 @@ def layer_kind(fmt: KVFormat, head_dim: int) -> LayerKind | None:
     if not fmt.has_scale:
         return LayerKind(cpu_jit.KIND_FP16, 0, 0, True, 0) \
             if fmt.storage_dtype == torch.float16 else None
+    rot = hadamard_block_size(head_dim) if fmt.rotate else 0
+    if isinstance(fmt, CodebookFormat):
+        return LayerKind(cpu_jit.KIND_CODEBOOK, 0, 0, True, rot, codebook_table(fmt))
     bits = getattr(fmt, "bits", None)
     if bits not in (4, 8) or fmt.num_groups(head_dim) != 1:
         return None
     if bits == 8 and not fmt.symmetric:
         return None
-    rot = hadamard_block_size(head_dim) if fmt.rotate else 0
     kind = cpu_jit.KIND_INT8 if bits == 8 else cpu_jit.KIND_INT4
     qmax = fmt.qmax if fmt.symmetric else fmt.levels
     return LayerKind(kind, fmt.offset, qmax, fmt.symmetric, rot)
@@ -164,5 +179,5 @@ def compiled_layer(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         qkv.view(S, -1, D).numpy(), cos.view(S, D).numpy(), sin.view(S, D).numpy(), lk.rot,
         step.blocks, step.offsets, *_views(k), *_views(v), step.tables, step.lens,
         step.max_len, sm, lk.kind, lk.offset, lk.qmax, lk.symmetric,
-        cpu_jit.attention_threads(), step.shared)
+        cpu_jit.attention_threads(), step.shared, lk.table)
     return None if out is None else torch.from_numpy(out).view(S, -1)

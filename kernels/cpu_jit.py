@@ -32,7 +32,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-KIND_INT8, KIND_INT4, KIND_BYTE_LUT, KIND_FP16 = range(4)
+KIND_INT8, KIND_INT4, KIND_BYTE_LUT, KIND_FP16, KIND_CODEBOOK = range(5)
 
 
 @functools.lru_cache(maxsize=1)
@@ -210,16 +210,18 @@ def _shared(shared, num_seqs: int, num_kv_heads: int, threads: int) -> tuple:
 def decode_layer(qkv: np.ndarray, cos: np.ndarray, sin: np.ndarray, rot: int,
                  wblk: np.ndarray, woff: np.ndarray, kd, ks, kz, vd, vs, vz,
                  tables: np.ndarray, lens: np.ndarray, max_len: int, sm: float, kind: int,
-                 offset: int, qmax: int, symmetric: bool, threads: int, shared=None
-                 ) -> np.ndarray | None:
+                 offset: int, qmax: int, symmetric: bool, threads: int, shared=None,
+                 table: np.ndarray | None = None) -> np.ndarray | None:
     """A decode layer's attention after the qkv projection (cpu_jit_loops._decode_layer):
     writes the new k, v into their slots; returns (S, Hq, D) fp32, original basis.
-    shared: cpu_plan.SharedPrefix of the batch (None: no sharing)."""
+    shared: cpu_plan.SharedPrefix of the batch (None: no sharing); table: the codebook's
+    (cpu_compiled.codebook_table; None for the other kinds)."""
     S, Hkv = qkv.shape[0], kd.shape[1]
     splits = num_splits(S * Hkv, -(-max_len // kd.shape[2]), threads)
     fn = _parallel(_jit()[1].decode_layer, threads)
     out = _run(fn, qkv, cos, sin, rot, wblk, woff, kd, ks, kz, vd, vs, vz, tables, lens,
-               np.float32(sm), kind, offset, qmax, symmetric, _NO_TABLE, half_table(), splits,
+               np.float32(sm), kind, offset, qmax, symmetric,
+               _NO_TABLE if table is None else table, half_table(), splits,
                *_shared(shared, S, Hkv, threads))
     return None if out is _FAILED else out
 
@@ -231,7 +233,8 @@ def decoder_layer(x: np.ndarray, weights: tuple, transposed: bool, eps: float,
                   cos: np.ndarray, sin: np.ndarray, rot: int, wblk: np.ndarray,
                   woff: np.ndarray, stores: tuple,
                   tables: np.ndarray, lens: np.ndarray, max_len: int, sm: float, kind: int,
-                  offset: int, qmax: int, symmetric: bool, threads: int) -> bool:
+                  offset: int, qmax: int, symmetric: bool, threads: int,
+                  table: np.ndarray | None = None) -> bool:
     """One sequence's decoder layer (cpu_jit_layer.layer): x (H,) fp32 updated in place,
     the new k, v written. ``weights``: (ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd),
     the matrices (in, out) where ``transposed``, else (out, in); ``stores``: (kd, ks, kz,
@@ -240,4 +243,4 @@ def decoder_layer(x: np.ndarray, weights: tuple, transposed: bool, eps: float,
     fn = _parallel(_jit()[3].layer, threads)
     return _run(fn, x, *weights, transposed, np.float32(eps), cos, sin, rot, wblk, woff,
                 *stores, tables, lens, np.float32(sm), kind, offset, qmax, symmetric,
-                _NO_TABLE, half_table(), splits) is not _FAILED
+                _NO_TABLE if table is None else table, half_table(), splits) is not _FAILED

@@ -191,7 +191,8 @@ def layer(x, ln1, wqkv, bqkv, wo, bo, ln2, wgu, bgu, wd, bd, transposed, eps, co
                      vz, tables, lens, sm, kind, offset, qmax, symmetric, table, half, splits,
                      np.full(1, -1, np.int32), np.zeros(1, np.int32),
                      np.empty((0, 1), np.int32), np.empty(0, np.int32),
-                     np.empty(0, np.int32), 1)  # one sequence shares nothing
+                     np.empty(0, np.int32), np.int64(1))  # one sequence shares nothing
+    # (np.int64(1), not 1: a literal argument would compile decode_layer a second time)
     a = np.empty(H, np.float32)
     _matvec(o.reshape(-1), wo, bo, a, transposed)
     for j in range(H):

@@ -143,7 +143,7 @@ def _one(model: nn.Module, x: torch.Tensor, meta, ws: list[tuple]) -> int:
                                      step.offsets,
                                      (*_views(k), *_views(v)), step.tables, step.lens,
                                      step.max_len, attn.scale, lk.kind, lk.offset, lk.qmax,
-                                     lk.symmetric, threads):
+                                     lk.symmetric, threads, lk.table):
             return i
     return len(ws)
 

@@ -13,7 +13,7 @@ from edgekv import LLM, SamplingParams
 from edgekv.kernels import cpu_compiled, cpu_jit
 from edgekv.kernels.cpu_plan import JitStep
 from edgekv.models import cpu_fused, layers
-from edgekv.quant import get_format
+from edgekv.quant import QuantizedKV, get_format
 from edgekv.scheduler import ScheduledBatch
 
 from tiny_models import FAMILIES
@@ -49,7 +49,7 @@ def _decode_logits(path, fmt, prompts, steps=12):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int4_nl"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("transposed", [True, False])
@@ -179,6 +179,32 @@ def test_fp16_cache_clamps_like_the_format():
     assert out is not None and torch.isfinite(out).all()
     want = fmt.quantize(qkv[0, 16:]).data
     assert torch.equal(v.data[blk, 0, 5], want) and want[0] == 65504
+
+
+def test_codebook_writes_match_the_format():
+    """The compiled layer writes int4_nl's codes and group scales as
+    CodebookFormat.quantize does: the same scale for (nearly) every group, and no group
+    stored worse (the rotation runs as a Walsh-Hadamard transform, not a matmul, so a
+    value on a midpoint, or two candidate scales equally good, may round the other way)."""
+    fmt, D, S, H = get_format("int4_nl"), 128, 8, 2
+    k, v, bt = random_paged_kv(fmt, [5] * S, H, 16, D, device=torch.device("cpu"))
+    blocks = bt[:, 0].numpy().astype(np.int64)
+    step = JitStep(bt.to(torch.int32).numpy(), np.full(S, 6, np.int32), blocks,
+                   np.full(S, 5), 6)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(S, (4 * H + 2 * H) * D, generator=g) * 3
+    out = cpu_compiled.compiled_layer(qkv, torch.ones(S, 1, D), torch.zeros(S, 1, D), k, v,
+                                      step, cpu_compiled.layer_kind(fmt, D), D**-0.5)
+    assert out is not None and torch.isfinite(out).all()
+    new = qkv.view(S, 6 * H, D)[:, 4 * H:].reshape(S, 2, H, D)  # (S, k/v, H, D)
+    for i, store in enumerate((k, v)):
+        got = QuantizedKV(store.data[blocks, :, 5], store.scale[blocks, :, 5])
+        want = fmt.quantize(new[:, i])
+        assert (got.scale == want.scale).float().mean() >= 0.95
+        x = fmt.to_storage_basis(new[:, i])
+        err_got = (fmt.decode(got) - x).square().view(S, H, -1, 32).sum(-1)
+        err_want = (fmt.decode(want) - x).square().view(S, H, -1, 32).sum(-1)
+        assert torch.all(err_got <= err_want * 1.001 + 1e-6)
 
 
 _CONCURRENT = """

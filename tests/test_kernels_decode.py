@@ -7,7 +7,8 @@ cross product formats x GQA ratio x block size x head_dim runs here with small s
 
 import pytest
 import torch
-from kernel_cases import ALL_FORMATS, DEVICE, ragged_lens, random_paged_kv, rel_err
+from kernel_cases import ALL_FORMATS as ALL
+from kernel_cases import DEVICE, TRITON_FORMATS, ragged_lens, random_paged_kv, rel_err
 
 from edgekv.kernels.paged_decode import choose_num_splits, paged_decode_attention
 from edgekv.kernels.reference import decode_block_mass_ref, paged_decode_attention_ref
@@ -18,7 +19,7 @@ HKV = 2
 # max |kernel - reference| / max |reference|. The kernel reads the reference's codes and
 # uses compensated fp16 dots (precise=True), so only summation order differs: ~1e-6
 # measured. bf16 gets more room for GPUs, where it multiplies in (compensated) bf16.
-TOL = {name: 2e-5 for name in ALL_FORMATS} | {"bf16": 1e-4}
+TOL = {name: 2e-5 for name in TRITON_FORMATS} | {"bf16": 1e-4}
 
 
 def _inputs(fmt, G, B, D, lens=None, seed=0, q_dtype=torch.float32):
@@ -33,7 +34,7 @@ def _inputs(fmt, G, B, D, lens=None, seed=0, q_dtype=torch.float32):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("B", [16, 32])
 @pytest.mark.parametrize("G", [1, 4, 8])
-@pytest.mark.parametrize("name", ALL_FORMATS)
+@pytest.mark.parametrize("name", TRITON_FORMATS)
 def test_decode_matches_reference(name, G, B, D):
     fmt = get_format(name)
     q, k, v, bt, sl = _inputs(fmt, G, B, D)
@@ -244,3 +245,15 @@ def test_decode_without_compensation(name):
     ref = paged_decode_attention_ref(q, k, v, bt, sl, fmt)
     out = paged_decode_attention(q, k, v, bt, sl, fmt, num_splits=2, precise=False)
     assert rel_err(out, ref) < 3e-3
+
+
+def test_the_kernels_take_every_format_users_pick():
+    """Only a variant may run the torch path on a GPU; and the one that does is refused
+    with UnsupportedFormat (dispatch falls back), never misread."""
+    from edgekv.kernels.kv_tiles import UnsupportedFormat, kernel_format
+    from edgekv.quant import FORMATS
+
+    assert set(FORMATS) <= set(TRITON_FORMATS)
+    for name in set(ALL) - set(TRITON_FORMATS):
+        with pytest.raises(UnsupportedFormat):
+            kernel_format(get_format(name), 128)

@@ -63,7 +63,7 @@ def _share(bt, lens, B):
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("G", [1, 4])
-@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "fp8"])
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "fp8", "int4_nl"])
 def test_shared_prefixes_read_once_match_oracle(name, G, threads, split, monkeypatch):
     """A batch whose sequences share leading blocks: each group's shared blocks are one
     item for all its queries, merged into each sequence's own part; == the oracle. With

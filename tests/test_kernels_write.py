@@ -8,14 +8,14 @@ the edge cases of the formats' math (zero and constant vectors, tiny and huge va
 
 import pytest
 import torch
-from kernel_cases import ALL_FORMATS, DEVICE, empty_store
+from kernel_cases import DEVICE, TRITON_FORMATS, empty_store
 
 from edgekv.kernels.quant_write import quant_write, write_kv_triton
 from edgekv.kernels.reference import write_kv_ref
 from edgekv.quant import QuantizedKV, get_format, unpack_int4
 
 HKV = 2
-CASES = [(name, *bd) for name in ALL_FORMATS for bd in ((16, 64), (32, 128))]
+CASES = [(name, *bd) for name in TRITON_FORMATS for bd in ((16, 64), (32, 128))]
 CASES += [(name, 16, 96) for name in ("bf16", "int8", "fp8", "int4")]  # padded halves
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
@@ -71,7 +71,7 @@ def test_write_is_exact_on_cpu_interpreter():
     """Same math, same fp32 operations: bit-identical codes, scales and zeros here."""
     if DEVICE.type != "cpu":
         pytest.skip("GPU division and rounding may differ by one code; checked above")
-    for name in ALL_FORMATS:
+    for name in TRITON_FORMATS:
         fmt = get_format(name)
         k, v = _inputs(21, 64, seed=7)
         slots = torch.arange(21) * 3 % 64
