@@ -233,7 +233,8 @@ def write_kv(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v: tor
 
     Mutates the stores at those slots only (codes, scales, zeros). Same values as
     ``fmt.quantize`` (the Triton kernel's codes may differ by one where a value sits on a
-    rounding boundary and the devices' arithmetic differs).
+    rounding boundary and the devices' arithmetic differs; a codebook group may take
+    another scale candidate where two nearly tie: quant_write._codebook_codes).
     """
     fmt = get_format(fmt)
 

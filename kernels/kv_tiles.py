@@ -15,26 +15,35 @@ after the dot and the V scale multiplies the probabilities before it, so codes e
 dot exactly; an asymmetric zero adds ``z * sum(q)`` to a score and ``sum_j p_j z_j`` to an
 output. With group scales (``GROUP`` channels each) the tile is dequantized element-wise.
 
-Precision. Dot operands are fp16 (``dot_dtype``): codes are exact in it, the query and the
-softmax weights are not (~1e-3 relative error in the output). ``PRECISE`` adds the product
-of each operand's fp16 rounding residual (one more dot per operand: ``split_operand``,
-``_mm``), which brings the result to ~1e-6 of the fp32 reference; decode, memory-bound,
-uses it by default, prefill does not. Weights ``p * scale`` are multiplied by ``WSCALE``
-(a power of two near the largest code) before rounding, so they stay out of fp16's
-subnormal range (fp8 scales are ~absmax / 448 or / 57344), and the sum is divided back.
+Codebook (``CODEBOOK``, quant/codebook.py). Nibbles index 16 fp32 levels: the kernels
+load the table (``format_table``, their ``table_ptr``) into registers and look codes up
+with ``tl.gather`` (warp shuffles in the compiled PTX; a ``tl.load`` per value instead
+was staged through 80 KB of shared memory by the loop pipeliner, a select chain costs 15
+selects per value). The levels are not exact in fp16, so the format needs group scales
+and its tiles are dequantized element-wise before the dot like any grouped format.
+
+Precision. Dot operands are fp16 (``dot_dtype``): codes are exact in it, the query, the
+softmax weights and element-wise dequantized tiles are not (~1e-3 relative error in the
+output). ``PRECISE`` adds the product of each operand's fp16 rounding residual (one more
+dot per operand: ``split_operand``, ``_mm``), which brings the result to ~1e-6 of the
+fp32 reference; decode, memory-bound, uses it by default, prefill does not. Weights
+``p * scale`` are multiplied by ``WSCALE`` (a power of two near the largest code) before
+rounding, so they stay out of fp16's subnormal range (fp8 scales are ~absmax / 448 or
+/ 57344), and the sum is divided back.
 
     N = tokens in the tile   M = query rows   HALF_P = padded half of head_dim
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from edgekv.quant import FloatFormat, Fp8Format, IntFormat, KVFormat
+from edgekv.quant import CodebookFormat, FloatFormat, Fp8Format, IntFormat, KVFormat
 
 from .fp8_bits import fp8_to_f32
 
@@ -44,6 +53,7 @@ INT8 = tl.constexpr(1)  # one signed or unsigned byte per channel
 INT4 = tl.constexpr(2)  # two nibbles per byte, split halves
 FP8E4 = tl.constexpr(3)  # e4m3fn bytes
 FP8E5 = tl.constexpr(4)  # e5m2 bytes
+CODEBOOK = tl.constexpr(5)  # two nibbles per byte, split halves, indexing a table of levels
 
 
 class UnsupportedFormat(ValueError):
@@ -63,6 +73,7 @@ class KernelFormat:
     qmax: float  # symmetric integer: largest code; fp8 / float: largest finite value
     levels: float  # asymmetric integer: largest code
     wscale: float  # power of two near the largest code magnitude (pv_tile's WSCALE)
+    num_factors: int = 0  # codebook: scale candidates, after the levels in format_table
 
 
 def kernel_format(fmt: KVFormat, head_dim: int) -> KernelFormat:
@@ -85,17 +96,39 @@ def kernel_format(fmt: KVFormat, head_dim: int) -> KernelFormat:
         return KernelFormat(kind, offset=0, group=0, has_scale=True, has_zero=False,
                             symmetric=True, qmax=fmt.fmax, levels=0.0, wscale=_pow2(fmt.fmax))
     if isinstance(fmt, IntFormat):
-        group = fmt.group_size or 0
-        if group and (half % group or group & (group - 1) or half & (half - 1)):
-            # the write kernel reshapes each half into whole groups
-            raise UnsupportedFormat(f"{fmt.name}: group size {group} must be a power of two "
-                                    f"dividing head_dim/2 = {half}, itself a power of two")
+        group = _scale_group(fmt, half)
         top = fmt.qmax if fmt.symmetric else fmt.levels
         return KernelFormat(INT4.value if fmt.bits == 4 else INT8.value, offset=fmt.offset,
                             group=group, has_scale=True, has_zero=fmt.has_zero,
                             symmetric=fmt.symmetric, qmax=float(fmt.qmax),
                             levels=float(fmt.levels), wscale=_pow2(top))
+    if isinstance(fmt, CodebookFormat):
+        group = _scale_group(fmt, half)
+        if not group:  # levels are not exact in DOT: they must be scaled before the dot
+            raise UnsupportedFormat(f"{fmt.name}: a codebook needs group scales")
+        return KernelFormat(CODEBOOK.value, offset=0, group=group, has_scale=True,
+                            has_zero=False, symmetric=True, qmax=0.0, levels=0.0, wscale=1.0,
+                            num_factors=len(fmt.factors))
     raise UnsupportedFormat(f"no Triton kernel for format {fmt!r}")
+
+
+def _scale_group(fmt: IntFormat | CodebookFormat, half: int) -> int:
+    """Channels per scale group (0: one scale per token-head), or UnsupportedFormat."""
+    group = fmt.group_size or 0
+    if group and (half % group or group & (group - 1) or half & (half - 1)):
+        # the write kernel reshapes each half into whole groups
+        raise UnsupportedFormat(f"{fmt.name}: group size {group} must be a power of two "
+                                f"dividing head_dim/2 = {half}, itself a power of two")
+    return group
+
+
+@functools.lru_cache(maxsize=16)
+def format_table(fmt: KVFormat, device: torch.device) -> torch.Tensor:
+    """The fp32 table the kernels' ``table_ptr`` points at, made once per (format, device)
+    so that a launch copies nothing: a codebook's 16 levels then its ``num_factors`` scale
+    factors (quant/codebook.py); for every other format one 0, never read."""
+    vals = [*fmt.levels, *fmt.factors] if isinstance(fmt, CodebookFormat) else [0.0]
+    return torch.tensor(vals, dtype=torch.float32, device=device)
 
 
 def _pow2(x: float) -> float:
@@ -105,10 +138,13 @@ def _pow2(x: float) -> float:
 def dot_dtype(fmt: KVFormat, device: torch.device) -> tl.dtype:
     """Operand dtype of the kernels' tl.dot for ``fmt``.
 
-    Codes of every quantized format (int8, int4 nibbles, fp8 values) are exact in fp16, and
-    scales are applied outside the dot, so fp16 loses only the query's and the weights'
-    low bits. fp32 storage (the exact reference) multiplies in IEEE fp32. bf16 storage uses
-    bf16 on a GPU; the CPU interpreter cannot multiply bf16, so it uses fp32 there.
+    Codes of the per-token-head formats (int8, int4 nibbles, fp8 values) are exact in fp16,
+    and their scales are applied outside the dot, so fp16 loses only the query's and the
+    weights' low bits. Grouped formats (int4_g32, the codebook's levels) enter the dot
+    dequantized, rounded to fp16 as the query is, and ``PRECISE`` compensates that rounding
+    too (``_mm``'s SPLIT_B), so fp16 serves them as well. fp32 storage (the exact
+    reference) multiplies in IEEE fp32. bf16 storage uses bf16 on a GPU; the CPU
+    interpreter cannot multiply bf16, so it uses fp32 there.
     """
     if isinstance(fmt, FloatFormat) and fmt.storage_dtype == torch.float32:
         return tl.float32
@@ -124,16 +160,23 @@ def pad_half(head_dim: int) -> int:
 
 # ---- Triton helpers ----------------------------------------------------------------------
 @triton.jit
-def load_halves(data_ptr, rows, d, HALF, t_mask, d_mask, KIND: tl.constexpr,
+def load_halves(data_ptr, table_ptr, rows, d, HALF, t_mask, d_mask, KIND: tl.constexpr,
                 OFFSET: tl.constexpr):
-    """Both halves of a stored tile as fp32 code values: two (N, HALF_P) tensors.
+    """Both halves of a stored tile as fp32 code values (a codebook's: its levels, read
+    from ``table_ptr``): two (N, HALF_P) tensors.
 
     rows: (N,) int64 element offsets of each token's vector; d: (HALF_P,) channel index.
     Masked tokens and padded channels read as 0.
     """
     mask = t_mask[:, None] & d_mask[None, :]
     ptr = data_ptr + rows[:, None] + d[None, :]  # (N, HALF_P)
-    if KIND == INT4:
+    if KIND == CODEBOOK:  # nibbles index the 16 levels, held in registers
+        b = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+        lv = tl.load(table_ptr + tl.arange(0, 16))  # (16,)
+        lv = tl.broadcast_to(lv[None, :], (b.shape[0], 16))  # (N, 16): gather's rank
+        lo = tl.where(mask, tl.gather(lv, b & 0xF, 1), 0.0)  # dims [0, D/2)
+        hi = tl.where(mask, tl.gather(lv, b >> 4, 1), 0.0)  # dims [D/2, D)
+    elif KIND == INT4:
         b = tl.load(ptr, mask=mask, other=0)
         lo = (b & 0xF).to(tl.float32) - OFFSET  # dims [0, D/2)
         hi = (b >> 4).to(tl.float32) - OFFSET  # dims [D/2, D)
@@ -204,19 +247,19 @@ def _mm(a1, a2, b, acc, DOT: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_B: tl.co
 
 
 @triton.jit
-def qk_tile(q_lo, q_lo2, q_hi, q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, rows, srows, d, HALF,
-            t_mask, d_mask, KIND: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
-            HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, DOT: tl.constexpr,
+def qk_tile(q_lo, q_lo2, q_hi, q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, table_ptr, rows, srows,
+            d, HALF, t_mask, d_mask, KIND: tl.constexpr, OFFSET: tl.constexpr,
+            GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, DOT: tl.constexpr,
             PRECISE: tl.constexpr):
     """Scores q . k of M query rows against N stored keys: (M, N) fp32, scales applied.
 
     q_lo, q_hi: (M, HALF_P) halves of q in DOT, q_lo2, q_hi2 their residuals
     (split_operand, used if PRECISE); q_sum: (M,) fp32 sum of the q the dots see
-    (``query_sum``), for asymmetric formats with one group. Codes are exact in DOT, so
-    PRECISE only needs the residual of q, and of group-dequantized keys. Masked keys score
-    0 here: the caller masks them.
+    (``query_sum``), for asymmetric formats with one group; table_ptr: ``format_table``.
+    Codes are exact in DOT, so PRECISE only needs the residual of q, and of
+    group-dequantized keys. Masked keys score 0 here: the caller masks them.
     """
-    k_lo, k_hi = load_halves(k_ptr, rows, d, HALF, t_mask, d_mask, KIND, OFFSET)
+    k_lo, k_hi = load_halves(k_ptr, table_ptr, rows, d, HALF, t_mask, d_mask, KIND, OFFSET)
     if GROUP > 0:
         k_lo, k_hi = _dequant_groups(k_lo, k_hi, ks_ptr, kz_ptr, srows, d, HALF, t_mask,
                                      d_mask, GROUP, HAS_ZERO)
@@ -233,7 +276,7 @@ def qk_tile(q_lo, q_lo2, q_hi, q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, rows, srows,
 
 
 @triton.jit
-def pv_tile(p, v_ptr, vs_ptr, vz_ptr, rows, srows, d, HALF, t_mask, d_mask,
+def pv_tile(p, v_ptr, vs_ptr, vz_ptr, table_ptr, rows, srows, d, HALF, t_mask, d_mask,
             KIND: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
             HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, DOT: tl.constexpr,
             PRECISE: tl.constexpr, WSCALE: tl.constexpr):
@@ -245,7 +288,7 @@ def pv_tile(p, v_ptr, vs_ptr, vz_ptr, rows, srows, d, HALF, t_mask, d_mask,
     ``absmax / largest code``, so the weights are multiplied by WSCALE (a power of two near
     the largest code) to keep them out of fp16's subnormal range, and the sum divided back.
     """
-    v_lo, v_hi = load_halves(v_ptr, rows, d, HALF, t_mask, d_mask, KIND, OFFSET)
+    v_lo, v_hi = load_halves(v_ptr, table_ptr, rows, d, HALF, t_mask, d_mask, KIND, OFFSET)
     if GROUP > 0:
         v_lo, v_hi = _dequant_groups(v_lo, v_hi, vs_ptr, vz_ptr, srows, d, HALF, t_mask,
                                      d_mask, GROUP, HAS_ZERO)

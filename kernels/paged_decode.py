@@ -34,6 +34,7 @@ from edgekv.quant import KVFormat, QuantizedKV
 
 from .kv_tiles import (
     dot_dtype,
+    format_table,
     kernel_format,
     pad_half,
     pv_tile,
@@ -52,6 +53,7 @@ def _paged_decode_kernel(
     q_ptr, stride_qs, stride_qh,
     k_ptr, ks_ptr, kz_ptr, kd_b, kd_h, kd_t, ks_b, ks_h, ks_t,  # K store (store_args)
     v_ptr, vs_ptr, vz_ptr, vd_b, vd_h, vd_t, vs_b, vs_h, vs_t,  # V store
+    table_ptr,  # (format_table) fp32: a codebook's levels
     bt_ptr, stride_bt, lens_ptr,
     o_ptr, m_ptr, l_ptr,  # partials (NSPLIT > 1) or out / lse2 / unused (DIRECT)
     stride_os, stride_oh,
@@ -95,9 +97,9 @@ def _paged_decode_kernel(
         off = (t % BLOCK_SIZE).to(tl.int64)
         k_rows = blk * kd_b + hk * kd_h + off * kd_t
         k_srows = blk * ks_b + hk * ks_h + off * ks_t
-        sc = qk_tile(q_lo, q_lo2, q_hi, q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, k_rows, k_srows,
-                     d, HALF, t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE, HAS_ZERO, DOT,
-                     PRECISE)
+        sc = qk_tile(q_lo, q_lo2, q_hi, q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, table_ptr,
+                     k_rows, k_srows, d, HALF, t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE,
+                     HAS_ZERO, DOT, PRECISE)
         sc = tl.where(t_mask[None, :], sc * sm_scale_log2, float("-inf"))  # (G_P, N)
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -105,9 +107,9 @@ def _paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_rows = blk * vd_b + hk * vd_h + off * vd_t
         v_srows = blk * vs_b + hk * vs_h + off * vs_t
-        o_lo, o_hi = pv_tile(p, v_ptr, vs_ptr, vz_ptr, v_rows, v_srows, d, HALF, t_mask,
-                             d_mask, KIND, OFFSET, GROUP, HAS_SCALE, HAS_ZERO, DOT, PRECISE,
-                             WSCALE)
+        o_lo, o_hi = pv_tile(p, v_ptr, vs_ptr, vz_ptr, table_ptr, v_rows, v_srows, d, HALF,
+                             t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE, HAS_ZERO, DOT,
+                             PRECISE, WSCALE)
         acc_lo = acc_lo * alpha[:, None] + o_lo
         acc_hi = acc_hi * alpha[:, None] + o_hi
         m_i = m_new
@@ -219,6 +221,7 @@ def paged_decode_attention(
     if S > 0:
         _paged_decode_kernel[(S, Hkv, num_splits)](
             qs, qs.stride(0), qs.stride(1), *store_args(k_cache), *store_args(v_cache),
+            format_table(fmt, dev),
             block_tables, block_tables.stride(0), seq_lens, *parts, raw, mref,
             num_splits, sm_scale * LOG2E, Hq, G, D // 2, max_blocks,
             BLOCK_SIZE=B, BLOCK_N=block_n, G_P=max(16, triton.next_power_of_2(G)),

@@ -12,6 +12,8 @@ nearest even, clamps, casts, packs, and writes codes, scales and zeros at the to
                      code = clamp(rne((x - z) / s), 0, levels)
     fp8              s = fp16(clamp(absmax / fmax)),  code = fp8_rne(clamp(x / s, +-fmax))
     float            value = cast(clamp(x, +-finite max))
+    codebook         s = the best of fp16(+-clamp(|ext * f|)) over the format's factors f,
+                     code = number of level midpoints below x / s  (_codebook_codes)
 
 ``clamp`` of a scale is to [2**-14, fp16 max] (quant/base.py). Divisions are IEEE
 (``tl.div_rn``): Triton's ``/`` may be approximate on GPUs.
@@ -26,7 +28,7 @@ import triton.language as tl
 from edgekv.quant import KVFormat, QuantizedKV
 
 from .fp8_bits import f32_to_fp8
-from .kv_tiles import FLOAT, FP8E4, FP8E5, INT4, kernel_format, pad_half
+from .kv_tiles import CODEBOOK, FLOAT, FP8E4, FP8E5, INT4, format_table, kernel_format, pad_half
 from .launch_checks import check_store, store_args
 
 MIN_SCALE = tl.constexpr(2.0**-14)
@@ -54,6 +56,13 @@ def _bf16_rne(x):
 @triton.jit
 def _fp16_scale(raw):
     return tl.minimum(tl.maximum(raw, MIN_SCALE), MAX_SCALE).to(tl.float16)
+
+
+@triton.jit
+def _signed_fp16_scale(raw):
+    """fp32 -> fp16 keeping the sign, magnitude clamped (codebook.signed_fp16_scale)."""
+    mag = _fp16_scale(tl.abs(raw))
+    return tl.where(raw < 0, -mag, mag)
 
 
 @triton.jit
@@ -133,12 +142,57 @@ def _sym_codes(lo, hi, lo3, hi3, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
 
 
 @triton.jit
+def _nearest_levels(x3, s, table_ptr):
+    """Codes of x3 (T, NG, GROUP) fp32 at fp32 scales s (T, NG, 1), and their squared
+    error per group (T, NG): code = the number of midpoints between the table's 16 levels
+    strictly below ``x / s`` (torch.bucketize), error = sum (x - level * s)^2."""
+    y = tl.div_rn(x3, s)
+    c = tl.zeros(x3.shape, tl.int32)
+    for k in tl.static_range(15):
+        mid = (tl.load(table_ptr + k) + tl.load(table_ptr + k + 1)) * 0.5
+        c += (mid < y).to(tl.int32)
+    r = x3 - tl.load(table_ptr + c) * s
+    return c, tl.sum(r * r, axis=2)
+
+
+@triton.jit
+def _codebook_codes(x3, table_ptr, NF: tl.constexpr):
+    """Codebook codes (T, NG, GROUP) int32 and signed fp16 scales (T, NG, 1) of one half's
+    groups x3 (T, NG, GROUP), as CodebookFormat.quantize_storage: of the scales
+    ``s = signed fp16(ext * f)``, ext the group's value of largest magnitude (the first),
+    f the NF factors after the levels in the table, the one whose codes err least (the
+    first on a tie).
+
+    Each candidate's codes are the format's, bit for bit; its error is summed in another
+    order (and a GPU may fuse ``x - level * s`` into one multiply-add), so where two
+    candidates' errors tie within a few 1e-6 relative the other one may win, its error
+    then that close to the least (measured: bit-identical writes under the interpreter).
+    """
+    first = tl.argmax(tl.abs(x3), axis=2, tie_break_left=True)  # (T, NG)
+    j = tl.arange(0, x3.shape[2])
+    ext = tl.sum(tl.where(j[None, None, :] == first[:, :, None], x3, 0.0), axis=2)
+    ext = ext[:, :, None]  # (T, NG, 1) signed extreme (a sum of it and zeros: exact)
+    best_err = tl.zeros(ext.shape, tl.float32)
+    best_s = tl.zeros(ext.shape, tl.float16)
+    best_c = tl.zeros(x3.shape, tl.int32)
+    for i in range(NF):
+        s = _signed_fp16_scale(ext * tl.load(table_ptr + 16 + i))  # (T, NG, 1)
+        c, err = _nearest_levels(x3, s.to(tl.float32), table_ptr)
+        better = (err[:, :, None] < best_err) | (i == 0)  # (T, NG, 1)
+        best_err = tl.where(better, err[:, :, None], best_err)
+        best_s = tl.where(better, s, best_s)
+        best_c = tl.where(better, c, best_c)
+    return best_c, best_s
+
+
+@triton.jit
 def _quant_write_kernel(
     x_ptr, stride_xt, stride_xh, slot_ptr, T, HALF,
     data_ptr, scale_ptr, zero_ptr, d_b, d_h, d_t, s_b, s_h, s_t,  # the store (store_args)
+    table_ptr,  # (format_table) fp32: a codebook's levels, then its NF scale factors
     BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HALF_P: tl.constexpr,
     KIND: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
-    HAS_ZERO: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr,
+    HAS_ZERO: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, NF: tl.constexpr,
 ):
     h = tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -172,7 +226,10 @@ def _quant_write_kernel(
         else:
             lo3 = tl.reshape(lo, (BLOCK_T, HALF_P // GROUP, GROUP))
             hi3 = tl.reshape(hi, (BLOCK_T, HALF_P // GROUP, GROUP))
-        if HAS_ZERO:
+        if KIND == CODEBOOK:  # groups never span the halves (kernel_format)
+            c_lo, s_lo = _codebook_codes(lo3, table_ptr, NF)
+            c_hi, s_hi = _codebook_codes(hi3, table_ptr, NF)
+        elif HAS_ZERO:
             c_lo, c_hi, s_lo, s_hi, z_lo, z_hi = _asym_codes(lo, hi, lo3, hi3, d_mask, GROUP,
                                                              BLOCK_T, HALF_P, LEVELS)
             _store_groups(zero_ptr, srows, z_lo, z_hi, t_mask, GROUP, HALF_P)
@@ -183,7 +240,7 @@ def _quant_write_kernel(
 
         c_lo = tl.reshape(c_lo, (BLOCK_T, HALF_P))
         c_hi = tl.reshape(c_hi, (BLOCK_T, HALF_P))
-        if KIND == INT4:  # split halves: low nibble dims [0, D/2), high nibble [D/2, D)
+        if KIND == INT4 or KIND == CODEBOOK:  # split halves: low nibbles dims [0, D/2)
             b = (c_lo + OFFSET).to(tl.uint8) | ((c_hi + OFFSET).to(tl.uint8) << 4)
             tl.store(dst, b, mask=mask)
         elif KIND == FP8E4 or KIND == FP8E5:
@@ -215,9 +272,10 @@ def quant_write(store: QuantizedKV, x: torch.Tensor, slots: torch.Tensor, fmt: K
     slots = slots.to(torch.int64).contiguous()
     _quant_write_kernel[(triton.cdiv(T, block_t), Hkv)](
         xs, xs.stride(0), xs.stride(1), slots, T, D // 2, *store_args(store),
+        format_table(fmt, xs.device),
         BLOCK_SIZE=store.data.shape[2], BLOCK_T=block_t, HALF_P=pad_half(D),
         KIND=kf.kind, OFFSET=kf.offset, GROUP=kf.group, HAS_ZERO=kf.has_zero,
-        QMAX=kf.qmax, LEVELS=kf.levels, num_warps=4,
+        QMAX=kf.qmax, LEVELS=kf.levels, NF=kf.num_factors, num_warps=4,
     )
 
 

@@ -13,10 +13,7 @@ import torch
 from edgekv.quant import FORMATS, VARIANTS, KVFormat, QuantizedKV, get_format
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ALL_FORMATS = FORMATS + VARIANTS
-# what the Triton kernels run (the rest runs the torch path on a GPU; dispatch.py): every
-# format users pick, and the variants but int4_nl, whose kernels read it on the CPU only
-TRITON_FORMATS = [n for n in ALL_FORMATS if n != "int4_nl"]
+ALL_FORMATS = FORMATS + VARIANTS  # every one runs in the Triton kernels too
 PAD_BLOCK_ID = 1 << 30  # block-table padding: never a valid id, so never to be read
 
 

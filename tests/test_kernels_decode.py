@@ -7,8 +7,7 @@ cross product formats x GQA ratio x block size x head_dim runs here with small s
 
 import pytest
 import torch
-from kernel_cases import ALL_FORMATS as ALL
-from kernel_cases import DEVICE, TRITON_FORMATS, ragged_lens, random_paged_kv, rel_err
+from kernel_cases import ALL_FORMATS, DEVICE, ragged_lens, random_paged_kv, rel_err
 
 from edgekv.kernels.paged_decode import choose_num_splits, paged_decode_attention
 from edgekv.kernels.reference import decode_block_mass_ref, paged_decode_attention_ref
@@ -19,7 +18,7 @@ HKV = 2
 # max |kernel - reference| / max |reference|. The kernel reads the reference's codes and
 # uses compensated fp16 dots (precise=True), so only summation order differs: ~1e-6
 # measured. bf16 gets more room for GPUs, where it multiplies in (compensated) bf16.
-TOL = {name: 2e-5 for name in TRITON_FORMATS} | {"bf16": 1e-4}
+TOL = {name: 2e-5 for name in ALL_FORMATS} | {"bf16": 1e-4}
 
 
 def _inputs(fmt, G, B, D, lens=None, seed=0, q_dtype=torch.float32):
@@ -34,7 +33,7 @@ def _inputs(fmt, G, B, D, lens=None, seed=0, q_dtype=torch.float32):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("B", [16, 32])
 @pytest.mark.parametrize("G", [1, 4, 8])
-@pytest.mark.parametrize("name", TRITON_FORMATS)
+@pytest.mark.parametrize("name", ALL_FORMATS)
 def test_decode_matches_reference(name, G, B, D):
     fmt = get_format(name)
     q, k, v, bt, sl = _inputs(fmt, G, B, D)
@@ -237,7 +236,7 @@ def test_group_size_must_fit_half_head_dim():
         kernel_format(get_format("fp16"), 63)
 
 
-@pytest.mark.parametrize("name", ["int4", "fp8_e5m2"])
+@pytest.mark.parametrize("name", ["int4", "fp8_e5m2", "int4_nl"])
 def test_decode_without_compensation(name):
     """precise=False: plain fp16 dot operands, ~1e-3 of the output scale."""
     fmt = get_format(name)
@@ -247,13 +246,13 @@ def test_decode_without_compensation(name):
     assert rel_err(out, ref) < 3e-3
 
 
-def test_the_kernels_take_every_format_users_pick():
-    """Only a variant may run the torch path on a GPU; and the one that does is refused
-    with UnsupportedFormat (dispatch falls back), never misread."""
+def test_the_kernels_take_every_format():
+    """Every registered format runs in the kernels; a codebook with one scale per
+    token-head is refused with UnsupportedFormat (dispatch falls back), never misread."""
     from edgekv.kernels.kv_tiles import UnsupportedFormat, kernel_format
-    from edgekv.quant import FORMATS
+    from edgekv.quant import CodebookFormat
 
-    assert set(FORMATS) <= set(TRITON_FORMATS)
-    for name in set(ALL) - set(TRITON_FORMATS):
-        with pytest.raises(UnsupportedFormat):
-            kernel_format(get_format(name), 128)
+    for name in ALL_FORMATS:
+        kernel_format(get_format(name), 128)
+    with pytest.raises(UnsupportedFormat, match="group scales"):
+        kernel_format(CodebookFormat("nl_per_token", group_size=None), 128)

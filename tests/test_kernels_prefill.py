@@ -8,7 +8,7 @@ tests run the full cross product of the shared tile code.
 
 import pytest
 import torch
-from kernel_cases import DEVICE, TRITON_FORMATS, random_paged_kv, rel_err
+from kernel_cases import ALL_FORMATS, DEVICE, random_paged_kv, rel_err
 
 from edgekv.kernels.paged_prefill import paged_prefill_attention
 from edgekv.kernels.reference import paged_prefill_attention_ref
@@ -17,12 +17,12 @@ from edgekv.quant import get_format
 HKV = 2
 PAIRWISE = [(1, 16, 64), (1, 32, 128), (4, 16, 128), (4, 32, 64), (8, 16, 64), (8, 32, 128)]
 CASES = [(name, *PAIRWISE[(2 * i + j) % len(PAIRWISE)])
-         for i, name in enumerate(TRITON_FORMATS) for j in range(2)]
+         for i, name in enumerate(ALL_FORMATS) for j in range(2)]
 
 # max |kernel - reference| / max |reference| with the default precise=False: the query and
 # the probabilities enter the dot rounded to fp16 (~1e-3 measured here, with sharp
 # attention). fp32 multiplies in fp32; bf16 in fp32 on CPU but in bf16 on GPUs.
-TOL = {name: 3e-3 for name in TRITON_FORMATS} | {"fp32": 1e-5, "bf16": 1.5e-2}
+TOL = {name: 3e-3 for name in ALL_FORMATS} | {"fp32": 1e-5, "bf16": 1.5e-2}
 TOL_PRECISE = 2e-5
 
 
@@ -53,7 +53,7 @@ def test_prefill_matches_reference(name, G, B, D):
     assert rel_err(out, ref) < TOL[name], name
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "fp8_e5m2", "int4_g32"])
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "fp8_e5m2", "int4_g32", "int4_nl"])
 def test_prefill_precise(name):
     fmt = get_format(name)
     q, k, v, bt, sl, cu = _inputs(fmt, 4, 16, 64, seed=2)
