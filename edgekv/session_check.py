@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from edgekv.quant import get_format
+
 FILE_FORMAT = "edgekv-session-2"
 OLD_FORMATS = ("edgekv-session-1",)  # written before files carried a checksum
 # the metadata the checksum covers: everything loading reads back
@@ -92,7 +94,7 @@ def check_session(chat, path: Path, meta: dict[str, str], tensors: dict[str, tor
     if meta.get("checksum") != session_checksum(tensors, meta):
         raise ValueError(f"{path} fails its checksum: the file is damaged")
     tokens = _check_tokens(path, tensors.get("tokens"), llm.model_config.vocab_size)
-    _check_scales(path, tensors)
+    _check_scales(path, tensors, get_format(llm.cache_config.kv_format).signed_scale)
     messages = _check_messages(path, meta.get("messages"))
     return _check_counts(chat, path, meta, tensors, tokens, messages)
 
@@ -118,13 +120,16 @@ def _check_tokens(path: Path, t: torch.Tensor | None, vocab: int) -> list[int]:
     return t.tolist()
 
 
-def _check_scales(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _check_scales(path: Path, tensors: dict[str, torch.Tensor], signed: bool) -> None:
     """Every stored slot, written or not: a block's unwritten slots hold 1 (fresh) or an
-    earlier token's scale, both finite and positive, and a kernel may read them."""
+    earlier token's scale, both finite and positive (nonzero for a format with ``signed``
+    scales), and a kernel may read them."""
     for name in sorted(tensors):
-        t = tensors[name]
-        if name.endswith(".scale") and not bool(torch.all(torch.isfinite(t) & (t > 0))):
-            raise ValueError(f"{path} holds a non-finite or non-positive KV scale ({name})")
+        t = tensors[name].float()
+        ok = t != 0 if signed else t > 0
+        if name.endswith(".scale") and not bool(torch.all(torch.isfinite(t) & ok)):
+            what = "zero" if signed else "non-positive"
+            raise ValueError(f"{path} holds a non-finite or {what} KV scale ({name})")
         if name.endswith(".zero") and not bool(torch.all(torch.isfinite(t))):
             raise ValueError(f"{path} holds a non-finite KV zero point ({name})")
 

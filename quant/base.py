@@ -54,6 +54,7 @@ class KVFormat(ABC):
     storage_dtype: torch.dtype  # dtype of QuantizedKV.data
     has_scale: bool = False
     has_zero: bool = False
+    signed_scale: bool = False  # scales may be negative (never 0): the codebook's
     rotate: bool = False
 
     # ---- shape rules -------------------------------------------------------------------

@@ -50,6 +50,7 @@ class CodebookFormat(KVFormat):
         self.factors = tuple(float(f) for f in factors)
         self.has_scale = True
         self.has_zero = False
+        self.signed_scale = True
         self.storage_dtype = torch.uint8
 
     def level_tensor(self, device=None) -> torch.Tensor:

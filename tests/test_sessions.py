@@ -279,11 +279,11 @@ def test_a_failure_after_freeing_the_chats_blocks_keeps_the_conversation(llama_d
     assert chat.send("How are you?", GREEDY) == expected_reply
 
 
-@pytest.mark.parametrize("kv_format", ["fp16", "bf16", "fp8", "int4"])
+@pytest.mark.parametrize("kv_format", ["fp16", "bf16", "fp8", "int4", "int4_nl"])
 def test_every_format_round_trips_and_its_zero_points_are_checked(kv_format, llama_dir,
                                                                   tmp_path):
     """Checksums cover every storage dtype (fp8, bf16 bytes); int4's zero points must be
-    finite."""
+    finite; the codebook's signed scales load, and a zero one is refused."""
     kw = {**KW, "kv_format": kv_format}
     llm = LLM(llama_dir, kv_memory="1MiB", **kw)
     chat = llm.chat()
@@ -302,6 +302,11 @@ def test_every_format_round_trips_and_its_zero_points_are_checked(kv_format, lla
             load_session(other, bad)
     else:
         assert kv_format != "int4"
+    if kv_format == "int4_nl":  # signed: the file holds negative scales, and loaded
+        assert bool((tensors["L0.k.scale"].float() < 0).any())
+        bad = rewrite(path, tmp_path / "zero.safetensors", set_tensor("L0.k.scale", (0, 0, 0), 0.0))
+        with pytest.raises(ValueError, match=r"non-finite or zero KV scale \(L0.k.scale\)"):
+            load_session(other, bad)
     other.llm.engine.manager.check_integrity()
 
 
