@@ -45,8 +45,8 @@ class PagedKVCache:
         kw = {"device": self.device, "pin_memory": self.pin_memory}
         data = torch.zeros(*shape, f.packed_dim(c.head_dim), dtype=f.storage_dtype, **kw)
         groups = (*shape, f.num_groups(c.head_dim))
-        scale = torch.ones(groups, dtype=torch.float16, **kw) if f.has_scale else None
-        zero = torch.zeros(groups, dtype=torch.float16, **kw) if f.has_zero else None
+        scale = torch.ones(groups, dtype=f.scale_dtype, **kw) if f.has_scale else None
+        zero = torch.zeros(groups, dtype=f.scale_dtype, **kw) if f.has_zero else None
         return QuantizedKV(data, scale, zero)
 
     # ---- bytes in --------------------------------------------------------------------

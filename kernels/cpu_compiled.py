@@ -35,7 +35,8 @@ def storage_kind(fmt: KVFormat, reader: CodeReader) -> tuple[int, int, np.ndarra
     cannot read them."""
     dt = fmt.storage_dtype
     if isinstance(fmt, CodebookFormat):
-        return cpu_jit.KIND_CODEBOOK, 0, codebook_table(fmt)
+        return (cpu_jit.KIND_CODEBOOK, 0, codebook_table(fmt)) \
+            if _jit_codebook(fmt, reader.head_dim) else None
     if reader.token_scale:
         if reader.int4_offset is not None:
             return cpu_jit.KIND_INT4, reader.int4_offset, _NO_TABLE
@@ -52,20 +53,32 @@ def storage_kind(fmt: KVFormat, reader: CodeReader) -> tuple[int, int, np.ndarra
 _NO_TABLE = cpu_jit._NO_TABLE
 
 
+def _jit_codebook(fmt: CodebookFormat, head_dim: int | None) -> bool:
+    """The compiled kernels read e4m3 group scales as uint16 pairs (_bits): an even
+    number of groups per row."""
+    return fmt.scale_dtype == torch.float8_e4m3fn and fmt.group_size is not None and (
+        head_dim is None or (head_dim // fmt.group_size) % 2 == 0)
+
+
 @functools.lru_cache(maxsize=8)
 def codebook_table(fmt: CodebookFormat) -> np.ndarray:
-    """(36 + factors,) fp32: the 16 levels, the 15 midpoints between them, the level
-    polynomial's coefficients, the candidate scale factors (cpu_jit_loops' kind 4)."""
-    return torch.cat([fmt.level_tensor(), fmt.midpoints(),
-                      torch.tensor(fmt.poly + fmt.factors, dtype=torch.float32)]).numpy()
+    """(292 + factors,) fp32: the 16 levels, the 15 midpoints between them, the level
+    polynomial's 5 coefficients, the values of the 256 e4m3 bytes (scales), the candidate
+    scale factors (cpu_jit_loops' kind 4)."""
+    e4m3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    return torch.cat([fmt.level_tensor(), fmt.midpoints(), torch.tensor(fmt.poly),
+                      e4m3.float(), torch.tensor(fmt.factors)]).float().numpy()
 _NONE16 = np.zeros((0, 0, 0), np.uint16)
 
 
 def _bits(t: torch.Tensor | None) -> np.ndarray:
     """(num_blocks, Hkv, B, groups) fp16 scales / zeros -> (num_blocks, Hkv, B x groups)
-    uint16 bits, no copy (an empty array for None)."""
+    uint16 bits; e4m3 scales -> (num_blocks, Hkv, B x groups / 2) uint16 pairs of bytes
+    (one compiled type for both); no copy (an empty array for None)."""
     if t is None:
         return _NONE16
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy().reshape(*t.shape[:2], -1).view(np.uint16)
     return t.view(torch.int16).numpy().view(np.uint16).reshape(*t.shape[:2], -1)
 
 
@@ -154,7 +167,8 @@ def layer_kind(fmt: KVFormat, head_dim: int) -> LayerKind | None:
             if fmt.storage_dtype == torch.float16 else None
     rot = hadamard_block_size(head_dim) if fmt.rotate else 0
     if isinstance(fmt, CodebookFormat):
-        return LayerKind(cpu_jit.KIND_CODEBOOK, 0, 0, True, rot, codebook_table(fmt))
+        return LayerKind(cpu_jit.KIND_CODEBOOK, 0, 0, True, rot, codebook_table(fmt)) \
+            if _jit_codebook(fmt, head_dim) else None
     bits = getattr(fmt, "bits", None)
     if bits not in (4, 8) or fmt.num_groups(head_dim) != 1:
         return None

@@ -19,9 +19,11 @@ Storage kinds (cpu_jit.KIND_*), every one passed as bytes so one compiled functi
 all: 0 int8 codes; 1 int4 nibbles (split halves, packing.py) minus ``offset``; 2 one byte
 per value through a 256-entry table (fp8); 3 fp16 values (two bytes, converted in
 registers); 4 codebook nibbles (split halves) through the format's level polynomial,
-times a scale per group of values (quant/codebook.py). Kinds 0-2 carry an fp16 scale per
-token-head, read through a 65,536-entry table, and int4 an fp16 zero where asymmetric;
-kind 4's scale arrays hold a row's group scales one after another (B x groups per head).
+times an e4m3 scale per group of values (quant/codebook.py). Kinds 0-2 carry an fp16
+scale per token-head, read through a 65,536-entry table, and int4 an fp16 zero where
+asymmetric; kind 4's scale arrays hold a row's group scale bytes one after another, as
+uint16 pairs (B x groups / 2 per head: the same compiled array type as fp16 scales),
+decoded through a 256-entry table.
 
 Float flags: reassociation and contraction only (vectorised dot products); no finite-math
 assumption, since the softmax keeps -inf maxima, and no reciprocal for division, since the
@@ -42,8 +44,8 @@ _OPTS = dict(fastmath=_FAST, cache=True, nogil=True)
 @njit(inline="always", fastmath=_FAST)
 def _row(row, kind, offset, table, half, out, out_bits, D, sc, blk, h, t0, ng, sv):
     """One stored row (bytes) -> out (D,) fp32 codes (values for fp8, fp16 and the
-    codebook, whose ``ng`` group scales sc[blk, h, t0:t0 + ng] (fp16 bits) it applies
-    through the (D,) scratch sv);
+    codebook, whose ``ng`` group scales, e4m3 bytes t0 .. t0 + ng of sc[blk, h] read as
+    uint16 pairs, it applies through the (D,) scratch sv);
     out_bits is ``out`` viewed as uint32. fp16 converts in registers: its sign, exponent
     and mantissa shifted into fp32's places, times 2^112 to re-bias the exponent (exact
     for normal and subnormal values; the cache holds no inf or nan)."""
@@ -64,7 +66,8 @@ def _row(row, kind, offset, table, half, out, out_bits, D, sc, blk, h, t0, ng, s
         P = D // 2
         GS = D // ng
         for gi in range(ng):
-            s = half[sc[blk, h, t0 + gi]]
+            i = t0 + gi  # the group's e4m3 byte: half of a uint16 word, little-endian
+            s = table[36 + ((sc[blk, h, i >> 1] >> ((i & 1) << 3)) & 255)]
             for k in range(GS):
                 sv[gi * GS + k] = s
         c0, c1, c2, c3, c4 = table[31], table[32], table[33], table[34], table[35]
@@ -139,7 +142,7 @@ def _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s, h, b0, b1, L, block
     B = kd.shape[2]
     has_scale = ks.size > 0 and kind != 4  # a scale per token-head, applied after the dot
     has_zero = kz.size > 0
-    ng = ks.shape[2] // B if kind == 4 else 0  # kind 4: scales per group, in the rows
+    ng = 2 * ks.shape[2] // B if kind == 4 else 0  # kind 4: a byte scale per group
     qsum = np.zeros(G, np.float32)
     if has_zero:
         for g in range(G):
@@ -397,7 +400,7 @@ def _write(x, kind, offset, qmax, symmetric, data, scale, zero, blk, h, off, hal
     CodebookFormat.quantize_storage (``_write_codebook``)."""
     D = x.shape[0]
     if kind == 4:
-        _write_codebook(x, data, scale, blk, h, off, half, buf, bits, table)
+        _write_codebook(x, data, scale, blk, h, off, table)
         return
     if kind == 3:  # fp16 values, clamped to its finite range as FloatFormat does
         for d in range(D):
@@ -440,19 +443,38 @@ def _write(x, kind, offset, qmax, symmetric, data, scale, zero, blk, h, off, hal
 
 
 @njit(inline="always")
-def _write_codebook(x, data, scale, blk, h, off, half, buf, bits, table):
-    """x (D,) fp32, storage basis -> codebook nibbles and signed fp16 group scales at
-    (blk, h, off), as CodebookFormat.quantize_storage: per group, of the scales
-    fp16(extreme x factor) the one of least squared error (the first on a tie), each code
-    the number of midpoints below x / s. table: 16 levels, 15 midpoints, the level
-    polynomial's 5 coefficients, the factors.
-    The errors are summed in another order than torch's: a group whose two best
-    candidates tie to the last bits may take the other one (same error to ~1e-7)."""
+def _e4m3_byte(raw, table):
+    """fp32 -> its signed e4m3 byte (round to nearest even), magnitude clamped to
+    [2^-9, 448] (codebook.signed_scale): a binary search in the decoded bytes
+    table[36:163] (byte 0..126, increasing)."""
+    a = min(max(abs(raw), np.float32(2.0**-9)), np.float32(448.0))
+    b = 1
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        if b + step <= 126 and table[36 + b + step] <= a:
+            b += step
+    if b < 126:
+        mid = (table[36 + b] + table[37 + b]) * np.float32(0.5)  # exact: 5 significant bits
+        if a > mid or (a == mid and b & 1):
+            b += 1
+    return b | 128 if raw < 0 else b
+
+
+@njit(inline="always")
+def _write_codebook(x, data, scale, blk, h, off, table):
+    """x (D,) fp32, storage basis -> codebook nibbles and signed e4m3 group scales at
+    (blk, h, off), as CodebookFormat.quantize_storage: per group, of the candidates
+    (extreme x factor, then its least-squares refit, for each factor; each rounded to
+    e4m3) the one of least squared error (the first on a tie), each code the number of
+    midpoints below x / s. ``scale`` holds the bytes as uint16 pairs (little-endian);
+    table: 16 levels, 15 midpoints, 5 polynomial coefficients, 256 decoded e4m3 bytes,
+    the factors. A candidate equal to the one before is skipped (it cannot win).
+    The errors and refit sums are summed in another order than torch's: a group whose two
+    best candidates tie to the last bits may take the other one (same error to ~1e-7)."""
     D = x.shape[0]
-    ng = scale.shape[2] // data.shape[2]
+    ng = 2 * scale.shape[2] // data.shape[2]
     GS = D // ng
     P = D // 2
-    nf = table.shape[0] - 36
+    nf = table.shape[0] - 292
     codes = np.empty(D, np.uint8)
     for gi in range(ng):
         d0 = gi * GS
@@ -460,34 +482,50 @@ def _write_codebook(x, data, scale, blk, h, off, half, buf, bits, table):
         for d in range(d0, d0 + GS):
             if abs(x[d]) > abs(ext):
                 ext = x[d]
-        best, best_bits = np.float32(np.inf), np.uint16(0)
+        best, best_b, last = np.float32(np.inf), 0, -1
         for fi in range(nf):
-            raw = ext * table[36 + fi]
-            sb = _half_bits(min(max(abs(raw), np.float32(2.0**-14)), np.float32(65504.0)),
-                            buf, bits)
-            if raw < 0:
-                sb = np.uint16(sb | 0x8000)
-            sc = half[sb]
-            err = np.float32(0)
-            for d in range(d0, d0 + GS):
-                y = x[d] / sc
-                c = 0
-                for m in range(15):
-                    c += y > table[16 + m]
-                r = x[d] - table[c] * sc
-                err += r * r
-            if err < best:
-                best, best_bits = err, sb
-        scale[blk, h, off * ng + gi] = best_bits
-        sc = half[best_bits]
+            raw = ext * table[292 + fi]
+            for r in range(2):  # the candidate, then its least-squares refit
+                b = _e4m3_byte(raw, table)
+                if r == 0 and b == last:
+                    break  # as the previous factor's: so is its refit
+                if r == 0:
+                    last = b
+                sc = table[36 + b]
+                err, num, den = np.float32(0), np.float32(0), np.float32(0)
+                for d in range(d0, d0 + GS):
+                    lv = table[_bucket(x[d] / sc, table)]
+                    e = x[d] - lv * sc
+                    err += e * e
+                    num += x[d] * lv
+                    den += lv * lv
+                if err < best:
+                    best, best_b = err, b
+                raw = num / max(den, np.float32(1e-30))
+        i = off * ng + gi  # the byte, into its uint16 word
+        sh = (i & 1) << 3
+        w = np.uint16(scale[blk, h, i >> 1] & ~(0xFF << sh))
+        scale[blk, h, i >> 1] = np.uint16(w | (best_b << sh))
+        sc = table[36 + best_b]
         for d in range(d0, d0 + GS):
-            y = x[d] / sc
-            c = 0
-            for m in range(15):
-                c += y > table[16 + m]
-            codes[d] = c
+            codes[d] = _bucket(x[d] / sc, table)
     for j in range(P):
         data[blk, h, off, j] = codes[j] | (codes[j + P] << 4)
+
+
+@njit(inline="always")
+def _bucket(y, table):
+    """The number of level midpoints (table[16:31], increasing) strictly below y."""
+    c = 0
+    if y > table[23]:
+        c = 8
+    if y > table[19 + c]:
+        c += 4
+    if y > table[17 + c]:
+        c += 2
+    if y > table[16 + c]:
+        c += 1
+    return c
 
 
 def _decode_layer(qkv, cos, sin, rot, wblk, woff, kd, ks, kz, vd, vs, vz, tables, lens, sm,

@@ -41,5 +41,8 @@ def write_kv_storage(k_store: QuantizedKV, v_store: QuantizedKV, kv: torch.Tenso
     q = fmt.quantize_storage(kv)  # (2, Hkv * T, ...)
     for i, store in enumerate((k_store, v_store)):
         for dst, src in ((store.data, q.data), (store.scale, q.scale), (store.zero, q.zero)):
-            if dst is not None:
-                dst.view(-1, dst.shape[-1]).index_copy_(0, rows, src[i])
+            if dst is None:
+                continue
+            if dst.dtype == torch.float8_e4m3fn:  # index_copy_ takes its bytes (no fp8 on CPU)
+                dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+            dst.view(-1, dst.shape[-1]).index_copy_(0, rows, src[i])

@@ -20,7 +20,8 @@ load the table (``format_table``, their ``table_ptr``) into registers and look c
 with ``tl.gather`` (warp shuffles in the compiled PTX; a ``tl.load`` per value instead
 was staged through 80 KB of shared memory by the loop pipeliner, a select chain costs 15
 selects per value). The levels are not exact in fp16, so the format needs group scales
-and its tiles are dequantized element-wise before the dot like any grouped format.
+and its tiles are dequantized element-wise before the dot like any grouped format; its
+scales are e4m3 bytes (``_dequant_groups`` decodes them where the scale pointer is uint8).
 
 Precision. Dot operands are fp16 (``dot_dtype``): codes are exact in it, the query, the
 softmax weights and element-wise dequantized tiles are not (~1e-3 relative error in the
@@ -195,12 +196,18 @@ def load_halves(data_ptr, table_ptr, rows, d, HALF, t_mask, d_mask, KIND: tl.con
 @triton.jit
 def _dequant_groups(lo, hi, scale_ptr, zero_ptr, srows, d, HALF, t_mask, d_mask,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """Apply per-group scales (and zeros) element-wise to both halves of a tile."""
+    """Apply per-group scales (and zeros) element-wise to both halves of a tile. Scales are
+    fp16, or e4m3 bytes where ``scale_ptr`` points at uint8 (the codebook's)."""
     mask = t_mask[:, None] & d_mask[None, :]
     g_lo = srows[:, None] + (d // GROUP)[None, :]  # (N, HALF_P) scale offsets
     g_hi = srows[:, None] + ((d + HALF) // GROUP)[None, :]
-    lo = lo * tl.load(scale_ptr + g_lo, mask=mask, other=0).to(tl.float32)
-    hi = hi * tl.load(scale_ptr + g_hi, mask=mask, other=0).to(tl.float32)
+    s_lo = tl.load(scale_ptr + g_lo, mask=mask, other=0)
+    s_hi = tl.load(scale_ptr + g_hi, mask=mask, other=0)
+    if scale_ptr.dtype.element_ty == tl.uint8:
+        s_lo = fp8_to_f32(s_lo, 0)  # flavor 0: e4m3fn
+        s_hi = fp8_to_f32(s_hi, 0)
+    lo = lo * s_lo.to(tl.float32)
+    hi = hi * s_hi.to(tl.float32)
     if HAS_ZERO:
         lo += tl.load(zero_ptr + g_lo, mask=mask, other=0).to(tl.float32)
         hi += tl.load(zero_ptr + g_hi, mask=mask, other=0).to(tl.float32)

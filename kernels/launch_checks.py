@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from edgekv.quant import SCALE_DTYPE, KVFormat, QuantizedKV
+from edgekv.quant import KVFormat, QuantizedKV
 
 
 def check_store(store: QuantizedKV, fmt: KVFormat, head_dim: int, what: str) -> None:
@@ -31,9 +31,9 @@ def check_store(store: QuantizedKV, fmt: KVFormat, head_dim: int, what: str) -> 
                             ("zero", store.zero, fmt.has_zero)):
         if not needed:
             continue
-        if t is None or tuple(t.shape) != groups or t.dtype != SCALE_DTYPE:
+        if t is None or tuple(t.shape) != groups or t.dtype != fmt.scale_dtype:
             got = None if t is None else (tuple(t.shape), t.dtype)
-            raise ValueError(f"{what}.{name} must be {groups} {SCALE_DTYPE} for {fmt.name}, "
+            raise ValueError(f"{what}.{name} must be {groups} {fmt.scale_dtype} for {fmt.name}, "
                              f"got {got}")
         if t.device != data.device or t.stride(3) != 1:
             raise ValueError(f"{what}.{name} must be on {data.device}, contiguous along "
@@ -54,10 +54,12 @@ def store_args(store: QuantizedKV) -> tuple:
     """The kernels' view of one store: (data, scale, zero, 3 data strides, 3 scale strides).
 
     An absent scale or zero is passed as ``data`` (a valid pointer the kernel never reads:
-    its HAS_SCALE / HAS_ZERO constants are false).
+    its HAS_SCALE / HAS_ZERO constants are false); e4m3 scales as their uint8 bytes.
     """
     d = store.data
     scale = d if store.scale is None else store.scale
+    if scale.dtype == torch.float8_e4m3fn:  # e4m3 scale bytes (the codebook's)
+        scale = scale.view(torch.uint8)
     zero = d if store.zero is None else store.zero
     return (d, scale, zero, d.stride(0), d.stride(1), d.stride(2), *scale_strides(store))
 

@@ -12,7 +12,8 @@ nearest even, clamps, casts, packs, and writes codes, scales and zeros at the to
                      code = clamp(rne((x - z) / s), 0, levels)
     fp8              s = fp16(clamp(absmax / fmax)),  code = fp8_rne(clamp(x / s, +-fmax))
     float            value = cast(clamp(x, +-finite max))
-    codebook         s = the best of fp16(+-clamp(|ext * f|)) over the format's factors f,
+    codebook         s = the best of e4m3(+-clamp(|ext * f|)) over the format's factors f
+                     and each one's least-squares refit (fp16 for an fp16-scaled codebook),
                      code = number of level midpoints below x / s  (_codebook_codes)
 
 ``clamp`` of a scale is to [2**-14, fp16 max] (quant/base.py). Divisions are IEEE
@@ -27,7 +28,7 @@ import triton.language as tl
 
 from edgekv.quant import KVFormat, QuantizedKV
 
-from .fp8_bits import f32_to_fp8
+from .fp8_bits import E4M3, f32_to_fp8, fp8_to_f32
 from .kv_tiles import CODEBOOK, FLOAT, FP8E4, FP8E5, INT4, format_table, kernel_format, pad_half
 from .launch_checks import check_store, store_args
 
@@ -59,10 +60,15 @@ def _fp16_scale(raw):
 
 
 @triton.jit
-def _signed_fp16_scale(raw):
-    """fp32 -> fp16 keeping the sign, magnitude clamped (codebook.signed_fp16_scale)."""
-    mag = _fp16_scale(tl.abs(raw))
-    return tl.where(raw < 0, -mag, mag)
+def _signed_scale(raw, FP8: tl.constexpr):
+    """fp32 -> the fp32 value of the stored scale, keeping the sign, magnitude clamped
+    (codebook.signed_scale): e4m3 if FP8, else fp16."""
+    if FP8:
+        mag = tl.minimum(tl.maximum(tl.abs(raw), 2.0**-9), 448.0)
+        return fp8_to_f32(f32_to_fp8(tl.where(raw < 0, -mag, mag), E4M3), E4M3)
+    else:
+        mag = _fp16_scale(tl.abs(raw))
+        return tl.where(raw < 0, -mag, mag).to(tl.float32)
 
 
 @triton.jit
@@ -143,46 +149,57 @@ def _sym_codes(lo, hi, lo3, hi3, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
 
 @triton.jit
 def _nearest_levels(x3, s, table_ptr):
-    """Codes of x3 (T, NG, GROUP) fp32 at fp32 scales s (T, NG, 1), and their squared
-    error per group (T, NG): code = the number of midpoints between the table's 16 levels
+    """Codes of x3 (T, NG, GROUP) fp32 at fp32 scales s (T, NG, 1), their squared error
+    per group (T, NG), and the sums of x * level and level^2 per group (T, NG, 1), for the
+    least-squares refit: code = the number of midpoints between the table's 16 levels
     strictly below ``x / s`` (torch.bucketize), error = sum (x - level * s)^2."""
     y = tl.div_rn(x3, s)
     c = tl.zeros(x3.shape, tl.int32)
     for k in tl.static_range(15):
         mid = (tl.load(table_ptr + k) + tl.load(table_ptr + k + 1)) * 0.5
         c += (mid < y).to(tl.int32)
-    r = x3 - tl.load(table_ptr + c) * s
-    return c, tl.sum(r * r, axis=2)
+    lv = tl.load(table_ptr + c)
+    r = x3 - lv * s
+    return (c, tl.sum(r * r, axis=2), tl.sum(x3 * lv, axis=2)[:, :, None],
+            tl.sum(lv * lv, axis=2)[:, :, None])
 
 
 @triton.jit
-def _codebook_codes(x3, table_ptr, NF: tl.constexpr):
-    """Codebook codes (T, NG, GROUP) int32 and signed fp16 scales (T, NG, 1) of one half's
-    groups x3 (T, NG, GROUP), as CodebookFormat.quantize_storage: of the scales
-    ``s = signed fp16(ext * f)``, ext the group's value of largest magnitude (the first),
-    f the NF factors after the levels in the table, the one whose codes err least (the
-    first on a tie).
+def _codebook_codes(x3, table_ptr, NF: tl.constexpr, FP8: tl.constexpr):
+    """Codebook codes (T, NG, GROUP) int32 and signed scales (T, NG, 1) of one half's
+    groups x3 (T, NG, GROUP), as CodebookFormat.quantize_storage: the candidates, in order,
+    ``s = ext * f`` (ext the group's value of largest magnitude, the first; f the NF factors
+    after the levels in the table) and each one's least-squares refit, each rounded to the
+    stored scale (``_signed_scale``); the one whose codes err least wins (the first on a
+    tie). Scales come back as stored: e4m3 bytes if FP8, else fp16.
 
-    Each candidate's codes are the format's, bit for bit; its error is summed in another
-    order (and a GPU may fuse ``x - level * s`` into one multiply-add), so where two
-    candidates' errors tie within a few 1e-6 relative the other one may win, its error
-    then that close to the least (measured: bit-identical writes under the interpreter).
+    Each candidate's codes are the format's, bit for bit; its error and refit sums are
+    summed in another order (and a GPU may fuse ``x - level * s`` into one multiply-add),
+    so where two candidates' errors tie within a few 1e-6 relative the other one may win,
+    its error then that close to the least (measured: bit-identical writes under the
+    interpreter).
     """
     first = tl.argmax(tl.abs(x3), axis=2, tie_break_left=True)  # (T, NG)
     j = tl.arange(0, x3.shape[2])
     ext = tl.sum(tl.where(j[None, None, :] == first[:, :, None], x3, 0.0), axis=2)
     ext = ext[:, :, None]  # (T, NG, 1) signed extreme (a sum of it and zeros: exact)
     best_err = tl.zeros(ext.shape, tl.float32)
-    best_s = tl.zeros(ext.shape, tl.float16)
+    best_s = tl.zeros(ext.shape, tl.float32)
     best_c = tl.zeros(x3.shape, tl.int32)
     for i in range(NF):
-        s = _signed_fp16_scale(ext * tl.load(table_ptr + 16 + i))  # (T, NG, 1)
-        c, err = _nearest_levels(x3, s.to(tl.float32), table_ptr)
-        better = (err[:, :, None] < best_err) | (i == 0)  # (T, NG, 1)
-        best_err = tl.where(better, err[:, :, None], best_err)
-        best_s = tl.where(better, s, best_s)
-        best_c = tl.where(better, c, best_c)
-    return best_c, best_s
+        raw = ext * tl.load(table_ptr + 16 + i)  # (T, NG, 1)
+        for r in tl.static_range(2):  # the candidate, then its least-squares refit
+            s = _signed_scale(raw, FP8)
+            c, err, num, den = _nearest_levels(x3, s, table_ptr)
+            better = (err[:, :, None] < best_err) | ((i == 0) & (r == 0))  # (T, NG, 1)
+            best_err = tl.where(better, err[:, :, None], best_err)
+            best_s = tl.where(better, s, best_s)
+            best_c = tl.where(better, c, best_c)
+            raw = tl.div_rn(num, tl.maximum(den, 1e-30))
+    if FP8:
+        return best_c, f32_to_fp8(best_s, E4M3)
+    else:
+        return best_c, best_s.to(tl.float16)
 
 
 @triton.jit
@@ -227,8 +244,9 @@ def _quant_write_kernel(
             lo3 = tl.reshape(lo, (BLOCK_T, HALF_P // GROUP, GROUP))
             hi3 = tl.reshape(hi, (BLOCK_T, HALF_P // GROUP, GROUP))
         if KIND == CODEBOOK:  # groups never span the halves (kernel_format)
-            c_lo, s_lo = _codebook_codes(lo3, table_ptr, NF)
-            c_hi, s_hi = _codebook_codes(hi3, table_ptr, NF)
+            fp8_scale: tl.constexpr = scale_ptr.dtype.element_ty == tl.uint8
+            c_lo, s_lo = _codebook_codes(lo3, table_ptr, NF, fp8_scale)
+            c_hi, s_hi = _codebook_codes(hi3, table_ptr, NF, fp8_scale)
         elif HAS_ZERO:
             c_lo, c_hi, s_lo, s_hi, z_lo, z_hi = _asym_codes(lo, hi, lo3, hi3, d_mask, GROUP,
                                                              BLOCK_T, HALF_P, LEVELS)

@@ -51,7 +51,7 @@ for _f in (
     IntFormat("int4_norot", bits=4, symmetric=False, rotate=False),
     IntFormat("int4_sym", bits=4, symmetric=True, rotate=True),
     IntFormat("int4_g32", bits=4, symmetric=False, group_size=32, rotate=True),
-    CodebookFormat("int4_nl", group_size=32),
+    CodebookFormat("int4_nl", group_size=16),
 ):
     register(_f)
 VARIANTS: tuple[str, ...] = tuple(n for n in _REGISTRY if n not in FORMATS)

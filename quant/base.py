@@ -30,7 +30,8 @@ class QuantizedKV:
     """The stored form of K or V vectors.
 
     data:  (..., packed_dim)  codes, in the format's ``storage_dtype``
-    scale: (..., num_groups)  fp16, or None for plain float formats
+    scale: (..., num_groups)  the format's ``scale_dtype`` (fp16; the codebook's: e4m3),
+                              or None for plain float formats
     zero:  (..., num_groups)  fp16 offset added after scaling, or None (symmetric formats)
     """
 
@@ -55,6 +56,7 @@ class KVFormat(ABC):
     has_scale: bool = False
     has_zero: bool = False
     signed_scale: bool = False  # scales may be negative (never 0): the codebook's
+    scale_dtype: torch.dtype = SCALE_DTYPE  # of QuantizedKV.scale (and .zero)
     rotate: bool = False
 
     # ---- shape rules -------------------------------------------------------------------
@@ -78,7 +80,7 @@ class KVFormat(ABC):
         if num_kv_heads <= 0:
             raise ValueError(f"num_kv_heads must be positive, got {num_kv_heads}")
         code_bytes = self.packed_dim(head_dim) * _itemsize(self.storage_dtype)
-        per_group = _itemsize(SCALE_DTYPE) * (int(self.has_scale) + int(self.has_zero))
+        per_group = _itemsize(self.scale_dtype) * (int(self.has_scale) + int(self.has_zero))
         per_vector = code_bytes + self.num_groups(head_dim) * per_group
         return 2 * num_kv_heads * per_vector
 

@@ -20,8 +20,8 @@ import argparse
 
 import torch
 
-from edgekv.quant import get_format
-from edgekv.quant.codebook import POLY, SCALE_FACTORS, ZERO_CODE, CodebookFormat, signed_fp16_scale
+from edgekv.quant import get_format, unpack_int4
+from edgekv.quant.codebook import POLY, ZERO_CODE, CodebookFormat
 
 
 def fit(group: int, num_groups: int, iters: int, seed: int) -> torch.Tensor:
@@ -31,22 +31,11 @@ def fit(group: int, num_groups: int, iters: int, seed: int) -> torch.Tensor:
     u = torch.arange(16, dtype=torch.float64) - ZERO_CODE
     powers = torch.stack([u ** (i + 1) for i in range(len(POLY))], 1)  # (16, degree)
     coef = torch.tensor(POLY, dtype=torch.float64)
-    ext = x.gather(-1, x.abs().argmax(-1, keepdim=True))
     for _ in range(iters):
-        lv = (powers @ coef).float()
-        mid = (lv[1:] + lv[:-1]) / 2
-        best = None
-        for f in SCALE_FACTORS:
-            s = signed_fp16_scale(ext * f).float()
-            c = torch.bucketize(x / s, mid)
-            e = (x - lv[c] * s).square().sum(-1, keepdim=True)
-            if best is None:
-                best = (e, s, c)
-            else:
-                m = e < best[0]
-                best = (torch.where(m, e, best[0]), torch.where(m, s, best[1]),
-                        torch.where(m, c, best[2]))
-        _, s, c = best
+        # each group's codes and scale as the format chooses them (its candidate search)
+        fmt = CodebookFormat("fit", poly=tuple(coef.tolist()), group_size=group, rotate=False)
+        q = fmt.quantize_storage(x)
+        s, c = q.scale.float(), unpack_int4(q.data).long()  # (N, 1), (N, group)
         y, w = (x / s).flatten().double(), s.square().expand_as(x).flatten().double()
         c = c.flatten()
         num = torch.zeros(16, dtype=torch.float64).index_add_(0, c, y * w)
@@ -89,7 +78,7 @@ def demo_kv() -> torch.Tensor | None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--group", type=int, default=32)
+    p.add_argument("--group", type=int, default=16)
     p.add_argument("--groups", type=int, default=200_000)
     p.add_argument("--iters", type=int, default=12)
     a = p.parse_args(argv)
@@ -111,7 +100,10 @@ def main(argv=None) -> None:
         print(f"demo model K and V, rotated: kurtosis {z.pow(4).mean():.2f} (Gaussian: 3)")
         sets["demo model K, V"] = kv
     fmts = [get_format(n) for n in ("int4", "int4_g32", "int4_nl")]
-    fmts += [CodebookFormat("int4_nl, one scale per token-head", group_size=None), fitted]
+    fmts += [CodebookFormat("codebook, groups of 32, fp16 scales", group_size=32,
+                            scale_dtype=torch.float16),
+             CodebookFormat("codebook, one fp16 scale per token-head", group_size=None,
+                            scale_dtype=torch.float16), fitted]
     print("| format | bytes / 128 values | " + " | ".join(sets) + " |")
     print("|---|---:|" + "---:|" * len(sets))
     for fmt in fmts:

@@ -27,8 +27,8 @@ def empty_store(fmt: KVFormat, num_blocks: int, hkv: int, block_size: int, head_
     shape = (num_blocks, hkv, block_size)
     data = torch.zeros(*shape, fmt.packed_dim(head_dim), dtype=fmt.storage_dtype, device=device)
     groups = (*shape, fmt.num_groups(head_dim))
-    scale = torch.ones(groups, dtype=torch.float16, device=device) if fmt.has_scale else None
-    zero = torch.zeros(groups, dtype=torch.float16, device=device) if fmt.has_zero else None
+    scale = torch.ones(groups, dtype=fmt.scale_dtype, device=device) if fmt.has_scale else None
+    zero = torch.zeros(groups, dtype=fmt.scale_dtype, device=device) if fmt.has_zero else None
     return QuantizedKV(data, scale, zero)
 
 

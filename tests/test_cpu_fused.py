@@ -202,8 +202,8 @@ def test_codebook_writes_match_the_format():
         want = fmt.quantize(new[:, i])
         assert (got.scale == want.scale).float().mean() >= 0.95
         x = fmt.to_storage_basis(new[:, i])
-        err_got = (fmt.decode(got) - x).square().view(S, H, -1, 32).sum(-1)
-        err_want = (fmt.decode(want) - x).square().view(S, H, -1, 32).sum(-1)
+        err_got = (fmt.decode(got) - x).square().view(S, H, -1, fmt.group_size).sum(-1)
+        err_want = (fmt.decode(want) - x).square().view(S, H, -1, fmt.group_size).sum(-1)
         assert torch.all(err_got <= err_want * 1.001 + 1e-6)
 
 

@@ -73,7 +73,8 @@ def _compare_codebook(got: QuantizedKV, want: QuantizedKV, fmt: CodebookFormat,
     assert ((errs[0] - errs[1]).abs() <= 1e-5 * errs[1])[~same].all()
     rest = torch.ones(got.data.shape[0], B, dtype=torch.bool, device=slots.device)
     rest[blk, off] = False  # the slots not written: as they were
-    for a, b in ((got.data, want.data), (got.scale, want.scale)):
+    for a, b in ((got.data, want.data),
+                 (got.scale.view(torch.uint8), want.scale.view(torch.uint8))):
         assert torch.equal(a.transpose(1, 2)[rest], b.transpose(1, 2)[rest])
 
 
