@@ -120,6 +120,11 @@ def _scale_group(fmt: IntFormat | CodebookFormat, half: int) -> int:
         # the write kernel reshapes each half into whole groups
         raise UnsupportedFormat(f"{fmt.name}: group size {group} must be a power of two "
                                 f"dividing head_dim/2 = {half}, itself a power of two")
+    if group and half < pad_half(2 * half):
+        # a padded half holds HALF_P / GROUP groups: the write kernel would store the
+        # padding's scales over the next half's
+        raise UnsupportedFormat(f"{fmt.name}: head_dim/2 = {half} is under the kernels' "
+                                f"{pad_half(2 * half)}-channel tile")
     return group
 
 

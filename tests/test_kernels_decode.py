@@ -234,6 +234,10 @@ def test_group_size_must_fit_half_head_dim():
         kernel_format(get_format("int4_g32"), 96)  # halves of 48 channels
     with pytest.raises(UnsupportedFormat, match="even head_dim"):
         kernel_format(get_format("fp16"), 63)
+    from edgekv.quant import IntFormat
+    with pytest.raises(UnsupportedFormat, match="16-channel tile"):  # groups of 8, halves of 8
+        kernel_format(IntFormat("int4_g8", bits=4, symmetric=False, group_size=8), 16)
+    assert kernel_format(get_format("int4_nl"), 32).group == 16  # halves of 16: one group
 
 
 @pytest.mark.parametrize("name", ["int4", "fp8_e5m2", "int4_nl"])
