@@ -16,14 +16,15 @@ in [2^-9, 448] (3 significant bits, fewer below 2^-6): a group whose largest val
 values: group maxima 0.29 to 7.6).
 
 The scale is chosen per group among candidates, by least squared error (the first on a
-tie), in this order: for each f in ``SCALE_FACTORS``, ``s = e * f`` with ``e`` the group's
-extreme value (its largest magnitude, with its sign; f = 1 maps it near the top level, a
-smaller f clips it to gain resolution for the rest), then that candidate's least-squares
-refit ``s' = sum(x l) / sum(l l)`` over its codes' levels l. Every candidate is rounded to
-the stored dtype (``signed_scale``) before its codes are computed. Codes are the nearest
+tie), in this order: for each f in ``factors`` (``scale_factors``), ``s = e * f`` with
+``e`` the group's extreme value (its largest magnitude, with its sign; f = 1 maps it
+near the top level, a smaller f clips it to gain resolution for the rest, a negative f
+puts it on the bottom level), then that candidate's least-squares refit
+``s' = sum(x l) / sum(l l)`` over its codes' levels l. Every candidate is rounded to the
+stored dtype (``signed_scale``) before its codes are computed. Codes are the nearest
 level to ``x / s`` (``torch.bucketize`` over the midpoints between levels: a value on a
-midpoint takes the lower level); they are packed two per byte in the split-halves order of
-``packing.py``.
+midpoint takes the lower level); they are packed two per byte in the split-halves order
+of ``packing.py``.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ from .base import MIN_SCALE, SCALE_DTYPE, KVFormat, QuantizedKV
 from .packing import pack_int4, unpack_int4
 
 # The 16 levels: POLY[0] u + POLY[1] u^2 + ... + POLY[4] u^5 at u = code - ZERO_CODE, a
-# polynomial so that a kernel decodes a code with five multiply-adds, no table (fitted by
-# Lloyd's algorithm to groups of 32 Gaussian values normalised by their signed extreme and
-# the best of SCALE_FACTORS, with fp16 scales and no refit: scripts/fit_codebook.py before
-# the refit). Refitted for this layout (``fit_codebook.py --group 16``) they err 1.7 % less
-# on the demo model's keys and values, yet its KL rose from 8.60e-4 to 9.44e-4: at this
-# level the KL moves ~10 % with small changes of the levels, so these stay.
+# polynomial so that a kernel decodes a code with five multiply-adds, no table (fitted
+# by Lloyd's algorithm to groups of 32 Gaussian values normalised by their signed
+# extreme and the best of 16 positive multiples of it (MULTIPLES), with fp16 scales and
+# no refit: scripts/fit_codebook.py before the refit). Refitted for this layout
+# (``fit_codebook.py --group 16``) they err 1.7 % less on the demo model's keys and
+# values, yet its KL rose from 8.60e-4 to 9.44e-4: at this level the KL moves ~10 % with
+# small changes of the levels, so these stay.
 ZERO_CODE = 7
 POLY = (9.442123e-02, -5.268296e-04, 3.134332e-04, -2.400334e-06, 5.125546e-06)
-SCALE_FACTORS = tuple(round(0.6 + 0.5 * i / 15, 6) for i in range(16))  # 0.6 .. 1.1
+MULTIPLES = tuple(round(0.6 + 0.5 * i / 15, 6) for i in range(16))  # 0.6 .. 1.1
 SCALE_DTYPES = {  # stored scale dtype -> magnitude range it is clamped to
     torch.float8_e4m3fn: (2.0**-9, 448.0),  # smallest subnormal, largest finite
     SCALE_DTYPE: (MIN_SCALE, torch.finfo(SCALE_DTYPE).max),
@@ -56,7 +58,7 @@ class CodebookFormat(KVFormat):
     optionally rotated."""
 
     def __init__(self, name: str, poly=POLY, group_size: int | None = 16,
-                 rotate: bool = True, factors=SCALE_FACTORS,
+                 rotate: bool = True, factors=None,
                  scale_dtype: torch.dtype = torch.float8_e4m3fn):
         self.name = name
         self.poly = tuple(float(c) for c in poly)
@@ -64,7 +66,7 @@ class CodebookFormat(KVFormat):
         assert list(self.levels) == sorted(self.levels), "the levels must increase"
         self.group_size = group_size
         self.rotate = rotate
-        self.factors = tuple(float(f) for f in factors)
+        self.factors = tuple(float(f) for f in (factors or scale_factors(self.levels)))
         self.has_scale = True
         self.has_zero = False
         self.signed_scale = True
@@ -154,6 +156,17 @@ def levels_of(poly) -> tuple[float, ...]:
     for c in reversed(poly):
         lv = (lv + c) * u
     return tuple(lv.float().tolist())
+
+
+def scale_factors(levels, multiples=MULTIPLES) -> tuple[float, ...]:
+    """The candidate scales' factors of the extreme: each multiple, which maps the extreme
+    near the top level (1/m of it), then each multiple flipped and stretched by
+    top / -bottom, which maps it as near the bottom level. The levels are asymmetric
+    (-0.886 .. 1.040): a group whose largest value of the other sign is nearly as large
+    as its extreme fits better with the extreme on the short side (measured on the demo
+    model's keys and values: round-trip error -6.6 %; KL 8.60e-4 -> 7.78e-4)."""
+    stretch = levels[-1] / -levels[0]
+    return tuple(multiples) + tuple(round(-m * stretch, 6) for m in multiples)
 
 
 def signed_scale(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
