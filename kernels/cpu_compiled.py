@@ -68,6 +68,27 @@ def codebook_table(fmt: CodebookFormat) -> np.ndarray:
     e4m3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
     return torch.cat([fmt.level_tensor(), fmt.midpoints(), torch.tensor(fmt.poly),
                       e4m3.float(), torch.tensor(fmt.factors)]).float().numpy()
+def quantize_codebook(kv: torch.Tensor, fmt: KVFormat) -> QuantizedKV | None:
+    """kv (..., D) fp32 CPU, in the storage basis -> the codebook format's storage, written
+    by the compiled kernel (fmt.quantize_storage's codes; a group whose two best candidates
+    tie to the last bits may take the other), or None where the kernel does not take it
+    (another format, the kernels off or failing)."""
+    if not isinstance(fmt, CodebookFormat) or kv.device.type != "cpu" or not enabled():
+        return None
+    D = kv.shape[-1]
+    if kv.numel() == 0 or not _jit_codebook(fmt, D) or not cpu_jit.available():
+        return None
+    x = kv.reshape(-1, D).float().contiguous().numpy()
+    out = cpu_jit.write_codebook_rows(x, fmt.num_groups(D), codebook_table(fmt),
+                                      torch.get_num_threads())
+    if out is None:
+        return None
+    lead = kv.shape[:-1]
+    return QuantizedKV(data=torch.from_numpy(out[0]).view(*lead, D // 2),
+                       scale=torch.from_numpy(out[1]).view(torch.float8_e4m3fn).view(
+                           *lead, -1), zero=None)
+
+
 _NONE16 = np.zeros((0, 0, 0), np.uint16)
 
 

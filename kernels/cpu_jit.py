@@ -192,6 +192,20 @@ def decode(q: np.ndarray, kd: np.ndarray, ks: np.ndarray, kz: np.ndarray, vd: np
     return None if out is _FAILED else out
 
 
+def write_codebook_rows(x: np.ndarray, groups: int, table: np.ndarray, threads: int
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """x (N, D) fp32 contiguous, in the storage basis; ``groups`` per row, even -> (N, D / 2)
+    uint8 codes (split halves) and (N, groups) uint8 e4m3 scales, as the codebook format
+    writes them (table: cpu_compiled.codebook_table); None: compiling failed."""
+    N, D = x.shape
+    data = np.empty((N, 1, 1, D // 2), np.uint8)
+    scale = np.empty((N, 1, groups // 2), np.uint16)
+    fn = _parallel(_jit()[1].write_codebook_rows, threads)
+    if _run(fn, x, data, scale, table) is _FAILED:
+        return None
+    return data.reshape(N, D // 2), scale.view(np.uint8).reshape(N, groups)
+
+
 def _shared(shared, num_seqs: int, num_kv_heads: int, threads: int) -> tuple:
     """The kernels' shared-prefix arguments (cpu_plan.SharedPrefix; None: no sharing), and
     how many items each group's blocks are cut into so that every thread has work."""

@@ -5,7 +5,8 @@ head-major (2, Hkv * T, D) tensor already in the storage basis, so the codes are
 format's to the bit; the attention layer rotates q, k and v in one matmul before) and each
 stored tensor (codes, scales, zeros of K and of V) takes its rows with one ``index_copy_``
 of a contiguous source at the rows planned once per step (cpu_plan.slot_rows), not
-through a 3-way advanced index.
+through a 3-way advanced index. The codebook format's scale search runs compiled
+(cpu_compiled.quantize_codebook: its torch search is ~100x slower).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from edgekv.quant import KVFormat, QuantizedKV
 
+from .cpu_compiled import quantize_codebook
 from .cpu_plan import slot_rows
 
 
@@ -38,7 +40,9 @@ def write_kv_storage(k_store: QuantizedKV, v_store: QuantizedKV, kv: torch.Tenso
                      rows: torch.Tensor, fmt: KVFormat) -> None:
     """kv (2, Hkv * T, D) fp32 in the storage basis, K then V, each head-major, stored at
     the planned ``rows`` (Hkv * T,). Mutates the stores at those rows only."""
-    q = fmt.quantize_storage(kv)  # (2, Hkv * T, ...)
+    q = quantize_codebook(kv, fmt)  # (2, Hkv * T, ...) compiled where it can be
+    if q is None:
+        q = fmt.quantize_storage(kv)
     for i, store in enumerate((k_store, v_store)):
         for dst, src in ((store.data, q.data), (store.scale, q.scale), (store.zero, q.zero)):
             if dst is None:

@@ -207,6 +207,24 @@ def test_codebook_writes_match_the_format():
         assert torch.all(err_got <= err_want * 1.001 + 1e-6)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_codebook_write_is_compiled_and_the_formats(D):
+    """A prefill's K/V (many rows at once) go through the compiled codebook writer, not
+    the torch search: the format's codes and e4m3 scales, byte for byte, at every
+    magnitude e4m3 holds (tiny groups, large ones, zeros)."""
+    fmt = get_format("int4_nl")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 300, D, generator=g) * torch.logspace(-3, 2, 300).view(1, 300, 1)
+    x[0, 7] = 0
+    got = cpu_compiled.quantize_codebook(x, fmt)
+    assert got is not None, "the compiled writer did not take int4_nl"
+    want = fmt.quantize_storage(x)
+    assert got.data.shape == want.data.shape and got.scale.shape == want.scale.shape
+    assert torch.equal(got.data, want.data)
+    assert torch.equal(got.scale.view(torch.uint8), want.scale.view(torch.uint8))
+    assert cpu_compiled.quantize_codebook(x, get_format("int4")) is None
+
+
 _CONCURRENT = """
 import os, sys, threading, torch
 from edgekv import LLM, SamplingParams
