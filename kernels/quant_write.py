@@ -148,16 +148,26 @@ def _sym_codes(lo, hi, lo3, hi3, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
 
 
 @triton.jit
+def _midpoint_step(c, y, table_ptr, STEP: tl.constexpr):
+    """One step of counting the midpoints below y: codes c (a multiple of 2 STEP so far)
+    gain STEP where the midpoint between levels c + STEP - 1 and c + STEP is below y."""
+    k = c + (STEP - 1)
+    mid = (tl.load(table_ptr + k) + tl.load(table_ptr + k + 1)) * 0.5
+    return c + tl.where(mid < y, STEP, 0)
+
+
+@triton.jit
 def _nearest_levels(x3, s, table_ptr):
     """Codes of x3 (T, NG, GROUP) fp32 at fp32 scales s (T, NG, 1), their squared error
     per group (T, NG), and the sums of x * level and level^2 per group (T, NG, 1), for the
     least-squares refit: code = the number of midpoints between the table's 16 levels
     strictly below ``x / s`` (torch.bucketize), error = sum (x - level * s)^2."""
     y = tl.div_rn(x3, s)
-    c = tl.zeros(x3.shape, tl.int32)
-    for k in tl.static_range(15):
-        mid = (tl.load(table_ptr + k) + tl.load(table_ptr + k + 1)) * 0.5
-        c += (mid < y).to(tl.int32)
+    c = tl.zeros(x3.shape, tl.int32)  # a binary search: 4 gathered midpoints, not 15
+    c = _midpoint_step(c, y, table_ptr, 8)
+    c = _midpoint_step(c, y, table_ptr, 4)
+    c = _midpoint_step(c, y, table_ptr, 2)
+    c = _midpoint_step(c, y, table_ptr, 1)
     lv = tl.load(table_ptr + c)
     r = x3 - lv * s
     return (c, tl.sum(r * r, axis=2), tl.sum(x3 * lv, axis=2)[:, :, None],
