@@ -68,6 +68,8 @@ def codebook_table(fmt: CodebookFormat) -> np.ndarray:
     e4m3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
     return torch.cat([fmt.level_tensor(), fmt.midpoints(), torch.tensor(fmt.poly),
                       e4m3.float(), torch.tensor(fmt.factors)]).float().numpy()
+
+
 def quantize_codebook(kv: torch.Tensor, fmt: KVFormat) -> QuantizedKV | None:
     """kv (..., D) fp32 CPU, in the storage basis -> the codebook format's storage, written
     by the compiled kernel (fmt.quantize_storage's codes; a group whose two best candidates
