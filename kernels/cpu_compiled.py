@@ -55,9 +55,10 @@ _NO_TABLE = cpu_jit._NO_TABLE
 
 def _jit_codebook(fmt: CodebookFormat, head_dim: int | None) -> bool:
     """The compiled kernels read e4m3 group scales as uint16 pairs (_bits): an even
-    number of groups per row."""
+    number of groups per row; and codes 16 at a time (cpu_jit_lut), from one group each:
+    groups of a multiple of 16 values."""
     return fmt.scale_dtype == torch.float8_e4m3fn and fmt.group_size is not None and (
-        head_dim is None or (head_dim // fmt.group_size) % 2 == 0)
+        fmt.group_size % 16 == 0) and (head_dim is None or (head_dim // fmt.group_size) % 2 == 0)
 
 
 @functools.lru_cache(maxsize=8)

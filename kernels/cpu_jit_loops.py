@@ -18,12 +18,12 @@ Two kernels, both parallel over work items and exact in their own arithmetic:
 Storage kinds (cpu_jit.KIND_*), every one passed as bytes so one compiled function serves
 all: 0 int8 codes; 1 int4 nibbles (split halves, packing.py) minus ``offset``; 2 one byte
 per value through a 256-entry table (fp8); 3 fp16 values (two bytes, converted in
-registers); 4 codebook nibbles (split halves) through the format's level polynomial,
-times an e4m3 scale per group of values (quant/codebook.py). Kinds 0-2 carry an fp16
-scale per token-head, read through a 65,536-entry table, and int4 an fp16 zero where
-asymmetric; kind 4's scale arrays hold a row's group scale bytes one after another, as
-uint16 pairs (B x groups / 2 per head: the same compiled array type as fp16 scales),
-decoded through a 256-entry table.
+registers); 4 codebook nibbles (split halves) through the format's 16 levels, looked up in
+registers (cpu_jit_lut.py), times an e4m3 scale per group of values (quant/codebook.py).
+Kinds 0-2 carry an fp16 scale per token-head, read through a 65,536-entry table, and int4
+an fp16 zero where asymmetric; kind 4's scale arrays hold a row's group scale bytes one
+after another, as uint16 pairs (B x groups / 2 per head: the same compiled array type as
+fp16 scales), decoded through a 256-entry table once per block.
 
 Float flags: reassociation and contraction only (vectorised dot products); no finite-math
 assumption, since the softmax keeps -inf maxima, and no reciprocal for division, since the
@@ -37,15 +37,16 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .cpu_jit_lut import lut16
+
 _FAST = {"reassoc", "contract", "nsz"}  # no finite-math: softmax maxima may be -inf
 _OPTS = dict(fastmath=_FAST, cache=True, nogil=True)
 
 
 @njit(inline="always", fastmath=_FAST)
-def _row(row, kind, offset, table, half, out, out_bits, D, sc, blk, h, t0, ng, sv):
+def _row(row, kind, offset, table, half, out, out_bits, D, t0, ng, sv):
     """One stored row (bytes) -> out (D,) fp32 codes (values for fp8, fp16 and the
-    codebook, whose ``ng`` group scales, e4m3 bytes t0 .. t0 + ng of sc[blk, h] read as
-    uint16 pairs, it applies through the (D,) scratch sv);
+    codebook, whose ``ng`` group scales it reads decoded at sv[t0 : t0 + ng]);
     out_bits is ``out`` viewed as uint32. fp16 converts in registers: its sign, exponent
     and mantissa shifted into fp32's places, times 2^112 to re-bias the exponent (exact
     for normal and subnormal values; the cache holds no inf or nan)."""
@@ -62,21 +63,15 @@ def _row(row, kind, offset, table, half, out, out_bits, D, sc, blk, h, t0, ng, s
     elif kind == 2:
         for d in range(D):
             out[d] = table[row[d]]
-    elif kind == 4:  # the level polynomial (table[31:36]) times the group's scale (sv)
+    elif kind == 4:  # table[0:16] by lookup (cpu_jit_lut), times the group's scale
         P = D // 2
         GS = D // ng
-        for gi in range(ng):
-            i = t0 + gi  # the group's e4m3 byte: half of a uint16 word, little-endian
-            s = table[36 + ((sc[blk, h, i >> 1] >> ((i & 1) << 3)) & 255)]
-            for k in range(GS):
-                sv[gi * GS + k] = s
-        c0, c1, c2, c3, c4 = table[31], table[32], table[33], table[34], table[35]
-        for j in range(P):  # (one pass each, no read-modify-write of out: vectorised)
-            u = np.float32(row[j] & np.uint8(15)) - np.float32(7)
-            out[j] = sv[j] * (u * (c0 + u * (c1 + u * (c2 + u * (c3 + u * c4)))))
-        for j in range(P):
-            u = np.float32(row[j] >> np.uint8(4)) - np.float32(7)
-            out[j + P] = sv[j + P] * (u * (c0 + u * (c1 + u * (c2 + u * (c3 + u * c4)))))
+        h2 = ng // 2  # group gi's low nibbles; group gi + ng / 2's high nibbles
+        for gi in range(h2):  # (no division per group: a runtime idiv costs ~3 ns)
+            s_lo, s_hi = sv[t0 + gi], sv[t0 + gi + h2]
+            for j in range(gi * GS, gi * GS + GS, 16):
+                lut16(table, row, j, 0, s_lo, out, j)
+                lut16(table, row, j, 4, s_hi, out, j + P)
     else:
         for d in range(D):
             h = np.uint32(row[2 * d]) | (np.uint32(row[2 * d + 1]) << 8)
@@ -92,17 +87,26 @@ FOUR_ROWS_MIN_G = 2
 
 
 @njit(inline="always", fastmath=_FAST)
-def _row4(row, kind, offset, table, half, i, r0, r1, r2, r3, b0, b1, b2, b3, D, sc, blk, h,
-          t0, ng, sv):
+def _row4(row, kind, offset, table, half, i, r0, r1, r2, r3, b0, b1, b2, b3, D, t0, ng, sv):
     """``_row`` into the i-th of four buffers."""
     if i == 0:
-        _row(row, kind, offset, table, half, r0, b0, D, sc, blk, h, t0, ng, sv)
+        _row(row, kind, offset, table, half, r0, b0, D, t0, ng, sv)
     elif i == 1:
-        _row(row, kind, offset, table, half, r1, b1, D, sc, blk, h, t0, ng, sv)
+        _row(row, kind, offset, table, half, r1, b1, D, t0, ng, sv)
     elif i == 2:
-        _row(row, kind, offset, table, half, r2, b2, D, sc, blk, h, t0, ng, sv)
+        _row(row, kind, offset, table, half, r2, b2, D, t0, ng, sv)
     else:
-        _row(row, kind, offset, table, half, r3, b3, D, sc, blk, h, t0, ng, sv)
+        _row(row, kind, offset, table, half, r3, b3, D, t0, ng, sv)
+
+
+@njit(inline="always")
+def _group_scales(sc, blk, h, count, table, sv):
+    """sv[:count] = the e4m3 bytes 0 .. count of sc[blk, h] (uint16 pairs, little-endian)
+    decoded through table[36:292]: a block's group scales, once per block."""
+    for w in range(count // 2):  # count is even: an even number of groups per row
+        word = sc[blk, h, w]
+        sv[2 * w] = table[36 + (word & 255)]
+        sv[2 * w + 1] = table[36 + (word >> 8)]
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -160,17 +164,18 @@ def _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s, h, b0, b1, L, block
                           r3.view(np.uint32))
     ksc = np.empty(4, np.float32)
     kzt = np.empty(4, np.float32)
-    sv = np.empty(D, np.float32)  # kind 4: a row's scale per value
+    sv = np.empty(B * max(ng, 1), np.float32)  # kind 4: a block's group scales
     exp_bits = np.empty(B, np.uint32)
     for bi in range(b0, b1):
         blk = blocks[bi]
         n = min(B, L - bi * B)
+        if ng:
+            _group_scales(ks, blk, h, n * ng, table, sv)
         if G < FOUR_ROWS_MIN_G:  # one row at a time
             for t in range(n):
                 k_s = sm * half[ks[blk, h, t]] if has_scale else sm
                 k_z = sm * half[kz[blk, h, t]] if has_zero else np.float32(0)
-                _row(kd[blk, h, t], kind, offset, table, half, r0, b0_, D, ks, blk, h, t * ng,
-                     ng, sv)
+                _row(kd[blk, h, t], kind, offset, table, half, r0, b0_, D, t * ng, ng, sv)
                 for g in range(G):
                     dot = np.float32(0)
                     for d in range(D):
@@ -183,7 +188,7 @@ def _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s, h, b0, b1, L, block
                 ksc[i] = sm * half[ks[blk, h, t]] if has_scale else sm
                 kzt[i] = sm * half[kz[blk, h, t]] if has_zero else np.float32(0)
                 _row4(kd[blk, h, t], kind, offset, table, half, i, r0, r1, r2, r3, b0_,
-                      b1_, b2_, b3_, D, ks, blk, h, t * ng, ng, sv)
+                      b1_, b2_, b3_, D, t * ng, ng, sv)
             for g in range(G):
                 a0 = np.float32(0)
                 a1 = np.float32(0)
@@ -224,11 +229,12 @@ def _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s, h, b0, b1, L, block
                     zsum += sc[g, t] * half[vz[blk, h, t]]
                 for d in range(D):
                     acc[g, d] += zsum
+        if ng:
+            _group_scales(vs, blk, h, n * ng, table, sv)
         if G < FOUR_ROWS_MIN_G:  # values: the V scale rides on the weights
             for t in range(n):
                 v_s = half[vs[blk, h, t]] if has_scale else np.float32(1)
-                _row(vd[blk, h, t], kind, offset, table, half, r0, b0_, D, vs, blk, h, t * ng,
-                     ng, sv)
+                _row(vd[blk, h, t], kind, offset, table, half, r0, b0_, D, t * ng, ng, sv)
                 for g in range(G):
                     w = sc[g, t] * v_s
                     for d in range(D):
@@ -239,7 +245,7 @@ def _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s, h, b0, b1, L, block
                 t = t0 + i
                 ksc[i] = half[vs[blk, h, t]] if has_scale else np.float32(1)
                 _row4(vd[blk, h, t], kind, offset, table, half, i, r0, r1, r2, r3, b0_,
-                      b1_, b2_, b3_, D, vs, blk, h, t * ng, ng, sv)
+                      b1_, b2_, b3_, D, t * ng, ng, sv)
             for g in range(G):  # a short tail's rows weigh 0 (their values are finite)
                 w0 = sc[g, t0] * ksc[0]
                 w1 = sc[g, t0 + 1] * ksc[1] if r > 1 else np.float32(0)
