@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgekv.quant import KVFormat, get_format
@@ -38,12 +39,51 @@ def parse_memory(value: int | float | str) -> int:
     return n
 
 
+def layer_formats(kv_format: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
+    """One format name per layer: ``"int8"`` (every layer), or one name per layer as a
+    sequence or comma-separated (``"int8,int4,int4,int4"``). Raises ValueError (one line)
+    on an unknown name or a count that is not ``num_layers``."""
+    names = kv_format.split(",") if isinstance(kv_format, str) else list(kv_format)
+    names = [str(n).strip() for n in names]
+    for n in dict.fromkeys(names):
+        get_format(n)
+    if len(names) == 1:
+        return tuple(names) * num_layers
+    if len(names) != num_layers:
+        raise ValueError(f"kv_format lists {len(names)} formats for {num_layers} layers: give "
+                         f"one format, or one per layer")
+    return tuple(names)
+
+
+def join_formats(names: Sequence[str]) -> str:
+    """The canonical ``kv_format`` string of per-layer names: one name when they agree."""
+    return names[0] if len(set(names)) == 1 else ",".join(names)
+
+
+def describe_formats(kv_format: str) -> str:
+    """A short name for people: "int8", or "int4_nl x3 + int8 x1" where layers differ."""
+    names = kv_format.split(",")
+    if len(set(names)) == 1:
+        return names[0]
+    counts = {n: names.count(n) for n in dict.fromkeys(names)}
+    return " + ".join(f"{n} x{c}" for n, c in counts.items())
+
+
+def kv_bytes_per_token(kv_format: str | Sequence[str], num_layers: int, num_kv_heads: int,
+                       head_dim: int) -> int:
+    """K+V bytes of one token across all layers, scales included."""
+    return sum(get_format(n).bytes_per_token(num_kv_heads, head_dim)
+               for n in layer_formats(kv_format, num_layers))
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Shape and storage of the paged KV cache. Built once, passed down, never mutated.
 
     Block ids are shared by all layers: a block holds ``block_size`` consecutive tokens of
     one sequence in every layer, so one block costs ``bytes_per_block`` across the model.
+    ``kv_format`` is one format name, or one per layer comma-separated (each layer owns
+    its storage; a block's bytes are the sum over layers); ``formats`` has one per layer.
     """
 
     num_layers: int
@@ -64,16 +104,33 @@ class CacheConfig:
         ):
             raise ValueError(f"block_size must be a power of two in [{MIN_BLOCK_SIZE}, "
                              f"{MAX_BLOCK_SIZE}], got {bs!r}")
-        self.format.check_head_dim(self.head_dim)  # raises ValueError on unknown name/shape
+        names = layer_formats(self.kv_format, self.num_layers)  # ValueError: name, count
+        object.__setattr__(self, "kv_format", join_formats(names))  # canonical form
+        for f in dict.fromkeys(names):
+            get_format(f).check_head_dim(self.head_dim)  # ValueError on a shape it can't store
+
+    @property
+    def formats(self) -> tuple[KVFormat, ...]:
+        """The format of each layer."""
+        return tuple(get_format(n) for n in layer_formats(self.kv_format, self.num_layers))
+
+    @property
+    def mixed(self) -> bool:
+        """Whether layers differ in format."""
+        return "," in self.kv_format
 
     @property
     def format(self) -> KVFormat:
+        """The format of every layer; ValueError where layers differ (read ``formats``)."""
+        if self.mixed:
+            raise ValueError(f"kv_format {self.kv_format!r} differs by layer: read formats")
         return get_format(self.kv_format)
 
     @property
     def bytes_per_token(self) -> int:
         """K+V bytes of one token across all layers, scales included."""
-        return self.num_layers * self.format.bytes_per_token(self.num_kv_heads, self.head_dim)
+        return kv_bytes_per_token(self.kv_format, self.num_layers, self.num_kv_heads,
+                                  self.head_dim)
 
     @property
     def bytes_per_block(self) -> int:
@@ -88,8 +145,9 @@ class CacheConfig:
                    head_dim: int, block_size: int = 16, kv_format: str = "int8") -> CacheConfig:
         """The config with as many blocks as fit in ``kv_memory`` bytes (at least one)."""
         budget = parse_memory(kv_memory)
-        per_block = get_format(kv_format).bytes_per_token(num_kv_heads, head_dim)
-        per_block *= num_layers * block_size
+        kv_format = join_formats(layer_formats(kv_format, num_layers))
+        per_block = block_size * kv_bytes_per_token(kv_format, num_layers, num_kv_heads,
+                                                    head_dim)
         if budget < per_block:
             raise ValueError(f"kv_memory {budget} bytes is smaller than one {kv_format} block "
                              f"of {block_size} tokens across {num_layers} layers "

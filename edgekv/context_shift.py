@@ -101,11 +101,11 @@ class ContextShift:
         everything = pool.num_free >= len(plan)
         fresh_at = [j for j, b in enumerate(src) if everything or pool.is_shared(b)]
         stay_at = [j for j, b in enumerate(src) if not (everything or pool.is_shared(b))]
-        dev, fmt = self.cache.device, self.cache.format
+        dev = self.cache.device
         src_t = torch.tensor(src, device=dev)
         delta = torch.tensor([d for _, d in plan], device=dev)
         new_keys = []  # per layer: the moved blocks' keys, quantized again
-        for k_store, _ in self.cache.layers:
+        for fmt, (k_store, _) in zip(self.cache.formats, self.cache.layers, strict=True):
             k = fmt.dequantize(_gather(k_store, src_t))  # (nb, Hkv, bs, D) fp32
             new_keys.append(fmt.quantize(rotate_keys(k, delta, self.inv_freq.to(dev))))
         fresh = pool.allocate(len(fresh_at))  # NoFreeBlocks: nothing changed

@@ -8,7 +8,8 @@ Layout of one layer (DESIGN.md, "The KV block"), for K and for V alike::
 
 Head-major inside a block, so one (block, head) tile is contiguous. Scales are indexed by
 block id, so they travel with their block when it is shared, copied or saved. Block ids
-are common to all layers: the BlockManager's tables index every layer's storage.
+are common to all layers: the BlockManager's tables index every layer's storage. Each
+layer has its own format (``CacheConfig.formats``): dtypes and widths may differ by layer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from edgekv.kernels import write_kv
-from edgekv.quant import QuantizedKV
+from edgekv.quant import KVFormat, QuantizedKV
 
 from .block_manager import BlockManager
 from .config import CacheConfig
@@ -34,13 +35,18 @@ class PagedKVCache:
         self.config = config
         self.device = torch.device(device)
         self.pin_memory = pin_memory  # a host pool for offload from a CUDA device
-        self.format = config.format
+        self.formats = config.formats  # one per layer
         self.layers: list[tuple[QuantizedKV, QuantizedKV]] = [
-            (self._empty(), self._empty()) for _ in range(config.num_layers)
+            (self._empty(f), self._empty(f)) for f in self.formats
         ]
 
-    def _empty(self) -> QuantizedKV:
-        c, f = self.config, self.format
+    @property
+    def format(self) -> KVFormat:
+        """The format of every layer; ValueError where layers differ (read ``formats``)."""
+        return self.config.format
+
+    def _empty(self, f: KVFormat) -> QuantizedKV:
+        c = self.config
         shape = (c.num_blocks, c.num_kv_heads, c.block_size)
         kw = {"device": self.device, "pin_memory": self.pin_memory}
         data = torch.zeros(*shape, f.packed_dim(c.head_dim), dtype=f.storage_dtype, **kw)
@@ -63,7 +69,7 @@ class PagedKVCache:
                              f"{c.head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
         k_store, v_store = self.layers[layer]
         write_kv(k_store, v_store, k.to(self.device), v.to(self.device),
-                 slots.to(device=self.device, dtype=torch.long), self.format)
+                 slots.to(device=self.device, dtype=torch.long), self.formats[layer])
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer, codes and scales together."""

@@ -22,7 +22,8 @@ import torch
 
 from edgekv.models import ModelConfig
 from edgekv.plan.headroom import PREFILL_CHUNK, Headroom, headroom
-from edgekv.quant import get_format
+
+from .config import kv_bytes_per_token
 
 CPU_FRACTION = 0.25
 
@@ -85,8 +86,7 @@ def auto_kv_plan(device: torch.device, cfg: ModelConfig, kv_format: str, block_s
 
     Call after the model is loaded. Raises ValueError if not even one block fits.
     """
-    per_token = cfg.num_layers * get_format(kv_format).bytes_per_token(cfg.num_kv_heads,
-                                                                        cfg.head_dim)
+    per_token = kv_bytes_per_token(kv_format, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     per_block = per_token * block_size
     cap = max_num_seqs * cfg.max_position * per_token
     avail = available_bytes(device)

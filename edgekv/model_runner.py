@@ -89,7 +89,8 @@ class ModelRunner:
                                          self.residual.tokens)
             c = self.cache.config
             compiled = (meta.block_mass is None and meta.max_query_len == 1
-                        and step_compiled(self.cache.format, c.head_dim)
+                        and all(step_compiled(f, c.head_dim)
+                                for f in set(self.cache.formats))
                         and self._layers_compiled())
             meta.plan = plan_step(meta.block_tables, meta.seq_lens, meta.slot_mapping,
                                   meta.max_query_len, c.block_size, c.num_kv_heads, num_exact,

@@ -28,8 +28,6 @@ from pathlib import Path
 
 import torch
 
-from edgekv.quant import get_format
-
 FILE_FORMAT = "edgekv-session-2"
 OLD_FORMATS = ("edgekv-session-1",)  # written before files carried a checksum
 # the metadata the checksum covers: everything loading reads back
@@ -94,7 +92,7 @@ def check_session(chat, path: Path, meta: dict[str, str], tensors: dict[str, tor
     if meta.get("checksum") != session_checksum(tensors, meta):
         raise ValueError(f"{path} fails its checksum: the file is damaged")
     tokens = _check_tokens(path, tensors.get("tokens"), llm.model_config.vocab_size)
-    _check_scales(path, tensors, get_format(llm.cache_config.kv_format).signed_scale)
+    _check_scales(path, tensors, [f.signed_scale for f in llm.cache_config.formats])
     messages = _check_messages(path, meta.get("messages"))
     return _check_counts(chat, path, meta, tensors, tokens, messages)
 
@@ -120,13 +118,15 @@ def _check_tokens(path: Path, t: torch.Tensor | None, vocab: int) -> list[int]:
     return t.tolist()
 
 
-def _check_scales(path: Path, tensors: dict[str, torch.Tensor], signed: bool) -> None:
+def _check_scales(path: Path, tensors: dict[str, torch.Tensor], signed: list[bool]) -> None:
     """Every stored slot, written or not: a block's unwritten slots hold 1 (fresh) or an
-    earlier token's scale, both finite and positive (nonzero for a format with ``signed``
-    scales), and a kernel may read them."""
+    earlier token's scale, both finite and positive (nonzero where layer i's format has
+    ``signed[i]`` scales), and a kernel may read them."""
     for name in sorted(tensors):
         t = tensors[name].float()
-        ok = t != 0 if signed else t > 0
+        layer = name.split(".")[0][1:]  # L{i}.{k|v}.{part}
+        signed_here = layer.isdigit() and int(layer) < len(signed) and signed[int(layer)]
+        ok = t != 0 if signed_here else t > 0
         if name.endswith(".scale") and not bool(torch.all(torch.isfinite(t) & ok)):
             what = "zero" if signed else "non-positive"
             raise ValueError(f"{path} holds a non-finite or {what} KV scale ({name})")

@@ -114,7 +114,7 @@ class PagedAttention(nn.Module):
         if fused is None or hasattr(self, "q_norm"):
             return None
         cache = meta.kv_cache
-        lk = layer_kind(cache.format, self.head_dim)
+        lk = layer_kind(cache.formats[self.layer_idx], self.head_dim)
         cos, sin = meta.rope
         k_store, v_store = cache.layers[self.layer_idx]
         qkv = nn.functional.linear(x, *fused).float()  # (T, (Hq + 2 Hkv) * D)
@@ -130,6 +130,7 @@ class PagedAttention(nn.Module):
             return out
         q, k, v = self._qkv(x, positions, rope, meta)
         cache = meta.kv_cache
+        fmt = cache.formats[self.layer_idx]
         k_store, v_store = cache.layers[self.layer_idx]
         plan = meta.plan
         if plan is not None and plan.jit is not None:  # planned for the compiled kernel
@@ -139,9 +140,9 @@ class PagedAttention(nn.Module):
             # CPU: q, k, v into the storage basis in one matmul; rows planned once per step
             Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
             heads = torch.cat([q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)])
-            heads = cache.format.to_storage_basis(heads.float())  # (Hq + 2 Hkv, T, D)
+            heads = fmt.to_storage_basis(heads.float())  # (Hq + 2 Hkv, T, D)
             write_kv_storage(k_store, v_store, heads[Hq:].view(2, Hkv * T, D),
-                             plan.write_rows, cache.format)
+                             plan.write_rows, fmt)
             q_storage = heads[:Hq].transpose(0, 1)  # (T, Hq, D)
         else:
             cache.write(self.layer_idx, k, v, meta.slot_mapping)
@@ -157,7 +158,7 @@ class PagedAttention(nn.Module):
         if meta.max_query_len == 1:
             o = paged_decode_attention(q if q_storage is None else q_storage, k_store,
                                        v_store, meta.block_tables, meta.seq_lens,
-                                       cache.format, self.scale, max_seq_len=meta.max_seq_len,
+                                       fmt, self.scale, max_seq_len=meta.max_seq_len,
                                        return_block_mass=mass is not None, exact=exact,
                                        plan=plan, q_storage_basis=q_storage is not None)
             if mass is not None:
@@ -165,11 +166,11 @@ class PagedAttention(nn.Module):
                 mass += step_mass
         else:
             o = paged_prefill_attention(q, k_store, v_store, meta.block_tables, meta.seq_lens,
-                                        meta.cu_seqlens_q, cache.format, self.scale,
+                                        meta.cu_seqlens_q, fmt, self.scale,
                                         max_q_len=meta.max_query_len, exact=exact)
             if mass is not None:
                 mass += paged_prefill_block_mass(q, k_store, meta.block_tables, meta.seq_lens,
-                                                 meta.cu_seqlens_q, cache.format, self.scale,
+                                                 meta.cu_seqlens_q, fmt, self.scale,
                                                  last_n=meta.mass_window)
             if window is not None:
                 window.write(self.layer_idx, k, v, step)

@@ -132,13 +132,13 @@ def _one(model: nn.Module, x: torch.Tensor, meta, ws: list[tuple]) -> int:
     step = meta.plan.jit
     cache = meta.kv_cache
     attn = model.layers[0].self_attn
-    lk = layer_kind(cache.format, attn.head_dim)
     cos, sin = (t.float().view(1, -1).numpy() for t in meta.rope)
     xv = x.view(-1).numpy()
     eps = model.layers[0].input_layernorm.eps
     threads = torch.get_num_threads()
     for i, (_, w, transposed) in enumerate(ws):
         k, v = cache.layers[i]
+        lk = layer_kind(cache.formats[i], attn.head_dim)
         if not cpu_jit.decoder_layer(xv, w, transposed, eps, cos, sin, lk.rot, step.blocks,
                                      step.offsets,
                                      (*_views(k), *_views(v)), step.tables, step.lens,
@@ -152,7 +152,7 @@ def _rows(model: nn.Module, x: torch.Tensor, meta, ws: list[tuple]) -> int:
     """Several sequences (x (S, hidden)): eight calls a layer, no module."""
     step = meta.plan.jit
     cache = meta.kv_cache
-    lk = layer_kind(cache.format, model.layers[0].self_attn.head_dim)
+    head_dim = model.layers[0].self_attn.head_dim
     cos, sin = (t.float() for t in meta.rope)  # (S, 1, D) each
     rows = x.shape[0] <= SMALL_ROWS
     for i, (layer, (w, wn, transposed)) in enumerate(zip(model.layers, ws, strict=True)):
@@ -160,6 +160,7 @@ def _rows(model: nn.Module, x: torch.Tensor, meta, ws: list[tuple]) -> int:
         h = _norm(x, w[0], wn[0], layer.input_layernorm.eps)
         qkv = mm(h, w[1], w[2], wn[1], wn[2])  # (S, (Hq + 2 Hkv) * D)
         k, v = cache.layers[i]
+        lk = layer_kind(cache.formats[i], head_dim)
         o = compiled_layer(qkv, cos, sin, k, v, step, lk, layer.self_attn.scale)  # (S, Hq D)
         if o is None:  # the kernel failed to compile: nothing written, the modules go on
             return i
