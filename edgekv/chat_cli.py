@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
+from .config import describe_formats
 from .sampling import SamplingParams
 from .session_io import SessionExists, load_session, save_session
 from .text_input import decode_utf8, reencode, replaced_notice
@@ -40,7 +41,7 @@ def status_line(stats: dict, tok_per_s: float, prompt_tokens: int, gen_tokens: i
     return (f"[{tok_per_s:.1f} tok/s{dtype_note(stats)} | "
             f"prompt {prompt_tokens} + gen {gen_tokens} tokens | "
             f"KV {human_bytes(stats['bytes_used'])} / {human_bytes(stats['bytes_total'])} "
-            f"{stats['kv_format']}, {stats['bytes_per_token']:,} B/token | "
+            f"{describe_formats(stats['kv_format'])}, {stats['bytes_per_token']:,} B/token | "
             f"blocks {stats['blocks_used']}/{stats['blocks_total']} | "
             f"util {stats['utilization']:.0%}{eviction_note(stats)}{residual_note(stats)}]")
 

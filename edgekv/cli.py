@@ -31,7 +31,16 @@ def model_options(fn):
         click.option("--model", default=None, help="HF-format model dir or hub id "
                      "(default: the bundled demo model)."),
         click.option("--kv", "kv_format", default="int8", show_default=True,
-                     type=click.Choice(FORMATS + VARIANTS), help="KV cache format."),
+                     callback=_kv_format, help="KV cache format: one of "
+                     f"{', '.join(FORMATS + VARIANTS)}; one per layer, comma-separated; or "
+                     "auto[:BITS] (per-layer formats chosen by a probe within BITS average "
+                     "bits per value, default 5)."),
+        click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+                     help="Text the --kv auto probe measures on (default: the model's "
+                     "heldout.txt, else the demo model's)."),
+        click.option("--target-context", type=click.IntRange(1), default=None,
+                     help="Tokens --kv-memory must hold; with --kv auto, its budget is "
+                     "--kv-memory / this."),
         click.option("--kv-memory", default=None, help="KV pool size, e.g. 256MiB "
                      "(default: sized from free memory)."),
         click.option("--kv-residual", type=click.IntRange(0), default=0, show_default=True,
@@ -69,6 +78,20 @@ def model_options(fn):
     return fn
 
 
+def _kv_format(ctx, param, value: str) -> str:
+    """--kv: one name, one per layer, or auto[:BITS]; a bad one is a usage error."""
+    from edgekv.auto import parse_auto
+    from edgekv.quant import get_format
+
+    try:
+        if parse_auto(value) is None:
+            for name in value.split(","):
+                get_format(name.strip())
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def build(opts: dict, **llm_options):
     """(LLM, SamplingParams) from the shared options (and ``llm_options`` for LLM); bad
     input is a one-line error (exit code 2), found before the model loads where the
@@ -100,13 +123,18 @@ def build(opts: dict, **llm_options):
                       kv_memory=opts["kv_memory"], eviction=eviction,
                       weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
                       seed=opts["seed"], kv_residual=opts["kv_residual"],
-                      offload_memory=offload, **llm_options)
+                      offload_memory=offload, target_context=opts["target_context"],
+                      kv_calibration=opts["calibration"], **llm_options)
         except (RuntimeError, MemoryError) as e:
             if not out_of_memory(e):
                 raise
             raise ValueError(f"out of memory loading the model and its KV pool "
                              f"(--kv-memory {opts['kv_memory'] or 'auto'}): give a smaller "
                              f"--kv-memory, --kv int4 or --weights int8") from None
+    if llm.kv_auto is not None:  # what the probe chose, one line
+        mc = llm.model_config
+        click.echo(llm.kv_auto.summary(2 * mc.num_layers * mc.num_kv_heads * mc.head_dim),
+                   err=True)
     return llm, params
 
 
@@ -144,6 +172,7 @@ def quiet_libraries(fn):
 def chat(system: str | None, **opts) -> None:
     """Chat in the terminal; the history stays in the KV cache. /help lists commands."""
     from .chat_cli import ChatREPL, stdin_lines
+    from .config import describe_formats
 
     llm, params = build(opts)
     with user_errors():  # a model without a tokenizer cannot chat
@@ -151,7 +180,8 @@ def chat(system: str | None, **opts) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         s = llm.kv_stats()
-        click.echo(f"edgekv chat: {llm.model_dir.name}, KV {s['kv_format']} "
+        kv = describe_formats(s["kv_format"])
+        click.echo(f"edgekv chat: {llm.model_dir.name}, KV {kv} "
                    f"({s['bytes_per_token']:,} B/token), {s['blocks_total']} blocks of "
                    f"{s['block_size']}. /help for commands, Ctrl-D to quit.")
     repl.run(stdin_lines(interactive, notify=repl.say), interactive)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
+from edgekv.auto import parse_auto
 from edgekv.kernels import get_backend
 from edgekv.models import load_model
 from edgekv.models.loader import resolve_dtype
 from edgekv.quant import get_format
 
-from .config import CacheConfig, parse_memory
+from .config import CacheConfig, join_formats, parse_memory
 from .device import resolve_device
 from .engine import Engine
 from .eviction import EVICTION_POLICIES, EvictionConfig
@@ -79,6 +80,14 @@ class LLM:
     attention reads them exact (``edgekv/residual.py``); they cost N x the fp16 bytes per
     token per running sequence, on top of ``kv_memory``. 0 (default): off. For quantized
     formats; not with eviction.
+    ``kv_format`` may also name one format per layer (a list, or "int8,int4,int4,int4"),
+    or be "auto" / "auto:BITS": one format per layer chosen at load within BITS average bits
+    per stored value (default 5; or ``kv_memory / target_context`` bytes per token), by a
+    probe of what each layer's format costs the model on ``kv_calibration`` (a text file or
+    token ids; default the model's heldout.txt, else the demo model's). The probe runs
+    once per model and is kept in the user's cache directory; ``llm.kv_auto`` says what was
+    chosen and its predicted KL (``edgekv/auto``). ``target_context``: tokens ``kv_memory``
+    must hold (ValueError where it cannot).
 
     Threads: one LLM is driven by one thread at a time. ``generate``, ``score``, each
     ``next()`` of a ``stream`` and each step of a chat turn hold the engine; a call from a
@@ -97,11 +106,16 @@ class LLM:
                  device: str | torch.device | None = None, dtype=None, seed: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  prefix_caching: bool = True, offload_memory: int | str = 0,
-                 kv_residual: int = 0):
+                 kv_residual: int = 0, target_context: int | None = None,
+                 kv_calibration: str | Path | Seq[int] | None = None):
         device = resolve_device(device)  # fail fast on bad input, before loading anything
-        get_format(kv_format)
+        auto = parse_auto(kv_format)
+        if auto is None:
+            kv_format = join_formats(_format_names(kv_format))
         eviction = _eviction_config(eviction, max_kv_tokens)
-        _check_residual(kv_residual, kv_format, eviction)
+        _check_target(target_context, kv_memory)
+        if auto is None:
+            _check_residual(kv_residual, kv_format, eviction)
         if model is None:
             model = DEMO_MODEL_DIR
             if not (model / "config.json").is_file():
@@ -116,6 +130,11 @@ class LLM:
         mc = self.model_config
         self.last_finish_reason = None  # why the last finished stream() stopped
         self.kv_plan = None  # what kv_memory=None / "auto" chose (edgekv.memory.KVPlan)
+        self.kv_auto = None  # what kv_format="auto" chose (edgekv.auto.Assignment)
+        if auto is not None:
+            kv_format = self._resolve_auto(auto, kv_memory, target_context, kv_calibration,
+                                           block_size)
+            _check_residual(kv_residual, kv_format, eviction)
         if kv_memory is None or kv_memory == "auto":
             self.kv_plan = auto_kv_plan(self.device, mc, kv_format, block_size, max_num_seqs,
                                         max_num_batched_tokens, weights)
@@ -132,6 +151,13 @@ class LLM:
             budget = parse_memory(kv_memory)
         self.cache_config = CacheConfig.for_budget(budget, mc.num_layers, mc.num_kv_heads,
                                                    mc.head_dim, block_size, kv_format)
+        if target_context is not None and self.cache_config.num_blocks * block_size < \
+                target_context:
+            raise ValueError(f"kv_memory={kv_memory!r} holds "
+                             f"{self.cache_config.num_blocks * block_size} tokens in "
+                             f"{self.cache_config.kv_format}, fewer than target_context="
+                             f"{target_context}: give more memory, kv_format='auto', or "
+                             f"eviction")
         host_blocks = 0
         if offload_memory:
             host_blocks = parse_memory(offload_memory) // self.cache_config.bytes_per_block
@@ -144,6 +170,22 @@ class LLM:
                              or (2048 if self.device.type == "cuda" else 512),
                              eviction=eviction, prefix_caching=prefix_caching,
                              num_host_blocks=host_blocks, residual_tokens=kv_residual)
+
+    def _resolve_auto(self, auto, kv_memory, target_context, calibration, block_size) -> str:
+        """kv_format="auto": probe (or read the stored probe), choose, log one line."""
+        from edgekv.auto import calibration_ids, resolve_auto
+
+        mc = self.model_config
+        budget = None
+        if target_context is not None and auto.bits is None:
+            budget = parse_memory(kv_memory) // target_context
+        ids = calibration_ids(self.tokenizer, self.model_dir, calibration, mc.max_position)
+        self.kv_auto, self.kv_probe = resolve_auto(
+            self.model, mc, _checkpoint_key(Path(self.model_dir)), ids, auto,
+            device=self.device, compute_dtype=self.compute_dtype, block_size=block_size,
+            budget_bytes=budget)
+        log.info("%s", self.kv_auto.summary(2 * mc.num_layers * mc.num_kv_heads * mc.head_dim))
+        return self.kv_auto.kv_format
 
     # ---- prompts -----------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -258,10 +300,44 @@ def _request_output(seq: Sequence) -> RequestOutput:
                          seq.token_ids[: seq.num_prompt], outs)
 
 
+def _checkpoint_key(model_dir: Path) -> str:
+    """The model's identity hash (config and the ends of each shard) and each shard's size
+    and modification time: a checkpoint edited in place is probed again."""
+    from .session_io import model_identity
+
+    shards = sorted(model_dir.glob("*.safetensors"))
+    stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in shards]
+    return ";".join([model_identity(model_dir), *stamps])
+
+
+def _format_names(kv_format) -> list[str]:
+    """The names in ``kv_format`` (one, or one per layer), each checked (ValueError)."""
+    if not isinstance(kv_format, str) and not (
+            isinstance(kv_format, Seq) and all(isinstance(n, str) for n in kv_format)):
+        raise ValueError(f"kv_format must be a format name or one per layer, got "
+                         f"{kv_format!r}")
+    names = kv_format.split(",") if isinstance(kv_format, str) else list(kv_format)
+    names = [n.strip() for n in names]
+    for n in names:
+        get_format(n)
+    return names
+
+
+def _check_target(target_context, kv_memory) -> None:
+    if target_context is None:
+        return
+    if isinstance(target_context, bool) or not isinstance(target_context, int) or \
+            target_context < 1:
+        raise ValueError(f"target_context must be a number of tokens >= 1, got "
+                         f"{target_context!r}")
+    if kv_memory is None or kv_memory == "auto":
+        raise ValueError("target_context needs kv_memory: the bytes to hold it in")
+
+
 def _check_residual(tokens, kv_format: str, eviction: EvictionConfig | None) -> None:
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise ValueError(f"kv_residual must be a number of tokens >= 0, got {tokens!r}")
-    if tokens and kv_format in ("fp16", "bf16", "fp32"):
+    if tokens and all(n in ("fp16", "bf16", "fp32") for n in kv_format.split(",")):
         raise ValueError(f"kv_residual keeps the newest tokens unquantized; {kv_format} is "
                          f"not quantized")
     if tokens and eviction is not None:

@@ -75,8 +75,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.formats:
             raise ValueError("give at least one KV format")
+        from edgekv.auto import parse_auto
+
         for f in self.formats:
-            if f not in FORMATS + VARIANTS:
+            if f not in FORMATS + VARIANTS and parse_auto(f) is None:
                 get_format(f)  # raises the one-line error listing the valid names
         if len(set(self.formats)) != len(self.formats):
             raise ValueError(f"formats are listed twice: {', '.join(self.formats)}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from edgekv.auto import parse_auto
 from edgekv.quant import get_format
 
 from .config import BASELINE, EvalConfig
@@ -174,7 +175,9 @@ def make_plan(cfg: EvalConfig) -> Plan:
 def _edgekv(plan: Plan, fmt: str, policy: str | None = None,
             budget: int | None = None, residual: int = 0) -> EdgeKVSubject:
     cfg, mc = plan.cfg, plan.model_config
-    per_token = mc.num_layers * get_format(fmt).bytes_per_token(mc.num_kv_heads, mc.head_dim)
+    widest = BASELINE if parse_auto(fmt) is not None else fmt  # auto: at most fp16's bytes
+    per_token = mc.num_layers * get_format(widest).bytes_per_token(mc.num_kv_heads,
+                                                                   mc.head_dim)
     seqs = max(len(plan.prompts), len(cfg.passkey_depths) * cfg.passkey_trials, 1)
     return EdgeKVSubject(plan.model_dir, fmt, plan.kv_tokens * per_token, eviction=policy,
                          kv_budget=budget, block_size=cfg.block_size, dtype=cfg.dtype,

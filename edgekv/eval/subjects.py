@@ -12,8 +12,6 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from edgekv.quant import get_format
-
 
 class Subject(ABC):
     """One configuration under test.
@@ -72,9 +70,11 @@ class EdgeKVSubject(Subject):
         self.kv_residual = kv_residual
         self.prefill_reflects_cache = eviction is None
         self.decode_chunk = decode_chunk  # tokens per step of logits(decode=True)
-        mc = self.llm.model_config
-        self.bytes_per_token = mc.num_layers * get_format(kv_format).bytes_per_token(
-            mc.num_kv_heads, mc.head_dim)
+        self.bytes_per_token = self.llm.cache_config.bytes_per_token
+        auto = self.llm.kv_auto
+        if auto is not None:  # what the probe chose and predicted
+            self.note = (f"{self.llm.cache_config.kv_format}; predicted KL "
+                         f"{auto.predicted_kl:.3g}")
 
     def logits(self, ids: list[int], decode: bool) -> torch.Tensor:
         chunk = self.decode_chunk if decode else None

@@ -67,7 +67,10 @@ def serve(host: str, port: int, api_key: str | None, max_num_seqs: int, max_queu
     where = (f"{n} CPU thread{'s' if n > 1 else ''}" + (f" ({na} for attention)"
                                                         if na != n else "")
              if info["device"] == "cpu" else info["device"])
-    click.echo(f"edgekv serve: {name} at http://{host}:{port}/v1, KV {s['kv_format']} "
+    from edgekv.config import describe_formats
+
+    kv = describe_formats(s["kv_format"])
+    click.echo(f"edgekv serve: {name} at http://{host}:{port}/v1, KV {kv} "
                f"({s['bytes_per_token']:,} B/token, {s['blocks_total']} blocks), {where}, "
                f"{auth}. Ctrl-C stops.")
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)

@@ -1,0 +1,95 @@
+"""``kv_format="auto"`` at load: calibration tokens, the probe (or its stored result), the
+assignment within the budget."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from edgekv.quant import get_format
+
+from . import store
+from .choose import Assignment, choose
+from .probe import REFERENCE, ProbeResult, probe
+from .spec import CANDIDATES, DEFAULT_BITS, AutoSpec
+
+CALIBRATION_TOKENS = 1024  # a window of the demo model; ~1 s a prefill of a 0.5B model on CPU
+MIN_CALIBRATION_TOKENS = 64
+
+
+def calibration_ids(tokenizer, model_dir: Path, calibration, max_position: int) -> list[int]:
+    """Token ids to probe with: ``calibration`` (a text file, or token ids), else the
+    model's own heldout.txt, else the bundled demo model's; at most CALIBRATION_TOKENS."""
+    n = min(CALIBRATION_TOKENS, max_position)
+    if calibration is not None and not isinstance(calibration, (str, Path)):
+        ids = [int(t) for t in calibration]
+    else:
+        from edgekv.eval.data import read_documents
+        from edgekv.llm import DEMO_MODEL_DIR
+
+        path = Path(calibration) if calibration is not None else next(
+            (p for p in (Path(model_dir) / "heldout.txt", DEMO_MODEL_DIR / "heldout.txt")
+             if p.is_file()), None)
+        if path is None:
+            raise ValueError("kv_format=auto needs a calibration text: give one "
+                             "(--calibration FILE)")
+        if tokenizer is None:
+            raise ValueError("kv_format=auto needs a tokenizer to read the calibration text "
+                             "(or calibration token ids)")
+        ids = tokenizer.encode("\n\n".join(read_documents(path)))
+    if len(ids) < min(MIN_CALIBRATION_TOKENS, n):
+        raise ValueError(f"the calibration text has {len(ids)} tokens; kv_format=auto needs "
+                         f"at least {min(MIN_CALIBRATION_TOKENS, n)}")
+    return ids[:n]
+
+
+def _progress():
+    """A progress bar on stderr (hidden where stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="kv_format=auto: probing layers", unit="prefill",
+                       leave=False, disable=None)
+        bar.update(1)
+        if done == total:
+            bar.close()
+    return update
+
+
+def resolve_auto(model: torch.nn.Module, mc, model_identity: str, ids: list[int],
+                 spec: AutoSpec, *, device: torch.device, compute_dtype, block_size: int,
+                 budget_bytes: int | None = None,
+                 candidates: Sequence[str] = CANDIDATES) -> tuple[Assignment, ProbeResult]:
+    """The per-layer formats for ``spec`` (bits per value, else ``budget_bytes`` per token,
+    else DEFAULT_BITS), from the probe of ``ids``, stored per model and re-used."""
+    from edgekv import __version__
+
+    fmts = tuple(f for f in dict.fromkeys((REFERENCE, *candidates)) if _stores(f, mc.head_dim))
+    values = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim  # K and V, per token
+    if spec.bits is not None or budget_bytes is None:
+        budget_bytes = math.floor((spec.bits or DEFAULT_BITS) * values / 8)
+    key = store.probe_key(model=model_identity, version=__version__, formats=fmts,
+                          block_size=block_size, dtype=str(compute_dtype), device=device.type,
+                          ids=ids)
+    result = store.load(key)
+    if result is None or result.formats != fmts or len(result.kl) != mc.num_layers:
+        result = probe(model, mc.num_layers, mc.num_kv_heads, mc.head_dim, ids, fmts,
+                       block_size, device, _progress())
+        store.save(key, result)
+    layer_bytes = [get_format(f).bytes_per_token(mc.num_kv_heads, mc.head_dim) for f in fmts]
+    return choose(result, layer_bytes, budget_bytes), result
+
+
+def _stores(name: str, head_dim: int) -> bool:
+    try:
+        get_format(name).check_head_dim(head_dim)
+    except ValueError:
+        return False
+    return True
