@@ -79,16 +79,20 @@ def model_options(fn):
 
 
 def _kv_format(ctx, param, value: str) -> str:
-    """--kv: one name, one per layer, or auto[:BITS]; a bad one is a usage error."""
-    from edgekv.auto import parse_auto
-    from edgekv.quant import get_format
+    """--kv: one name, one per layer, or auto[:BITS]; a bad one is a usage error (decided
+    without torch: edgekv.names, edgekv.auto.spec)."""
+    from edgekv.auto.spec import parse_auto
 
     try:
-        if parse_auto(value) is None:
-            for name in value.split(","):
-                get_format(name.strip())
+        if parse_auto(value) is not None:
+            return value
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    for name in value.split(","):
+        if name.strip() not in FORMATS + VARIANTS:
+            valid = ", ".join(repr(f) for f in FORMATS + VARIANTS)
+            raise click.BadParameter(f"{name.strip()!r} is not one of {valid} (or one per "
+                                     f"layer, comma-separated, or auto[:BITS])")
     return value
 
 

@@ -180,10 +180,17 @@ class LLM:
         if target_context is not None and auto.bits is None:
             budget = parse_memory(kv_memory) // target_context
         ids = calibration_ids(self.tokenizer, self.model_dir, calibration, mc.max_position)
-        self.kv_auto, self.kv_probe = resolve_auto(
-            self.model, mc, _checkpoint_key(Path(self.model_dir)), ids, auto,
-            device=self.device, compute_dtype=self.compute_dtype, block_size=block_size,
-            budget_bytes=budget)
+        try:
+            self.kv_auto, self.kv_probe = resolve_auto(
+                self.model, mc, _checkpoint_key(Path(self.model_dir)), ids, auto,
+                device=self.device, compute_dtype=self.compute_dtype, block_size=block_size,
+                budget_bytes=budget)
+        except ValueError as e:
+            if budget is None or "below the cheapest" not in str(e):
+                raise
+            raise ValueError(f"kv_memory={kv_memory!r} cannot hold target_context="
+                             f"{target_context} tokens in any per-layer formats ({budget} "
+                             f"B/token; {e}): give more memory, or use eviction") from None
         log.info("%s", self.kv_auto.summary(2 * mc.num_layers * mc.num_kv_heads * mc.head_dim))
         return self.kv_auto.kv_format
 

@@ -128,7 +128,7 @@ def _check_scales(path: Path, tensors: dict[str, torch.Tensor], signed: list[boo
         signed_here = layer.isdigit() and int(layer) < len(signed) and signed[int(layer)]
         ok = t != 0 if signed_here else t > 0
         if name.endswith(".scale") and not bool(torch.all(torch.isfinite(t) & ok)):
-            what = "zero" if signed else "non-positive"
+            what = "zero" if signed_here else "non-positive"
             raise ValueError(f"{path} holds a non-finite or {what} KV scale ({name})")
         if name.endswith(".zero") and not bool(torch.all(torch.isfinite(t))):
             raise ValueError(f"{path} holds a non-finite KV zero point ({name})")

@@ -109,3 +109,31 @@ def test_prefix_hits_and_samples_share_mixed_blocks(mixed):
     out = mixed.generate([prompt], params)[0]
     assert len(out.outputs) == 3
     mixed.check_integrity()
+
+
+def test_triton_kernels_read_each_layer_in_its_format(llama_dir, mixed):
+    """The fused kernels (Triton's interpreter on CPU) get each layer's format: fed the
+    same input, layer l of the mixed cache returns what a uniform cache of l's format
+    returns through the same kernels. (Against the oracle, Triton's write rounds a few
+    codes the other way in any int4 cache, mixed or not; the kernel tests cover that.)"""
+    ids = list(range(11, 31))
+    ref_in, _ = capture(LLM(llama_dir, kv_format="fp32", kv_memory="1MiB"), ids)
+    set_backend("triton")
+    try:
+        _, outs = capture(mixed, ids, ref_in)
+        for layer, fmt in enumerate(MIXED.split(",")):
+            uniform = LLM(llama_dir, kv_format=fmt, kv_memory="1MiB", dtype="float32")
+            _, want = capture(uniform, ids, ref_in)
+            torch.testing.assert_close(outs[layer], want[layer], rtol=1e-5, atol=1e-5)
+        decoded = mixed.score(ids[:5], chunk_size=1)
+    finally:
+        set_backend(None)
+    set_backend("reference")
+    try:
+        want = mixed.score(ids[:5], chunk_size=1)
+    finally:
+        set_backend(None)
+    # the decode kernel: within Triton's int4 rounding of the oracle (~0.03 on these
+    # logits, the same for a uniform int4 cache); a layer read in another format is O(1) off
+    torch.testing.assert_close(decoded, want, rtol=0, atol=0.06)
+    mixed.check_integrity()

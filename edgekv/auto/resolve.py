@@ -12,8 +12,8 @@ import torch
 from edgekv.quant import get_format
 
 from . import store
-from .choose import Assignment, choose
-from .probe import REFERENCE, ProbeResult, probe
+from .assign import Assignment, check_budget, choose
+from .probe import REFERENCE, ProbeResult, measure
 from .spec import CANDIDATES, DEFAULT_BITS, AutoSpec
 
 CALIBRATION_TOKENS = 1024  # a window of the demo model; ~1 s a prefill of a 0.5B model on CPU
@@ -78,12 +78,13 @@ def resolve_auto(model: torch.nn.Module, mc, model_identity: str, ids: list[int]
     key = store.probe_key(model=model_identity, version=__version__, formats=fmts,
                           block_size=block_size, dtype=str(compute_dtype), device=device.type,
                           ids=ids)
+    layer_bytes = [get_format(f).bytes_per_token(mc.num_kv_heads, mc.head_dim) for f in fmts]
+    check_budget(fmts, layer_bytes, mc.num_layers, budget_bytes, values)  # before probing
     result = store.load(key)
     if result is None or result.formats != fmts or len(result.kl) != mc.num_layers:
-        result = probe(model, mc.num_layers, mc.num_kv_heads, mc.head_dim, ids, fmts,
+        result = measure(model, mc.num_layers, mc.num_kv_heads, mc.head_dim, ids, fmts,
                        block_size, device, _progress())
         store.save(key, result)
-    layer_bytes = [get_format(f).bytes_per_token(mc.num_kv_heads, mc.head_dim) for f in fmts]
     return choose(result, layer_bytes, budget_bytes), result
 
 

@@ -52,17 +52,25 @@ def _ranges(layers: list[int]) -> str:
     return ("layer " if len(layers) == 1 else "layers ") + ", ".join(out)
 
 
+def check_budget(formats: Sequence[str], layer_bytes: Sequence[int], num_layers: int,
+                 budget: int, values: int | None = None) -> None:
+    """ValueError (one line) where not even the cheapest format in every layer fits;
+    ``values``: K/V values per token, to say the cheapest in bits per value too."""
+    cheapest = num_layers * min(layer_bytes)
+    if budget < cheapest:
+        name = formats[list(layer_bytes).index(min(layer_bytes))]
+        bits = f" = {8 * cheapest / values:.2f} bits/value" if values else ""
+        raise ValueError(f"a KV budget of {budget} B/token is below the cheapest assignment "
+                         f"({cheapest} B/token{bits}, every layer {name})")
+
+
 def choose(probe: ProbeResult, layer_bytes: Sequence[int], budget: int) -> Assignment:
     """Least sum of ``probe.predicted[l][f]`` with sum of ``layer_bytes[f]`` <= ``budget``.
 
     layer_bytes[f]: one layer's K+V bytes per token in format ``probe.formats[f]``.
     Raises ValueError (one line) when even the cheapest format in every layer exceeds it.
     Ties go to fewer bytes, then to the earlier format in ``probe.formats``."""
-    cheapest = len(probe.kl) * min(layer_bytes)
-    if budget < cheapest:
-        raise ValueError(f"a KV budget of {budget} B/token is below the cheapest assignment "
-                         f"({cheapest} B/token, every layer "
-                         f"{probe.formats[list(layer_bytes).index(min(layer_bytes))]})")
+    check_budget(probe.formats, layer_bytes, len(probe.kl), budget)
     front: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}  # bytes -> (kl, picks)
     for row in probe.predicted:
         nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
