@@ -48,6 +48,15 @@ class DecoderModel(nn.Module):
             x = layer(x, positions, self.rotary_emb, meta)
         return self.norm(x)
 
+    def forward_from(self, first: int, x, positions, meta):
+        """The layers from ``first`` on, given the hidden states (T, hidden) entering it:
+        what ``forward`` computes when the layers before wrote nothing new (a probe that
+        changes layer ``first``'s cache alone re-runs only the layers it can affect)."""
+        meta.rope = self.rotary_emb.cos_sin(positions, x.dtype)
+        for layer in self.layers[first:]:
+            x = layer(x, positions, self.rotary_emb, meta)
+        return self.norm(x)
+
 
 @register_model("LlamaForCausalLM")
 class LlamaForCausalLM(nn.Module):

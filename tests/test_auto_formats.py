@@ -132,7 +132,7 @@ def test_the_probe_is_stored_per_model_and_reused(llama_dir, probe_dir, monkeypa
     def no_probe(*a, **k):
         raise AssertionError("probed again")
 
-    monkeypatch.setattr(auto_resolve, "probe", no_probe)
+    monkeypatch.setattr(auto_resolve, "measure", no_probe)
     again = LLM(llama_dir, kv_format="auto:5", kv_memory="1MiB", kv_calibration=ids)
     assert again.kv_probe == first.kv_probe
     (f,) = probe_dir.glob("*.json")
@@ -150,6 +150,9 @@ def test_target_context_sets_the_budget(llama_dir):
               kv_calibration=ids)
     assert llm.kv_auto.budget == 192 * 1024 // 1024
     assert llm.cache_config.num_blocks * 16 >= 1024
+    with pytest.raises(ValueError, match="cannot hold target_context=1024 tokens in any"):
+        LLM(llama_dir, kv_format="auto", kv_memory="64KiB", target_context=1024,
+            kv_calibration=ids)
     with pytest.raises(ValueError, match="fewer than target_context"):
         LLM(llama_dir, kv_format="fp16", kv_memory="192KiB", target_context=1024)
     with pytest.raises(ValueError, match="target_context needs kv_memory"):
@@ -175,3 +178,29 @@ def test_on_the_demo_model_auto_beats_uniform_formats_as_predicted():
         assert measured == pytest.approx(auto.kv_auto.predicted_kl, rel=0.3), auto.kv_auto
         if spec == "auto:5":
             assert measured < mean_kl(want, g32.score(ids))
+
+
+def test_a_probe_resumed_at_each_layer_equals_full_prefills(llama_dir):
+    """The probe skips the layers below the one it changes (forward_from); what it
+    measures is what full prefills measure."""
+    from edgekv.auto.probe import measure
+
+    class Whole(torch.nn.Module):  # the same model without forward_from: full prefills
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(*args)
+
+        def compute_logits(self, hidden):
+            return self.inner.compute_logits(hidden)
+
+    llm = LLM(llama_dir, kv_format="fp16", kv_memory="1MiB", dtype="float32")
+    mc, ids = llm.model_config, list(range(3, 120))
+    args = (mc.num_layers, mc.num_kv_heads, mc.head_dim, ids, ("fp16", "int8", "int4"))
+    fast, full = measure(llm.model, *args), measure(Whole(llm.model), *args)
+    for a, b in ((fast.kl, full.kl), (fast.err, full.err)):
+        assert [x for row in a for x in row] == pytest.approx([x for row in b for x in row],
+                                                              rel=1e-4, abs=1e-9)
+    assert fast.kl[1][2] > 0 and fast.err[0][1] > 0

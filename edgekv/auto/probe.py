@@ -9,9 +9,11 @@ each candidate format ``f``, the same prefill over a cache whose layer ``l`` alo
     err[l][f] = || attn_l(this run) - attn_l(reference) || / || attn_l(reference) ||
 
 Layers below ``l`` are exact in both runs, so layer ``l`` sees the reference's input and
-``err`` is its format's error alone. A prefill reads its own tokens back from the cache
-(PagedAttention writes, then attends over the stored form), as decode does, so ``kl`` is
-what decoding with that layer in ``f`` costs.
+``err`` is its format's error alone; and the run starts at layer ``l`` from the hidden
+states the reference run recorded entering it (the model's ``forward_from``), which
+halves the probe's cost: layers x formats prefills of L - l layers each. A prefill reads
+its own tokens back from the cache (PagedAttention writes, then attends over the stored
+form), as decode does, so ``kl`` is what decoding with that layer in ``f`` costs.
 
 The prediction a choice is made on smooths ``kl`` with ``err``: a small error in a layer's
 attention output costs KL in proportion to its square (KL is locally quadratic). For each
@@ -21,7 +23,7 @@ few hundred tokens is noisy where two formats differ by a few per cent (int4_nl 
 int4_g32); the error of every output element is not. Formats far apart in error (int8
 against int4) are not fitted together: on a model with outlier keys, a layer's KL per
 err^2 differs 6x between them. The predicted KL of an assignment is the sum over its
-layers (choose.py): small, independent errors add.
+layers (assign.py): small, independent errors add.
 """
 
 from __future__ import annotations
@@ -78,10 +80,14 @@ class ProbeResult:
 
 @torch.inference_mode()
 def _prefill(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
-             ids: torch.Tensor, formats: Sequence[str], block_size: int
+             ids: torch.Tensor, formats: Sequence[str], block_size: int, first: int = 0,
+             entering: list[torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits (T, V) fp32 of one prefill of ``ids`` (T,) over a fresh cache of per-layer
-    ``formats``, and each attention layer's output (T, hidden) fp32."""
+    ``formats``, and each attention layer's output (T, hidden) fp32 from layer ``first``
+    on. ``first`` > 0 starts there from ``entering[first]`` (the hidden states entering
+    that layer in a run whose earlier layers are the same); with ``first`` == 0 and a list
+    ``entering``, it is filled with the hidden states entering every layer."""
     from edgekv.kv_cache import PagedKVCache
 
     T, dev = ids.shape[0], ids.device
@@ -97,15 +103,23 @@ def _prefill(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_di
     outs: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, a, o: outs.append(o.float()))
              for m in model.modules() if isinstance(m, PagedAttention)]
+    decoder = getattr(model, "model", None)
+    if first == 0 and entering == [] and decoder is not None:  # the reference run
+        hooks += [layer.register_forward_pre_hook(lambda mod, a: entering.append(a[0]))
+                  for layer in decoder.layers]
+    positions = torch.arange(T, device=dev)
     try:
-        hidden = model(ids, torch.arange(T, device=dev), meta)
+        if first:
+            hidden = decoder.forward_from(first, entering[first], positions, meta)
+        else:
+            hidden = model(ids, positions, meta)
     finally:
         for h in hooks:
             h.remove()
     return model.compute_logits(hidden).float(), outs
 
 
-def probe(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
+def measure(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
           ids: list[int], formats: Sequence[str], block_size: int = 16,
           device: torch.device | str = "cpu",
           progress: Callable[[int, int], None] | None = None) -> ProbeResult:
@@ -115,15 +129,20 @@ def probe(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: 
     t = torch.tensor(ids, dtype=torch.long, device=device)
     total, done = 1 + num_layers * sum(f != REFERENCE for f in formats), 0
 
-    def run(names):
+    entering: list[torch.Tensor] = []  # hidden states entering each layer, reference run
+    resumable = hasattr(getattr(model, "model", None), "forward_from")
+
+    def run(names, first=0):
         nonlocal done
-        out = _prefill(model, num_layers, num_kv_heads, head_dim, t, names, block_size)
+        out = _prefill(model, num_layers, num_kv_heads, head_dim, t, names, block_size,
+                       first if resumable else 0, entering)
         done += 1
         if progress is not None:
             progress(done, total)
         return out
 
     ref_logits, ref_outs = run([REFERENCE] * num_layers)
+    resumable = resumable and len(entering) == num_layers
     ref_logp = F.log_softmax(ref_logits.double(), dim=-1)  # (T, V)
     kl, err = [], []
     for layer in range(num_layers):
@@ -135,11 +154,12 @@ def probe(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: 
                 continue
             names = [REFERENCE] * num_layers
             names[layer] = f
-            logits, outs = run(names)
+            logits, outs = run(names, layer)  # layers below are the reference's: skipped
             logp = F.log_softmax(logits.double(), dim=-1)
             d = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0).mean().item()
             r = ref_outs[layer]
-            e = ((outs[layer] - r).norm() / r.norm().clamp(min=1e-30)).item()
+            o = outs[0] if resumable else outs[layer]
+            e = ((o - r).norm() / r.norm().clamp(min=1e-30)).item()
             kl_row.append(d if math.isfinite(d) else float("inf"))
             err_row.append(e)
         kl.append(tuple(kl_row))
