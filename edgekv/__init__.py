@@ -12,6 +12,7 @@ Map of the package (one concept per module):
     engine.py         Engine.step(): schedule, run, sample, postprocess
     llm.py            LLM: the Python API;  chat.py: chat sessions kept in the cache
     memory.py         the KV pool's size when the user gives none (kv_memory=None | "auto")
+    auto/             kv_format="auto": per-layer formats chosen by a load-time probe
     plan/             what fits on a GPU, from a model's config (``edgekv plan``)
     hf/               PagedQuantizedCache: the paged quantized cache as a transformers Cache
     cli.py            the ``edgekv`` command (cli_plan.py: ``edgekv plan``)
