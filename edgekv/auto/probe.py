@@ -120,9 +120,9 @@ def _prefill(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_di
 
 
 def measure(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
-          ids: list[int], formats: Sequence[str], block_size: int = 16,
-          device: torch.device | str = "cpu",
-          progress: Callable[[int, int], None] | None = None) -> ProbeResult:
+            ids: list[int], formats: Sequence[str], block_size: int = 16,
+            device: torch.device | str = "cpu",
+            progress: Callable[[int, int], None] | None = None) -> ProbeResult:
     """Measure kl and err (module docstring) of every (layer, format) on ``ids``.
 
     ``progress(done, total)`` is called after each prefill (1 + layers x formats)."""
