@@ -179,7 +179,8 @@ class LLM:
         budget = None
         if target_context is not None and auto.bits is None:
             budget = parse_memory(kv_memory) // target_context
-        ids = calibration_ids(self.tokenizer, self.model_dir, calibration, mc.max_position)
+        ids = calibration_ids(self.tokenizer, self.model_dir, calibration, mc.max_position,
+                              self.device.type)
         try:
             self.kv_auto, self.kv_probe = resolve_auto(
                 self.model, mc, _checkpoint_key(Path(self.model_dir)), ids, auto,

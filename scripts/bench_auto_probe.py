@@ -11,6 +11,7 @@ prefills it ran, a load that reads the stored probe, and a plain load, side by s
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -27,7 +28,8 @@ from bench_throughput import build_random_model  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
-    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=1024,
+                   help="calibration ids given (the probe reads at most 512 on a CPU)")
     p.add_argument("--bits", type=float, default=6.0)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
@@ -42,9 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, shape["vocab_size"], (a.tokens,), generator=g).tolist()
         kw = dict(kv_memory="64MiB", dtype="float32", kv_calibration=ids)
-        times = {}
+        times, llm = {}, None
         for what, fmt in (("plain load (int8)", "int8"), ("load + probe", f"auto:{a.bits}"),
                           ("load, stored probe", f"auto:{a.bits}")):
+            del llm  # one model in memory at a time
+            gc.collect()
             t = time.perf_counter()
             llm = LLM(model, kv_format=fmt, **kw)
             times[what] = time.perf_counter() - t
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         mc = llm.model_config
         prefills = 1 + mc.num_layers * (len(llm.kv_probe.formats) - 1)
         values = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim
-        print(f"{a.shape}: {prefills} prefills of {a.tokens} tokens, "
+        print(f"{a.shape}: {prefills} prefills of {llm.kv_probe.tokens} tokens, "
               f"{torch.get_num_threads()} threads; chose {llm.kv_auto.summary(values)}")
     return times
 

@@ -16,14 +16,17 @@ from .assign import Assignment, check_budget, choose
 from .probe import REFERENCE, ProbeResult, measure
 from .spec import CANDIDATES, DEFAULT_BITS, AutoSpec
 
-CALIBRATION_TOKENS = 1024  # a window of the demo model; ~1 s a prefill of a 0.5B model on CPU
+# a window of the demo model; on a CPU half that (a 0.5B model's probe: ~1 s a run)
+CALIBRATION_TOKENS = {"cuda": 1024, "cpu": 512}
 MIN_CALIBRATION_TOKENS = 64
 
 
-def calibration_ids(tokenizer, model_dir: Path, calibration, max_position: int) -> list[int]:
+def calibration_ids(tokenizer, model_dir: Path, calibration, max_position: int,
+                    device_type: str = "cpu") -> list[int]:
     """Token ids to probe with: ``calibration`` (a text file, or token ids), else the
-    model's own heldout.txt, else the bundled demo model's; at most CALIBRATION_TOKENS."""
-    n = min(CALIBRATION_TOKENS, max_position)
+    model's own heldout.txt, else the bundled demo model's; at most CALIBRATION_TOKENS
+    (by device type)."""
+    n = min(CALIBRATION_TOKENS.get(device_type, CALIBRATION_TOKENS["cuda"]), max_position)
     if calibration is not None and not isinstance(calibration, (str, Path)):
         ids = [int(t) for t in calibration]
     else:
@@ -55,9 +58,11 @@ def _progress():
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc="kv_format=auto: probing layers", unit="prefill",
+            bar = tqdm(total=total, desc="kv_format=auto: probing layers", unit="run",
                        leave=False, disable=None)
-        bar.update(1)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
         if done == total:
             bar.close()
     return update
