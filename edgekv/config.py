@@ -39,14 +39,25 @@ def parse_memory(value: int | float | str) -> int:
     return n
 
 
-def layer_formats(kv_format: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
-    """One format name per layer: ``"int8"`` (every layer), or one name per layer as a
-    sequence or comma-separated (``"int8,int4,int4,int4"``). Raises ValueError (one line)
-    on an unknown name or a count that is not ``num_layers``."""
-    names = kv_format.split(",") if isinstance(kv_format, str) else list(kv_format)
-    names = [str(n).strip() for n in names]
+def format_names(kv_format: str | Sequence[str]) -> list[str]:
+    """The names in ``kv_format``: one, or one per layer as a sequence or comma-separated
+    (``"int8,int4,int4,int4"``), each checked; ValueError (one line) otherwise."""
+    if not isinstance(kv_format, str) and not (
+            isinstance(kv_format, Sequence) and all(isinstance(n, str) for n in kv_format)):
+        raise ValueError(f"kv_format must be a format name or one per layer, got "
+                         f"{kv_format!r}")
+    names = [n.strip() for n in (kv_format.split(",") if isinstance(kv_format, str)
+                                 else kv_format)]
     for n in dict.fromkeys(names):
         get_format(n)
+    return names
+
+
+def layer_formats(kv_format: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
+    """One format name per layer (``format_names``, one name repeated for every layer).
+    Raises ValueError (one line) on an unknown name or a count that is not
+    ``num_layers``."""
+    names = format_names(kv_format)
     if len(names) == 1:
         return tuple(names) * num_layers
     if len(names) != num_layers:

@@ -15,9 +15,8 @@ from edgekv.auto import parse_auto
 from edgekv.kernels import get_backend
 from edgekv.models import load_model
 from edgekv.models.loader import resolve_dtype
-from edgekv.quant import get_format
 
-from .config import CacheConfig, join_formats, parse_memory
+from .config import CacheConfig, format_names, join_formats, parse_memory
 from .device import resolve_device
 from .engine import Engine
 from .eviction import EVICTION_POLICIES, EvictionConfig
@@ -111,7 +110,7 @@ class LLM:
         device = resolve_device(device)  # fail fast on bad input, before loading anything
         auto = parse_auto(kv_format)
         if auto is None:
-            kv_format = join_formats(_format_names(kv_format))
+            kv_format = join_formats(format_names(kv_format))
         eviction = _eviction_config(eviction, max_kv_tokens)
         _check_target(target_context, kv_memory)
         if auto is None:
@@ -173,7 +172,7 @@ class LLM:
 
     def _resolve_auto(self, auto, kv_memory, target_context, calibration, block_size) -> str:
         """kv_format="auto": probe (or read the stored probe), choose, log one line."""
-        from edgekv.auto import calibration_ids, resolve_auto
+        from edgekv.auto import BudgetTooSmall, calibration_ids, resolve_auto
 
         mc = self.model_config
         budget = None
@@ -186,8 +185,8 @@ class LLM:
                 self.model, mc, _checkpoint_key(Path(self.model_dir)), ids, auto,
                 device=self.device, compute_dtype=self.compute_dtype, block_size=block_size,
                 budget_bytes=budget)
-        except ValueError as e:
-            if budget is None or "below the cheapest" not in str(e):
+        except BudgetTooSmall as e:
+            if budget is None:
                 raise
             raise ValueError(f"kv_memory={kv_memory!r} cannot hold target_context="
                              f"{target_context} tokens in any per-layer formats ({budget} "
@@ -316,19 +315,6 @@ def _checkpoint_key(model_dir: Path) -> str:
     shards = sorted(model_dir.glob("*.safetensors"))
     stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in shards]
     return ";".join([model_identity(model_dir), *stamps])
-
-
-def _format_names(kv_format) -> list[str]:
-    """The names in ``kv_format`` (one, or one per layer), each checked (ValueError)."""
-    if not isinstance(kv_format, str) and not (
-            isinstance(kv_format, Seq) and all(isinstance(n, str) for n in kv_format)):
-        raise ValueError(f"kv_format must be a format name or one per layer, got "
-                         f"{kv_format!r}")
-    names = kv_format.split(",") if isinstance(kv_format, str) else list(kv_format)
-    names = [n.strip() for n in names]
-    for n in names:
-        get_format(n)
-    return names
 
 
 def _check_target(target_context, kv_memory) -> None:

@@ -9,6 +9,7 @@ import importlib
 
 _LAZY = {
     "Assignment": ".assign", "choose": ".assign", "check_budget": ".assign",
+    "BudgetTooSmall": ".assign",
     "REFERENCE": ".probe", "ProbeResult": ".probe", "measure": ".probe",
     "calibration_ids": ".resolve", "resolve_auto": ".resolve",
     "CANDIDATES": ".spec", "DEFAULT_BITS": ".spec", "AutoSpec": ".spec",

@@ -52,16 +52,20 @@ def _ranges(layers: list[int]) -> str:
     return ("layer " if len(layers) == 1 else "layers ") + ", ".join(out)
 
 
+class BudgetTooSmall(ValueError):
+    """Not even the cheapest format in every layer fits the budget."""
+
+
 def check_budget(formats: Sequence[str], layer_bytes: Sequence[int], num_layers: int,
                  budget: int, values: int | None = None) -> None:
-    """ValueError (one line) where not even the cheapest format in every layer fits;
+    """BudgetTooSmall (one line) where not even the cheapest format in every layer fits;
     ``values``: K/V values per token, to say the cheapest in bits per value too."""
     cheapest = num_layers * min(layer_bytes)
     if budget < cheapest:
         name = formats[list(layer_bytes).index(min(layer_bytes))]
         bits = f" = {8 * cheapest / values:.2f} bits/value" if values else ""
-        raise ValueError(f"a KV budget of {budget} B/token is below the cheapest assignment "
-                         f"({cheapest} B/token{bits}, every layer {name})")
+        raise BudgetTooSmall(f"a KV budget of {budget} B/token is below the cheapest "
+                             f"assignment ({cheapest} B/token{bits}, every layer {name})")
 
 
 def choose(probe: ProbeResult, layer_bytes: Sequence[int], budget: int) -> Assignment:
