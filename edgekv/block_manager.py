@@ -59,9 +59,10 @@ class BlockManager:
     caller must copy in the KV storage before writing.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
+                 tiers: tuple[int, ...] | None = None):
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, tiers)  # tiers: blocks per age tier
         self.host_pool = BlockPool(num_host_blocks) if num_host_blocks else None
         self.tables: dict[int, BlockTable] = {}
 
@@ -77,7 +78,7 @@ class BlockManager:
         t = self.tables.get(seq_id, BlockTable())
         total = -(-(t.num_tokens + num_new_tokens) // self.block_size)
         needed = total - len(t.block_ids) + len(t.host)  # swapped blocks come back first
-        if num_new_tokens > 0 and self._last_block_shared(t):
+        if num_new_tokens > 0 and self._last_block_moves(t):
             needed += 1  # copy-on-write of the partially filled last block
         return needed
 
@@ -107,7 +108,7 @@ class BlockManager:
         t = self.tables.setdefault(seq_id, BlockTable())
         assert not t.host, f"sequence {seq_id} is swapped out"
         copies = []
-        if num_new_tokens > 0 and self._last_block_shared(t):
+        if num_new_tokens > 0 and self._last_block_moves(t):
             (new,) = self.pool.allocate(1)
             old = t.block_ids[-1]
             self.pool.release(old)
@@ -303,9 +304,12 @@ class BlockManager:
             self.host_pool.check_integrity()
             assert host == self.host_pool.ref_counts, "host ref counts differ from holders"
 
-    def _last_block_shared(self, t: BlockTable) -> bool:
+    def _last_block_moves(self, t: BlockTable) -> bool:
+        """Whether writing into the partial last block needs a copy first: it is shared,
+        or (age tiers, after a truncate) it was demoted out of the tier new tokens go to."""
         partial = t.num_tokens % self.block_size != 0
-        return partial and t.block_ids[-1] is not None and self.pool.is_shared(t.block_ids[-1])
+        b = t.block_ids[-1] if partial else None
+        return b is not None and (self.pool.is_shared(b) or self.pool.tier_of(b) != 0)
 
     def _release_entry(self, t: BlockTable, i: int) -> None:
         if t.block_ids[i] is None:

@@ -19,6 +19,11 @@ hash to the one block holding it. A freed block keeps its hash and stays findabl
 ``lookup`` until ``allocate`` hands it out again (its hash is dropped then, since it will be
 overwritten). ``take`` (a cache hit) adds a holder; on a free block it also takes it off
 the free list, wherever it sits.
+
+Age tiers (``tiers``: blocks per stored tier, edgekv/tiers): the ids split into one
+contiguous range per tier, each with its own free list. ``allocate`` takes from the
+newest tier unless told another; ``num_free`` counts that tier's free blocks (where new
+tokens go), ``num_free_in(t)`` any tier's.
 """
 
 from __future__ import annotations
@@ -31,40 +36,61 @@ class NoFreeBlocks(RuntimeError):
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, tiers: tuple[int, ...] | None = None):
         assert num_blocks > 0
+        tiers = tiers or (num_blocks,)
+        assert sum(tiers) == num_blocks and min(tiers) > 0, (num_blocks, tiers)
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks  # number of block tables holding each block
-        # free ids in LRU order (head = freed longest ago); an ordered dict so that a cache
-        # hit can take a block from the middle in O(1)
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.starts = [sum(tiers[:t]) for t in range(len(tiers) + 1)]  # tier t: [s_t, s_t+1)
+        # per tier, free ids in LRU order (head = freed longest ago); ordered dicts so that
+        # a cache hit can take a block from the middle in O(1)
+        self._tier_free: list[OrderedDict[int, None]] = [
+            OrderedDict.fromkeys(range(a, b))
+            for a, b in zip(self.starts, self.starts[1:], strict=False)]
+        self._free = self._tier_free[0]
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # content hash -> block id
 
     @property
     def free_ids(self) -> list[int]:
-        """Free block ids, next to be allocated first."""
+        """Free block ids of the newest tier, next to be allocated first."""
         return list(self._free)
 
     @property
     def num_free(self) -> int:
+        """Free blocks where new tokens go (the newest tier)."""
         return len(self._free)
+
+    def num_free_in(self, tier: int) -> int:
+        return len(self._tier_free[tier])
+
+    @property
+    def num_tiers(self) -> int:
+        return len(self._tier_free)
+
+    def tier_of(self, block_id: int) -> int:
+        t = 0
+        while block_id >= self.starts[t + 1]:
+            t += 1
+        return t
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - sum(len(f) for f in self._tier_free)
 
     @property
     def num_cached(self) -> int:
         """Blocks holding a cached prefix block, in use or free."""
         return len(self.cached)
 
-    def allocate(self, n: int = 1) -> list[int]:
-        """Take ``n`` free blocks (ref count 1 each), least recently freed first, dropping
-        any cached hash they held. All or nothing: raises NoFreeBlocks."""
-        if n > len(self._free):
-            raise NoFreeBlocks(f"need {n} blocks, {len(self._free)} free")
-        ids = [self._free.popitem(last=False)[0] for _ in range(n)]
+    def allocate(self, n: int = 1, tier: int = 0) -> list[int]:
+        """Take ``n`` free blocks of ``tier`` (ref count 1 each), least recently freed
+        first, dropping any cached hash they held. All or nothing: raises NoFreeBlocks."""
+        free = self._tier_free[tier]
+        if n > len(free):
+            raise NoFreeBlocks(f"need {n} blocks, {len(free)} free")
+        ids = [free.popitem(last=False)[0] for _ in range(n)]
         for i in ids:
             assert self.ref_counts[i] == 0, f"block {i} on the free list is referenced"
             self.ref_counts[i] = 1
@@ -81,7 +107,7 @@ class BlockPool:
         assert self.ref_counts[block_id] > 0, f"releasing free block {block_id}"
         self.ref_counts[block_id] -= 1
         if self.ref_counts[block_id] == 0:
-            self._free[block_id] = None
+            self._tier_free[self.tier_of(block_id)][block_id] = None
 
     def is_shared(self, block_id: int) -> bool:
         return self.ref_counts[block_id] > 1
@@ -110,18 +136,20 @@ class BlockPool:
     def take(self, block_id: int) -> None:
         """A cache hit: one more holder; a free block leaves the free list."""
         if self.ref_counts[block_id] == 0:
-            del self._free[block_id]
+            del self._tier_free[self.tier_of(block_id)][block_id]
         self.ref_counts[block_id] += 1
 
     def check_integrity(self) -> None:
         """free + used == total; the free list holds exactly the unreferenced ids, once;
         the hash map and per-block hashes agree."""
-        free = set(self._free)
-        assert all(0 <= i < self.num_blocks for i in free), "foreign id on the free list"
+        free = set().union(*self._tier_free)
+        for t, ids in enumerate(self._tier_free):
+            assert all(self.starts[t] <= i < self.starts[t + 1] for i in ids), (
+                f"foreign id on tier {t}'s free list")
         for i, rc in enumerate(self.ref_counts):
             assert rc >= 0, f"block {i} has ref count {rc}"
             assert (rc == 0) == (i in free), f"block {i}: ref count {rc}, free={i in free}"
-        assert self.num_free + sum(rc > 0 for rc in self.ref_counts) == self.num_blocks
+        assert len(free) + sum(rc > 0 for rc in self.ref_counts) == self.num_blocks
         for h, b in self.cached.items():
             assert self.block_hash[b] == h, f"block {b}: hash map and block hash differ"
         assert sum(h is not None for h in self.block_hash) == len(self.cached)

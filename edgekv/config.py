@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgekv.quant import KVFormat, get_format
+from edgekv.tiers.spec import TierLayout, TierSpec, tier_blocks
 
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256
 
@@ -95,6 +96,9 @@ class CacheConfig:
     one sequence in every layer, so one block costs ``bytes_per_block`` across the model.
     ``kv_format`` is one format name, or one per layer comma-separated (each layer owns
     its storage; a block's bytes are the sum over layers); ``formats`` has one per layer.
+    ``tiers`` (age tiers, edgekv/tiers): the block ids split into one range per stored
+    tier; ``kv_format`` is then the newest tier's, where new tokens are written, and
+    ``num_blocks`` counts every tier's.
     """
 
     num_layers: int
@@ -103,6 +107,7 @@ class CacheConfig:
     num_blocks: int
     block_size: int = 16  # tokens per block; a power of two so kernels tile it exactly
     kv_format: str = "int8"
+    tiers: TierLayout | None = None
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "num_blocks"):
@@ -119,6 +124,19 @@ class CacheConfig:
         object.__setattr__(self, "kv_format", join_formats(names))  # canonical form
         for f in dict.fromkeys(names):
             get_format(f).check_head_dim(self.head_dim)  # ValueError on a shape it can't store
+        if self.tiers is not None:
+            if self.mixed or self.kv_format != self.tiers.formats[0] or \
+                    self.num_blocks != sum(self.tiers.blocks):
+                raise ValueError(f"tiers {self.tiers} do not match kv_format "
+                                 f"{self.kv_format!r} and {self.num_blocks} blocks")
+            for f in self.tiers.formats:
+                get_format(f).check_head_dim(self.head_dim)
+
+    def tier(self, t: int) -> CacheConfig:
+        """Stored tier ``t`` alone: its format and its blocks (ids local to the tier)."""
+        assert self.tiers is not None
+        return CacheConfig(self.num_layers, self.num_kv_heads, self.head_dim,
+                           self.tiers.blocks[t], self.block_size, self.tiers.formats[t])
 
     @property
     def formats(self) -> tuple[KVFormat, ...]:
@@ -149,6 +167,8 @@ class CacheConfig:
 
     @property
     def bytes_total(self) -> int:
+        if self.tiers is not None:
+            return sum(self.tier(t).bytes_total for t in range(len(self.tiers.blocks)))
         return self.num_blocks * self.bytes_per_block
 
     @classmethod
@@ -165,3 +185,17 @@ class CacheConfig:
                              f"({per_block} bytes)")
         return cls(num_layers, num_kv_heads, head_dim, budget // per_block, block_size,
                    kv_format)
+
+    @classmethod
+    def for_tiers(cls, kv_memory: int | str, num_layers: int, num_kv_heads: int,
+                  head_dim: int, spec: TierSpec, block_size: int = 16,
+                  chunk_tokens: int = 512) -> CacheConfig:
+        """The tiered config whose pools together fit in ``kv_memory`` bytes
+        (``tiers.spec.tier_blocks`` splits them)."""
+        budget = parse_memory(kv_memory)
+        per_block = tuple(block_size * kv_bytes_per_token(f, num_layers, num_kv_heads,
+                                                          head_dim) for f in spec.formats)
+        blocks = tier_blocks(spec, budget, per_block, block_size, chunk_tokens)
+        layout = TierLayout(spec.formats, spec.tokens, blocks)
+        return cls(num_layers, num_kv_heads, head_dim, sum(blocks), block_size,
+                   spec.formats[0], layout)

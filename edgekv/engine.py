@@ -30,6 +30,7 @@ from .sampling import SamplingParams, request_seed, sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .stop_strings import cut_at_stop_string, emit_text
+from .tiers.demote import Demoter
 
 
 class Engine:
@@ -60,11 +61,17 @@ class Engine:
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  eviction: EvictionConfig | None = None, prefix_caching: bool = True,
                  num_host_blocks: int = 0, residual_tokens: int = 0):
+        tiers = cache_config.tiers
+        if tiers is not None and (eviction is not None or num_host_blocks):
+            raise ValueError("kv_tiers cannot be combined with eviction or offload yet")
         self.model_config, self.cache_config = model_config, cache_config
         self.tokenizer, self.device, self.seed = tokenizer, device, seed
         self.manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
-                                    num_host_blocks)
+                                    num_host_blocks, None if tiers is None else tiers.blocks)
         self.cache = PagedKVCache(cache_config, device)
+        # age tiers: blocks demoted as they age (edgekv/tiers/demote.py)
+        self.demoter = None if tiers is None else Demoter(tiers, self.manager, self.cache,
+                                                          residual_tokens)
         self.offloader = None
         if num_host_blocks:
             host_cfg = dataclasses.replace(cache_config, num_blocks=num_host_blocks)
@@ -92,7 +99,7 @@ class Engine:
                                    self.evictor, self.offloader,
                                    salt if prefix_caching else None,
                                    self.residual.forget if self.residual else None,
-                                   self.shifter)
+                                   self.shifter, self.demoter)
         self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor,
                                   self.residual)
         eos = set(model_config.eos_token_ids)
@@ -261,6 +268,8 @@ class Engine:
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
             self.scheduler.computed(seq)
+        if self.demoter is not None:  # blocks that left their tier move down
+            self.demoter.age()
         sampled, rows = self._fork_samples([batch.seqs[i] for i in rows])
         self._beam_steps(sampled, rows, logits)
         sampled, rows = [s for s in sampled if s.beam is None], \
@@ -405,6 +414,8 @@ class Engine:
         s.update(self.evictor.stats() if self.evictor is not None else {"eviction": None})
         if self.shifter is not None:
             s.update(self.shifter.stats())
+        if self.demoter is not None:
+            s.update(self.demoter.stats())
         s.update(self.residual.stats() if self.residual is not None else
                  {"residual_tokens": 0})
         return s

@@ -24,6 +24,7 @@ from .memory import auto_kv_plan
 from .sampling import SamplingParams
 from .scoring import score
 from .sequence import Sequence
+from .tiers import parse_tiers
 
 log = logging.getLogger("edgekv")
 
@@ -106,8 +107,14 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  prefix_caching: bool = True, offload_memory: int | str = 0,
                  kv_residual: int = 0, target_context: int | None = None,
-                 kv_calibration: str | Path | Seq[int] | None = None):
+                 kv_calibration: str | Path | Seq[int] | None = None,
+                 kv_tiers: str | None = None):
         device = resolve_device(device)  # fail fast on bad input, before loading anything
+        tiers = None
+        if kv_tiers is not None:
+            tiers = parse_tiers(kv_tiers)
+            kv_format, kv_residual = _check_tiers(tiers, kv_format, kv_residual, eviction,
+                                                  offload_memory)
         auto = parse_auto(kv_format)
         if auto is None:
             kv_format = join_formats(format_names(kv_format))
@@ -148,8 +155,13 @@ class LLM:
                 budget -= reserve
         else:
             budget = parse_memory(kv_memory)
-        self.cache_config = CacheConfig.for_budget(budget, mc.num_layers, mc.num_kv_heads,
-                                                   mc.head_dim, block_size, kv_format)
+        chunk = max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
+        if tiers is not None:
+            self.cache_config = CacheConfig.for_tiers(budget, mc.num_layers, mc.num_kv_heads,
+                                                      mc.head_dim, tiers, block_size, chunk)
+        else:
+            self.cache_config = CacheConfig.for_budget(budget, mc.num_layers, mc.num_kv_heads,
+                                                       mc.head_dim, block_size, kv_format)
         if target_context is not None and self.cache_config.num_blocks * block_size < \
                 target_context:
             raise ValueError(f"kv_memory={kv_memory!r} holds "
@@ -165,8 +177,7 @@ class LLM:
                                  f"({self.cache_config.bytes_per_block} bytes each)")
         self.engine = Engine(self.model, mc, self.cache_config, self.tokenizer, self.device,
                              seed=seed, max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=max_num_batched_tokens
-                             or (2048 if self.device.type == "cuda" else 512),
+                             max_num_batched_tokens=chunk,
                              eviction=eviction, prefix_caching=prefix_caching,
                              num_host_blocks=host_blocks, residual_tokens=kv_residual)
 
@@ -326,6 +337,22 @@ def _check_target(target_context, kv_memory) -> None:
                          f"{target_context!r}")
     if kv_memory is None or kv_memory == "auto":
         raise ValueError("target_context needs kv_memory: the bytes to hold it in")
+
+
+def _check_tiers(tiers, kv_format, kv_residual, eviction, offload_memory) -> tuple[str, int]:
+    """kv_tiers sets the format new tokens are written in and the exact window: kv_format
+    and kv_residual may only repeat them. Returns (kv_format, kv_residual)."""
+    if kv_format not in ("int8", tiers.formats[0]):
+        raise ValueError(f"kv_tiers sets the formats ({tiers}): leave kv_format out")
+    if kv_residual not in (0, tiers.exact):
+        raise ValueError(f"kv_tiers sets the exact window ({tiers}): leave kv_residual out, "
+                         f"or write it as the first tier, fp16:{kv_residual}")
+    if eviction is not None or offload_memory:
+        raise ValueError("kv_tiers cannot be combined with eviction or offload yet")
+    if tiers.exact and get_backend() == "triton":
+        raise ValueError("kv_tiers with an exact window needs the torch prefill path, which "
+                         "the forced 'triton' attention backend forbids")
+    return tiers.formats[0], tiers.exact
 
 
 def _check_residual(tokens, kv_format: str, eviction: EvictionConfig | None) -> None:

@@ -6,6 +6,7 @@ import torch
 
 from edgekv.kernels.cpu_compiled import step_compiled
 from edgekv.kernels.cpu_plan import exact_counts, plan_step
+from edgekv.kernels.tiered import plan_tiers
 from edgekv.models import AttentionMetadata, cpu_fused
 from edgekv.models.layers import transpose_for_cpu
 
@@ -78,6 +79,9 @@ class ModelRunner:
             ends = [a + n for a, n in zip(starts, batch.num_new, strict=True)]
             step = self.residual.step([s.seq_id for s in batch.seqs], starts, ends)
             meta.residual = (self.residual, step)
+        if self.cache.config.tiers is not None:  # age tiers: each table split by tier
+            meta.tiers = plan_tiers(tables, seq_lens, self.cache.offsets,
+                                    self.manager.block_size, dev)
         ev = self.evictor
         if ev is not None and ev.needs_mass:
             meta.block_mass = torch.zeros(len(tables), width, dtype=torch.float32, device=dev)
@@ -89,6 +93,7 @@ class ModelRunner:
                                          self.residual.tokens)
             c = self.cache.config
             compiled = (meta.block_mass is None and meta.max_query_len == 1
+                        and meta.tiers is None
                         and all(step_compiled(f, c.head_dim)
                                 for f in set(self.cache.formats))
                         and self._layers_compiled())

@@ -59,8 +59,9 @@ class Scheduler:
                  evictor: Evictor | None = None, offloader: Offloader | None = None,
                  prefix_salt: bytes | None = None,
                  forget: Callable[[int], None] | None = None,
-                 shifter: ContextShift | None = None):
+                 shifter: ContextShift | None = None, demoter=None):
         self.manager, self.evictor, self.offloader = manager, evictor, offloader
+        self.demoter = demoter  # age tiers: moves old blocks out of the newest tier early
         self.copy_blocks = copy_blocks
         self.forget = forget  # told when a sequence's blocks are freed (residual rings)
         self.shifter = shifter  # with eviction: keeps rotary positions inside the context
@@ -223,6 +224,9 @@ class Scheduler:
         host pool if it has room, else dropping them), then evicting the sequence's own
         blocks (if ``shrink``), if needed."""
         while not self._fits(seq, n):
+            short = self.manager.blocks_needed(seq.seq_id, n) - self.manager.pool.num_free
+            if self.demoter is not None and self.demoter.relieve(short):
+                continue  # the newest tier made room by demoting its oldest blocks early
             others = [s for s in self.parked.values()
                       if s is not seq and self.manager.num_swappable(s.seq_id) > 0]
             if others:
@@ -266,8 +270,8 @@ class Scheduler:
             mgr.free(seq_id)
             return
         ids = mgr.block_ids(seq_id)
-        for old, new in copies:  # ``old`` is still held by the sequence it was shared with
-            mgr.pool.share(old)
+        for old, new in copies:  # held by the sequence it was shared with, or free
+            mgr.pool.take(old)
             ids[ids.index(new)] = old
             mgr.pool.release(new)
         mgr.truncate(seq_id, num_tokens)

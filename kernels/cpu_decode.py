@@ -30,7 +30,7 @@ from edgekv.quant import KVFormat, QuantizedKV
 from .cpu_codes import CodeReader, reader_for
 from .cpu_compiled import compiled_decode
 from .cpu_plan import DecodeBucket, exact_counts, plan_decode
-from .exact_tail import ExactTail
+from .exact_tail import LOG2E, ExactTail
 
 
 def paged_decode_attention_cpu(
@@ -45,11 +45,14 @@ def paged_decode_attention_cpu(
     exact: ExactTail | None = None,
     buckets: tuple[DecodeBucket, ...] | None = None,
     q_storage: torch.Tensor | None = None,
+    return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # (S, Hq, D) [, (S, max_blocks)]
     """Attention of one new token per sequence over its paged history; ``buckets`` from
     cpu_plan.plan_decode (made here when None, with ``exact``'s counts). ``q_storage``:
     q already in the storage basis, fp32 (the caller rotated it with k and v); the output
-    is in the original basis either way. Does not mutate the caches."""
+    is in the original basis either way. ``return_lse``: also (S, Hq) fp32 log2-sum-exp of
+    the scores, to merge with attention over other keys (exact_tail.merge_attention; not
+    with ``exact`` or the block mass; every seq_len > 0). Does not mutate the caches."""
     S, Hq, D = q.shape
     Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
     if Hq % Hkv:
@@ -67,7 +70,8 @@ def paged_decode_attention_cpu(
         buckets = plan_decode(block_tables, seq_lens, B, Hkv, num_exact)
     reader = reader_for(fmt, D, q.device)
     qs = (reader.to_codes(q) if q_storage is None else q_storage).reshape(S * Hkv, G, D)
-    if exact is None and not return_block_mass:
+    assert not return_lse or (exact is None and not return_block_mass)
+    if exact is None and not return_block_mass and not return_lse:
         jit = compiled_decode(qs.view(S, Hkv, G, D), k_cache, v_cache, block_tables,
                               seq_lens, fmt, reader, sm)
         if jit is not None:
@@ -75,10 +79,13 @@ def paged_decode_attention_cpu(
     ring = None if exact is None else _ExactKeys.of(q, exact, seq_lens, sm, B)
     mass = torch.zeros(S, width, dtype=torch.float32, device=q.device) \
         if return_block_mass else None
-    p_ring = None
+    p_ring = lse = None
+    if return_lse:
+        lse = torch.empty(S, Hkv, G, dtype=torch.float32, device=q.device)
     if len(buckets) == 1 and buckets[0].seqs is None:
         out, p, p_ring = _attend(qs, k_cache, v_cache, buckets[0], reader, sm,
-                                 None if ring is None else ring.scores)
+                                 None if ring is None else ring.scores,
+                                 None if lse is None else lse.view(S * Hkv, G))
         if mass is not None:
             nb = min(buckets[0].length // B, width)
             mass[:, :nb] = p.view(S, Hq, -1, B).sum((1, 3))[:, :nb]
@@ -87,8 +94,12 @@ def paged_decode_attention_cpu(
         out = torch.empty(S, Hkv, G, D, dtype=torch.float32, device=q.device)
         q4 = qs.view(S, Hkv, G, D)
         for b in buckets:
-            o, p, _ = _attend(q4[b.seqs].view(-1, G, D), k_cache, v_cache, b, reader, sm)
+            part = None if lse is None else lse.new_empty(len(b.seqs) * Hkv, G)
+            o, p, _ = _attend(q4[b.seqs].view(-1, G, D), k_cache, v_cache, b, reader, sm,
+                              lse=part)
             out[b.seqs] = o.view(-1, Hkv, G, D)
+            if part is not None:
+                lse[b.seqs] = part.view(-1, Hkv, G)
             if mass is not None:
                 nb = min(b.length // B, width)
                 mass[b.seqs, :nb] = p.view(len(b.seqs), Hq, -1, B).sum((1, 3))[:, :nb]
@@ -101,15 +112,19 @@ def paged_decode_attention_cpu(
         if mass is not None:
             mass.scatter_add_(1, ring.block, p_ring.view(S, Hq, R).sum(1))
     out = out.to(q.dtype)
+    if lse is not None:
+        return out, lse.view(S, Hq) * LOG2E
     return (out, mass) if return_block_mass else out
 
 
 def _attend(qs: torch.Tensor, k: QuantizedKV, v: QuantizedKV, b: DecodeBucket,
-            reader: CodeReader, sm: float, ring_scores: torch.Tensor | None = None
+            reader: CodeReader, sm: float, ring_scores: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """qs (Sb*Hkv, G, D) in the codes' basis -> out (Sb*Hkv, G, D) codes' basis (the exact
     keys' part not included), p (Sb*Hkv, G, Lp) the blocks' probabilities and p_ring
-    (Sb*Hkv, G, R) the exact keys' (one softmax over both), None without ring_scores."""
+    (Sb*Hkv, G, R) the exact keys' (one softmax over both), None without ring_scores.
+    ``lse``: (Sb*Hkv, G) filled with the scores' natural log-sum-exp (no ring)."""
     n, L = qs.shape[0], b.length
     kc = reader.read(k, b.rows).view(n, L, -1)  # (n, Lp, D)
     raw = torch.bmm(qs, kc.transpose(1, 2))  # (n, G, Lp)
@@ -122,6 +137,8 @@ def _attend(qs: torch.Tensor, k: QuantizedKV, v: QuantizedKV, b: DecodeBucket,
     else:
         scores = torch.add(b.bias, raw, alpha=sm)
     p_ring = None
+    if lse is not None:
+        torch.logsumexp(scores, dim=-1, out=lse)
     if ring_scores is None:
         p = torch.softmax(scores, dim=-1)
     else:

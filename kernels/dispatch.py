@@ -142,7 +142,8 @@ def paged_decode_attention(
     q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, fmt: KVFormat | str, sm_scale: float | None = None, *,
     return_block_mass: bool = False, exact: ExactTail | None = None,
-    plan: StepPlan | None = None, q_storage_basis: bool = False, **kernel_options,
+    plan: StepPlan | None = None, q_storage_basis: bool = False, return_lse: bool = False,
+    **kernel_options,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention, (S, Hq, D) -> (S, Hq, D); see paged_decode.py for the contract and
     for ``kernel_options`` (num_splits, block_n, ...; the torch path ignores them).
@@ -150,9 +151,23 @@ def paged_decode_attention(
     ``exact``: each sequence's newest tokens read exact (exact_tail.py). ``plan``: this
     step's plan (cpu_plan.plan_step, with ``exact``'s counts), read by the torch path.
     ``q_storage_basis``: q is fp32 in the format's storage basis (rotated with k and v in
-    one matmul); the output is in the original basis either way.
+    one matmul); the output is in the original basis either way. ``return_lse``: also the
+    (S, Hq) fp32 log2-sum-exp, to merge with attention over other keys (age tiers; not
+    with ``exact`` or block mass; the reference has none: the torch path runs).
     """
     fmt = get_format(fmt)
+    if return_lse:
+        assert exact is None and not return_block_mass and not q_storage_basis
+        if not _use_triton(q.device, fmt, q.shape[-1]):
+            return paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens,
+                                              fmt, sm_scale, return_lse=True)
+        run = _kernels("paged_decode").paged_decode_attention
+        return _run(lambda: run(q, k_cache, v_cache, block_tables, seq_lens, fmt, sm_scale,
+                                return_lse=True, **kernel_options),
+                    lambda: paged_decode_attention_cpu(q, k_cache, v_cache, block_tables,
+                                                       seq_lens, fmt, sm_scale,
+                                                       return_lse=True),
+                    f"decode kernel for {fmt.name}")
     q_storage = q if q_storage_basis else None
     if q_storage_basis and (exact is not None or get_backend() == "reference" or _use_triton(
             q.device, fmt, q.shape[-1],

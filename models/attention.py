@@ -23,6 +23,7 @@ from edgekv.kernels import (
 from edgekv.kernels.cpu_compiled import compiled_layer, layer_kind
 from edgekv.kernels.cpu_plan import StepPlan
 from edgekv.kernels.cpu_write import write_kv_storage
+from edgekv.kernels.tiered import TierTables, tiered_decode_attention, tiered_prefill_attention
 
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, apply_rope, fused_linear
@@ -48,6 +49,8 @@ class AttentionMetadata:
                    buckets, planned once (the runner makes one on CPU)
     rope:          (cos, signed sin), each (T, 1, D), or None: set by the model once per
                    step from the positions it is given (RotaryEmbedding.cos_sin)
+    tiers:         kernels.tiered.TierTables or None: with age tiers (``kv_tiers``), each
+                   sequence's blocks split by tier, planned once per step
     """
 
     slot_mapping: torch.Tensor
@@ -62,6 +65,7 @@ class AttentionMetadata:
     residual: tuple | None = None
     plan: StepPlan | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    tiers: TierTables | None = None
 
 
 class PagedAttention(nn.Module):
@@ -155,7 +159,9 @@ class PagedAttention(nn.Module):
             else:  # prefill reads the ring as it was, and its own new K/V
                 exact = window.tail(self.layer_idx, step, k, v)
         mass = meta.block_mass
-        if meta.max_query_len == 1:
+        if meta.tiers is not None:  # age tiers: blocks in several storages
+            o = self._tiered(q, meta, exact)
+        elif meta.max_query_len == 1:
             o = paged_decode_attention(q if q_storage is None else q_storage, k_store,
                                        v_store, meta.block_tables, meta.seq_lens,
                                        fmt, self.scale, max_seq_len=meta.max_seq_len,
@@ -172,6 +178,17 @@ class PagedAttention(nn.Module):
                 mass += paged_prefill_block_mass(q, k_store, meta.block_tables, meta.seq_lens,
                                                  meta.cu_seqlens_q, fmt, self.scale,
                                                  last_n=meta.mass_window)
-            if window is not None:
-                window.write(self.layer_idx, k, v, step)
+        if window is not None and meta.max_query_len > 1:
+            window.write(self.layer_idx, k, v, step)
         return self.o_proj(o.reshape(T, -1).to(x.dtype))  # (T, hidden)
+
+    def _tiered(self, q: torch.Tensor, meta: AttentionMetadata, exact) -> torch.Tensor:
+        """Attention over a cache whose blocks live in several age tiers (q in the original
+        basis; block mass is not read with tiers)."""
+        stores = meta.kv_cache.tier_stores(self.layer_idx)
+        if meta.max_query_len == 1:
+            return tiered_decode_attention(q, stores, meta.block_tables, meta.tiers,
+                                           meta.seq_lens, self.scale, exact)
+        return tiered_prefill_attention(q, stores, meta.block_tables, meta.seq_lens,
+                                        meta.cu_seqlens_q, self.scale, exact,
+                                        max_q_len=meta.max_query_len)
