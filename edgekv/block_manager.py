@@ -128,6 +128,22 @@ class BlockManager:
         t.num_tokens += num_new_tokens
         return self.slots(seq_id, start, t.num_tokens), copies
 
+    def adopt(self, seq_id: int, tiers: list[int], num_tokens: int) -> list[int]:
+        """Start a table for new sequence ``seq_id`` of ``num_tokens`` tokens in fresh
+        blocks, entry i from age tier ``tiers[i]`` (a loaded session's). Returns the ids;
+        raises NoFreeBlocks, changing nothing, if a tier is short."""
+        assert seq_id not in self.tables, f"sequence {seq_id} already has blocks"
+        assert len(tiers) == -(-num_tokens // self.block_size)
+        short = [t for t in set(tiers) if tiers.count(t) > self.pool.num_free_in(t)]
+        if short:
+            raise NoFreeBlocks(f"sequence {seq_id} needs {tiers.count(short[0])} blocks of "
+                               f"tier {short[0]}, {self.pool.num_free_in(short[0])} free")
+        got = {t: iter(self.pool.allocate(tiers.count(t), t)) for t in set(tiers)}
+        ids = [next(got[t]) for t in tiers]
+        self.tables[seq_id] = BlockTable(ids, num_tokens, positions=[
+            i * self.block_size for i in range(len(ids))])
+        return ids
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (no bytes are copied now). The
         parent must not be swapped out."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .config import describe_formats
+from .config import describe_kv
 from .sampling import SamplingParams
 from .session_io import SessionExists, load_session, save_session
 from .text_input import decode_utf8, reencode, replaced_notice
@@ -41,9 +41,18 @@ def status_line(stats: dict, tok_per_s: float, prompt_tokens: int, gen_tokens: i
     return (f"[{tok_per_s:.1f} tok/s{dtype_note(stats)} | "
             f"prompt {prompt_tokens} + gen {gen_tokens} tokens | "
             f"KV {human_bytes(stats['bytes_used'])} / {human_bytes(stats['bytes_total'])} "
-            f"{describe_formats(stats['kv_format'])}, {stats['bytes_per_token']:,} B/token | "
+            f"{describe_kv(stats)}, {stats['bytes_per_token']:,} B/token | "
             f"blocks {stats['blocks_used']}/{stats['blocks_total']} | "
-            f"util {stats['utilization']:.0%}{eviction_note(stats)}{residual_note(stats)}]")
+            f"util {stats['utilization']:.0%}{eviction_note(stats)}{residual_note(stats)}"
+            f"{tier_note(stats)}]")
+
+
+def tier_note(stats: dict) -> str:
+    """Tokens and bytes in each age tier (kv_tiers)."""
+    if not stats.get("tiers"):
+        return ""
+    return " | " + ", ".join(f"{t['format']} {t['live_tokens']:,} tok "
+                             f"{human_bytes(t['bytes_used'])}" for t in stats["tiers"])
 
 
 def dtype_note(stats: dict) -> str:
@@ -87,10 +96,19 @@ class ChatREPL:
         elif cmd == "/stats":
             stats = self.llm.kv_stats()
             stats["cached_tokens"] = self.chat.num_cached_tokens
+            tiers = stats.pop("tiers", None) or []
             width = max(len(k) for k in stats)
             for k, v in stats.items():
                 self.say(f"  {k:<{width}}  {v:.3f}" if isinstance(v, float) else
                          f"  {k:<{width}}  {v}")
+            for t, tier in enumerate(tiers):  # bytes and tokens per age tier
+                n = tier["tokens_max"]
+                size = "older tokens" if n is None else \
+                    f"{'newest' if t == 0 else 'next'} {n:,} tokens"
+                self.say(f"  tier {t} {tier['format']} ({size}): "
+                         f"{tier['live_tokens']:,} tokens, {tier['blocks_used']}/"
+                         f"{tier['blocks_total']} blocks, {human_bytes(tier['bytes_used'])}"
+                         f" / {human_bytes(tier['bytes_total'])}")
         elif cmd == "/reset":
             self.chat.reset()
             self.say("(conversation reset)")

@@ -46,6 +46,10 @@ def model_options(fn):
         click.option("--kv-residual", type=click.IntRange(0), default=0, show_default=True,
                      help="Newest tokens of each sequence also kept in fp16 and read "
                      "exact (quantized formats, no eviction)."),
+        click.option("--kv-tiers", default=None, callback=_kv_tiers,
+                     help="Age tiers instead of one --kv format, newest first, e.g. "
+                     "fp16:128,int8:2048,int4: each sequence's newest 128 tokens also exact, "
+                     "the next 2,048 in int8, everything older in int4."),
         click.option("--eviction", type=click.Choice(EVICTION_POLICIES), default=None,
                      help="Keep each sequence inside --max-kv-tokens by evicting blocks "
                      "(default: no eviction)."),
@@ -96,6 +100,19 @@ def _kv_format(ctx, param, value: str) -> str:
     return value
 
 
+def _kv_tiers(ctx, param, value: str | None) -> str | None:
+    """--kv-tiers: a bad spec is a usage error (edgekv.tiers.spec imports no torch)."""
+    from edgekv.tiers.spec import parse_tiers
+
+    if value is None:
+        return None
+    try:
+        parse_tiers(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def build(opts: dict, **llm_options):
     """(LLM, SamplingParams) from the shared options (and ``llm_options`` for LLM); bad
     input is a one-line error (exit code 2), found before the model loads where the
@@ -128,7 +145,8 @@ def build(opts: dict, **llm_options):
                       weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
                       seed=opts["seed"], kv_residual=opts["kv_residual"],
                       offload_memory=offload, target_context=opts["target_context"],
-                      kv_calibration=opts["calibration"], **llm_options)
+                      kv_calibration=opts["calibration"], kv_tiers=opts["kv_tiers"],
+                      **llm_options)
         except (RuntimeError, MemoryError) as e:
             if not out_of_memory(e):
                 raise
@@ -176,7 +194,7 @@ def quiet_libraries(fn):
 def chat(system: str | None, **opts) -> None:
     """Chat in the terminal; the history stays in the KV cache. /help lists commands."""
     from .chat_cli import ChatREPL, stdin_lines
-    from .config import describe_formats
+    from .config import describe_kv
 
     llm, params = build(opts)
     with user_errors():  # a model without a tokenizer cannot chat
@@ -184,7 +202,7 @@ def chat(system: str | None, **opts) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         s = llm.kv_stats()
-        kv = describe_formats(s["kv_format"])
+        kv = describe_kv(s)
         click.echo(f"edgekv chat: {llm.model_dir.name}, KV {kv} "
                    f"({s['bytes_per_token']:,} B/token), {s['blocks_total']} blocks of "
                    f"{s['block_size']}. /help for commands, Ctrl-D to quit.")

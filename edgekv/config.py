@@ -81,6 +81,18 @@ def describe_formats(kv_format: str) -> str:
     return " + ".join(f"{n} x{c}" for n, c in counts.items())
 
 
+def describe_kv(stats: dict) -> str:
+    """What a cache stores, for people, from its ``kv_stats()``: ``describe_formats``, or
+    with age tiers their spec ("tiers fp16:128,int8:2048,int4")."""
+    tiers = stats.get("tiers")
+    if not tiers:
+        return describe_formats(stats["kv_format"])
+    parts = [f"fp16:{stats['residual_tokens']}"] if stats.get("residual_tokens") else []
+    parts += [t["format"] if t["tokens_max"] is None else f"{t['format']}:{t['tokens_max']}"
+              for t in tiers]
+    return "tiers " + ",".join(parts)
+
+
 def kv_bytes_per_token(kv_format: str | Sequence[str], num_layers: int, num_kv_heads: int,
                        head_dim: int) -> int:
     """K+V bytes of one token across all layers, scales included."""

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .session_blocks import BlockTensor, block_tensors, kv_identity, signed_scale
+
 FILE_FORMAT = "edgekv-session-2"
 OLD_FORMATS = ("edgekv-session-1",)  # written before files carried a checksum
 # the metadata the checksum covers: everything loading reads back
@@ -55,9 +57,11 @@ def session_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> 
 class CheckedSession:
     """A session file's contents, validated; installing it cannot fail for want of room.
 
-    blocks: (layer, "k"|"v", "data"|"scale"|"zero") -> (num_blocks, Hkv, B, ...) on the
-            cache's device, in its dtype, in table order; empty when nothing is cached
+    blocks: session_blocks.BlockTensor (a tier, layer, K or V, part) -> (its entries,
+            Hkv, B, ...) on the cache's device, in its dtype, in table order; empty when
+            nothing is cached
     scores: (<= num_blocks,) fp32 an eviction policy's block scores, or None
+    tiers:  the age tier of each table entry (all 0 without tiers)
     """
 
     tokens: list[int]
@@ -66,9 +70,10 @@ class CheckedSession:
     num_evicted: int
     messages: list[dict]
     prompt_text: str
-    blocks: dict[tuple[int, str, str], torch.Tensor]
+    blocks: dict[BlockTensor, torch.Tensor]
     scores: torch.Tensor | None
     positions: list[int]  # rotary position of each block's first slot (context shift)
+    tiers: list[int]
 
     @property
     def num_cached(self) -> int:
@@ -84,7 +89,7 @@ def check_session(chat, path: Path, meta: dict[str, str], tensors: dict[str, tor
     if meta.get("model") != model:
         raise ValueError(f"{path} was saved with another model (identity "
                          f"{meta.get('model')!r}; this model is {model!r})")
-    for key, value in (("kv_format", llm.cache_config.kv_format),
+    for key, value in (("kv_format", kv_identity(llm.cache_config)),
                        ("block_size", str(llm.cache_config.block_size))):
         if meta.get(key) != value:
             raise ValueError(f"{path} was saved with {key}={meta.get(key)!r}; this session "
@@ -92,7 +97,7 @@ def check_session(chat, path: Path, meta: dict[str, str], tensors: dict[str, tor
     if meta.get("checksum") != session_checksum(tensors, meta):
         raise ValueError(f"{path} fails its checksum: the file is damaged")
     tokens = _check_tokens(path, tensors.get("tokens"), llm.model_config.vocab_size)
-    _check_scales(path, tensors, [f.signed_scale for f in llm.cache_config.formats])
+    _check_scales(path, tensors, llm.cache_config)
     messages = _check_messages(path, meta.get("messages"))
     return _check_counts(chat, path, meta, tensors, tokens, messages)
 
@@ -118,14 +123,13 @@ def _check_tokens(path: Path, t: torch.Tensor | None, vocab: int) -> list[int]:
     return t.tolist()
 
 
-def _check_scales(path: Path, tensors: dict[str, torch.Tensor], signed: list[bool]) -> None:
+def _check_scales(path: Path, tensors: dict[str, torch.Tensor], cache_config) -> None:
     """Every stored slot, written or not: a block's unwritten slots hold 1 (fresh) or an
-    earlier token's scale, both finite and positive (nonzero where layer i's format has
-    ``signed[i]`` scales), and a kernel may read them."""
+    earlier token's scale, both finite and positive (nonzero where the block's format has
+    signed scales), and a kernel may read them."""
     for name in sorted(tensors):
         t = tensors[name].float()
-        layer = name.split(".")[0][1:]  # L{i}.{k|v}.{part}
-        signed_here = layer.isdigit() and int(layer) < len(signed) and signed[int(layer)]
+        signed_here = signed_scale(cache_config, name)
         ok = t != 0 if signed_here else t > 0
         if name.endswith(".scale") and not bool(torch.all(torch.isfinite(t) & ok)):
             what = "zero" if signed_here else "non-positive"
@@ -166,34 +170,42 @@ def _check_counts(chat, path: Path, meta: dict[str, str], tensors: dict[str, tor
                            f"prompt={num_prompt} for {n} tokens")
     engine = chat.llm.engine
     nb = -(-(num_computed - num_evicted) // engine.manager.block_size)
+    tiers = _check_tiers(path, tensors.get("block_tiers"), nb, engine.cache_config)
     blocks = {}
-    for i, layer in enumerate(engine.cache.layers):
-        for name, store in zip("kv", layer, strict=True):
-            for part in ("data", "scale", "zero"):
-                t = getattr(store, part)
-                if t is None or nb == 0:
-                    continue
-                key = f"L{i}.{name}.{part}"
-                saved = tensors.get(key)
-                if saved is None or saved.shape != (nb, *t.shape[1:]) or saved.dtype != t.dtype:
-                    raise inconsistent(f"{key} is missing or not ({nb}, {tuple(t.shape[1:])}) "
-                                       f"{t.dtype}")
-                blocks[(i, name, part)] = saved.to(t.device)
+    for bt in block_tensors(engine.cache, tiers):
+        saved = tensors.get(bt.key)
+        shape = (len(bt.rows), *bt.store.shape[1:])
+        if saved is None or saved.shape != shape or saved.dtype != bt.store.dtype:
+            raise inconsistent(f"{bt.key} is missing or not {shape} {bt.store.dtype}")
+        blocks[bt] = saved.to(bt.store.device)
     scores = tensors.get("eviction_scores")
     if scores is not None and (scores.dim() != 1 or len(scores) > nb):
         raise inconsistent(f"{len(scores)} eviction scores for {nb} blocks")
     positions = _check_positions(path, tensors.get("block_positions"), nb,
                                  engine.manager.block_size,
                                  chat.llm.model_config.max_position)
-    extra = set(tensors) - {"tokens", "eviction_scores", "block_positions"} - {
-        f"L{i}.{name}.{part}" for i, name, part in blocks}
+    extra = set(tensors) - {"tokens", "eviction_scores", "block_positions", "block_tiers"} - {
+        bt.key for bt in blocks}
     if extra:
         raise inconsistent(f"unexpected tensor {sorted(extra)[0]}")
-    _check_room(chat, path, nb, num_computed - num_evicted)
+    _check_room(chat, path, tiers, num_computed - num_evicted)
     if scores is not None:
         scores = scores.float().to(chat.llm.device)
     return CheckedSession(tokens, num_prompt, num_computed, num_evicted, messages,
-                          prompt_text, blocks, scores, positions)
+                          prompt_text, blocks, scores, positions, tiers)
+
+
+def _check_tiers(path: Path, t: torch.Tensor | None, nb: int, cache_config) -> list[int]:
+    """The age tier of each of the ``nb`` table entries: the file's ``block_tiers`` with
+    age tiers (each in range), all 0 without."""
+    if cache_config.tiers is None:
+        return [0] * nb
+    n = len(cache_config.tiers.formats)
+    tiers = t.tolist() if t is not None and t.dim() == 1 and t.dtype == torch.int64 else None
+    if tiers is None or len(tiers) != nb or any(not 0 <= x < n for x in tiers):
+        raise ValueError(f"{path} is inconsistent: its block tiers are missing or not "
+                         f"{nb} tiers in [0, {n})")
+    return tiers
 
 
 def _check_positions(path: Path, t: torch.Tensor | None, nb: int, block_size: int,
@@ -210,16 +222,20 @@ def _check_positions(path: Path, t: torch.Tensor | None, nb: int, block_size: in
     return pos
 
 
-def _check_room(chat, path: Path, needed: int, num_cached: int) -> None:
-    """The new table needs ``needed`` fresh blocks; the chat's current blocks that no other
-    sequence holds return to the pool when it is replaced, so they count as room."""
+def _check_room(chat, path: Path, tiers: list[int], num_cached: int) -> None:
+    """The new table needs a fresh block per entry, each in its tier (``tiers``); the
+    chat's current blocks that no other sequence holds return to the pool when it is
+    replaced, so they count as room."""
     mgr = chat.llm.engine.manager
-    own = 0
+    own = [0] * mgr.pool.num_tiers
     if chat.seq is not None and chat.seq.seq_id in mgr.tables:
-        own = sum(b is not None and mgr.pool.ref_counts[b] == 1
-                  for b in mgr.tables[chat.seq.seq_id].block_ids)
-    if needed > mgr.pool.num_free + own:
-        raise ValueError(f"{path} does not fit in the KV pool: its {num_cached} cached tokens "
-                         f"need {needed} blocks, {mgr.pool.num_free} are free (+{own} of "
-                         f"this conversation)")
-
+        for b in mgr.tables[chat.seq.seq_id].block_ids:
+            if b is not None and mgr.pool.ref_counts[b] == 1:
+                own[mgr.pool.tier_of(b)] += 1
+    for t in sorted(set(tiers)):
+        needed, free = tiers.count(t), mgr.pool.num_free_in(t)
+        if needed > free + own[t]:
+            where = f" of tier {t}" if mgr.pool.num_tiers > 1 else ""
+            raise ValueError(f"{path} does not fit in the KV pool: its {num_cached} cached "
+                             f"tokens need {needed} blocks{where}, {free} are free "
+                             f"(+{own[t]} of this conversation)")

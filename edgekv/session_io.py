@@ -4,6 +4,8 @@ File layout (one safetensors file):
     tokens                   (n,) int64       the conversation's tokens
     block_positions          (num_blocks,) int64  rotary position of each block's first slot
     L{i}.{k|v}.{data|scale|zero}  (num_blocks, Hkv, B, ...)  layer i's blocks, in table order
+                             (with age tiers: T{t}.L{i}... per tier, and block_tiers;
+                             session_blocks.py)
     eviction_scores          (num_blocks,) fp32   an eviction policy's block scores, if any
     metadata (str -> str):   format, model, kv_format, block_size, num_computed,
                              num_evicted, num_prompt, messages (JSON), prompt_text,
@@ -32,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .sampling import SamplingParams
+from .session_blocks import BlockTensor, block_tensors, kv_identity
 from .session_check import FILE_FORMAT, CheckedSession, check_session, session_checksum
 
 __all__ = ["FILE_FORMAT", "SessionExists", "load_session", "model_identity", "save_session"]
@@ -94,19 +97,19 @@ def _session_contents(chat) -> tuple[dict[str, torch.Tensor], dict[str, str], in
             ev = llm.engine.evictor
             if ev is not None and seq.seq_id in ev.scores:  # what h2o/snapkv have seen
                 tensors["eviction_scores"] = ev.scores[seq.seq_id].cpu().clone()
-            for i in range(len(llm.engine.cache.layers) if sources else 0):
-                for j, name in enumerate("kv"):
-                    for part in ("data", "scale", "zero"):
-                        if getattr(llm.engine.cache.layers[i][j], part) is None:
-                            continue
-                        tensors[f"L{i}.{name}.{part}"] = torch.stack(
-                            [getattr(c.layers[i][j], part)[b].cpu() for c, b in sources])
+            cache = llm.engine.cache
+            tiers = [cache.tier_of(b) if c is cache else 0 for c, b in sources]
+            if cache.config.tiers is not None:
+                tensors["block_tiers"] = torch.tensor(tiers, dtype=torch.int64)
+            for bt in block_tensors(cache, tiers):
+                tensors[bt.key] = torch.stack([_stored(c, b, bt).cpu()
+                                               for c, b in (sources[r] for r in bt.rows)])
     else:
         tensors["tokens"] = torch.zeros(0, dtype=torch.int64)
     meta = {
         "format": FILE_FORMAT,
         "model": model_identity(llm.model_dir),
-        "kv_format": llm.cache_config.kv_format,
+        "kv_format": kv_identity(llm.cache_config),
         "block_size": str(llm.cache_config.block_size),
         "num_computed": str(num_computed),
         "num_evicted": str(num_evicted),
@@ -115,6 +118,12 @@ def _session_contents(chat) -> tuple[dict[str, torch.Tensor], dict[str, str], in
         "prompt_text": chat._prompt_text,
     }
     return {k: v.contiguous() for k, v in tensors.items()}, meta, num_computed - num_evicted
+
+
+def _stored(cache, block: int, bt: BlockTensor) -> torch.Tensor:
+    """Block ``block`` (a global id of ``cache``) of the tensor ``bt`` names."""
+    store = getattr(cache.tier_layers[bt.tier][bt.layer][bt.kv], bt.part)
+    return store[block - cache.offsets[bt.tier]]
 
 
 def _block_sources(engine, seq_id: int) -> list[tuple[object, int]]:
@@ -201,8 +210,8 @@ def _install(chat, s: CheckedSession) -> int:
     gone by then and is recomputed on its next turn."""
     engine = chat.engine
     old = (chat.seq, chat.messages, chat._prompt_text)
-    nb = len(next(iter(s.blocks.values()))) if s.blocks else 0
-    free_first = nb > engine.manager.pool.num_free
+    pool = engine.manager.pool
+    free_first = any(s.tiers.count(t) > pool.num_free_in(t) for t in set(s.tiers))
     if free_first:
         chat.reset()
     seq = engine.new_sequence(s.tokens, SamplingParams(), keep_cache=True) if s.tokens else None
@@ -227,8 +236,7 @@ def _fill(engine, seq, s: CheckedSession) -> None:
     """Give ``seq`` a table of fresh blocks holding the file's bytes, then park it."""
     seq.num_prompt = s.num_prompt
     if s.blocks:
-        engine.manager.append_slots(seq.seq_id, s.num_cached)
-        ids = torch.tensor(engine.manager.block_ids(seq.seq_id), dtype=torch.long)
+        ids = engine.manager.adopt(seq.seq_id, s.tiers, s.num_cached)
         _write_blocks(engine.cache, ids, s.blocks)
         engine.manager.tables[seq.seq_id].positions = list(s.positions)
         seq.num_computed, seq.num_evicted = s.num_computed, s.num_evicted
@@ -237,8 +245,9 @@ def _fill(engine, seq, s: CheckedSession) -> None:
     engine.scheduler.finish(seq, "stop")  # parked: blocks kept for the next turn
 
 
-def _write_blocks(cache, ids: torch.Tensor, blocks: dict[tuple[int, str, str], torch.Tensor]):
-    """ids: (num_blocks,) int64 block ids, in table order; blocks as in CheckedSession."""
-    for (i, name, part), saved in blocks.items():
-        t = getattr(cache.layers[i][0 if name == "k" else 1], part)
-        t[ids.to(t.device)] = saved
+def _write_blocks(cache, ids: list[int], blocks: dict[BlockTensor, torch.Tensor]) -> None:
+    """ids: the new table's global block ids, in table order; blocks as in CheckedSession."""
+    for bt, saved in blocks.items():
+        local = torch.tensor([ids[r] - cache.offsets[bt.tier] for r in bt.rows],
+                             dtype=torch.long, device=bt.store.device)
+        bt.store[local] = saved

@@ -167,6 +167,24 @@ def test_residual_rows_measure_each_quantized_format_with_its_window(llama_dir, 
     assert "int4 +r48" in report.table_line(windowed)
 
 
+def test_tier_rows_are_token_by_token_and_count_each_tier_at_its_bytes(llama_dir,
+                                                                       text_file):
+    rows = tiny(llama_dir, text_file, formats=("fp16", "int4", "int8"), kv_residual=(0, 8),
+                tiers=("fp16:8,int8:16,int4",), peers="none", prompts=0, layer_tokens=0,
+                window=64)
+    by = {(r["format"], r["kv_residual"]): r for r in rows}
+    tier = by[("tiers fp16:8,int8:16,int4", 0)]
+    assert tier["ppl_mode"] == "decode" and "token by token" in tier["notes"]
+    # bytes over the 64-token window: 8 exact fp16 tokens, the int8 tier's one block
+    # (blocks of 16: the next-newest block's newest token is 16 tokens old), int4 the rest
+    fp16 = by[("fp16", 0)]["bytes_per_token"]
+    int8, int4 = by[("int8", 0)]["bytes_per_token"], by[("int4", 0)]["bytes_per_token"]
+    assert tier["bytes_per_token"] == (8 * fp16 + 16 * int8 + 48 * int4) // 64
+    assert by[("int4", 8)]["bytes_per_token"] == (64 * int4 + 8 * fp16) // 64
+    # the newest tokens exact and the next in int8: less KL than int4 with the ring alone
+    assert 0 < tier["kl"] < by[("int4", 8)]["kl"] < by[("int4", 0)]["kl"]
+
+
 def test_eviction_in_prefill_chunks_streams_the_window_as_a_long_prompt(llama_dir,
                                                                        text_file):
     kw = dict(formats=("fp16",), eviction=("snapkv",), budgets=(32,), peers="none",
@@ -185,6 +203,7 @@ def test_eviction_in_prefill_chunks_streams_the_window_as_a_long_prompt(llama_di
     (["--text", "/nonexistent/t.txt"], "text file not found"),
     (["--window", "4096"], "longer than the model's context"),
     (["--budgets", "0.5,abc"], "--budgets must be"),
+    (["--tiers", "int8:64"], "one stored tier"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, llama_dir, text_file):
     base = ["eval", "--model", str(llama_dir), "--text", str(text_file), "--peers", "none"]

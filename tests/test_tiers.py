@@ -356,3 +356,62 @@ def test_llm_refuses_what_tiers_do_not_take(llama_dir, kw, why):
     kw = {"kv_tiers": "fp16:8,int8:32,int4"} | kw
     with pytest.raises(ValueError, match=why):
         LLM(llama_dir, kv_memory="1MiB", **kw)
+
+
+# ---- sessions ----------------------------------------------------------------------------
+def test_sessions_save_and_load_tiered_caches(llama_dir, tmp_path):
+    from edgekv.session_io import load_session, save_session
+
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    chat = tiered_llm(llama_dir, tiers="int8:32,int4").chat()
+    for turn in ("Once upon a time there was a small cache.", "It held many keys."):
+        chat.send(turn, greedy)
+    eng = chat.llm.engine
+    ids = list(eng.manager.block_ids(chat.seq.seq_id))
+    tiers = [eng.manager.pool.tier_of(b) for b in ids]
+    assert 0 in tiers and 1 in tiers
+    want_k, want_v = read_blocks(eng.cache.tier_stores(1), ids)
+    path = tmp_path / "s.safetensors"
+    save_session(chat, path)
+    cached = chat.seq.num_cached
+    reply = chat.send("And then?", greedy)
+
+    for spec in ("int8:32,int4", "fp16:8,int8:48,int4"):  # other sizes load too
+        other = tiered_llm(llama_dir, tiers=spec).chat()
+        assert load_session(other, path) == cached
+        e2 = other.llm.engine
+        ids2 = e2.manager.block_ids(other.seq.seq_id)
+        assert [e2.manager.pool.tier_of(b) for b in ids2] == tiers  # each block in its tier
+        k, v = read_blocks(e2.cache.tier_stores(1), ids2)
+        assert torch.equal(k, want_k) and torch.equal(v, want_v)  # the codes, as they were
+        e2.check_integrity()
+        again = other.send("And then?", greedy)
+        if spec == "int8:32,int4":
+            assert again == reply  # the next turn reads the same cache
+        e2.check_integrity()
+
+    with pytest.raises(ValueError, match="kv_format"):  # a one-storage cache refuses it
+        load_session(LLM(llama_dir, kv_memory="2MiB", dtype=torch.float32, block_size=8,
+                         kv_format="int8").chat(), path)
+
+
+# ---- the command line ----------------------------------------------------------------------
+def test_cli_takes_tiers_and_refuses_bad_ones_in_one_line(llama_dir):
+    from click.testing import CliRunner
+
+    from edgekv.cli import main
+
+    r = CliRunner().invoke(main, ["generate", "--model", str(llama_dir), "--kv-tiers",
+                                  "int8:32", "hi"])
+    assert r.exit_code == 2 and "one stored tier" in r.output
+    r = CliRunner().invoke(main, ["generate", "--model", str(llama_dir), "--kv-tiers",
+                                  "fp16:8,int8:32,int4", "--kv", "int4", "hi"])
+    assert r.exit_code == 2 and "leave kv_format out" in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    r = CliRunner().invoke(main, ["chat", "--model", str(llama_dir), "--kv-tiers",
+                                  "fp16:8,int8:32,int4", "--kv-memory", "1MiB", "--max-tokens",
+                                  "60", "--temperature", "0"],
+                           input="Once upon a time there was a small cache.\n/stats\n")
+    assert r.exit_code == 0, r.output
+    assert "tiers fp16:8,int8:32,int4" in r.output  # the status line
+    assert "tier 0 int8 (newest 32 tokens)" in r.output and "tier 1 int4 (older" in r.output

@@ -54,6 +54,8 @@ def _numbers(value: str, kind, what: str) -> tuple:
 @click.option("--kv-residual", "kv_residual", default="0", show_default=True,
               help="Comma-separated residual windows: each quantized format is also "
               "measured with its newest N tokens read unquantized (LLM(kv_residual=N)).")
+@click.option("--tiers", "tiers", multiple=True, help="Age tiers to measure as one more row "
+              "each (repeat the option), e.g. --tiers fp16:128,int8:256,int4.")
 @click.option("--eviction-chunk", type=click.IntRange(1), default=1, show_default=True,
               help="Tokens per step through an eviction budget: 1 reads it as decode does; "
               "more streams the text as a long prompt prefilled in chunks (a chunk's last "
@@ -93,7 +95,7 @@ def _numbers(value: str, kind, what: str) -> tuple:
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")
 def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str,
-                 kv_residual: str,
+                 kv_residual: str, tiers: tuple[str, ...],
                  peers: str, json_out, csv_out, md_out, plot_out, progress, **opts) -> None:
     """Measure what each KV format (and eviction policy) costs in accuracy, against the
     fp16 cache on the same model and tokens: perplexity, KL and top-1 agreement, greedy
@@ -111,7 +113,7 @@ def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str
                          budgets=_numbers(budgets, float, "--budgets"),
                          passkey_lengths=_numbers(passkey_lengths, int, "--passkey-lengths"),
                          kv_residual=_numbers(kv_residual, int, "--kv-residual"),
-                         peers=peer_sel, **opts)
+                         tiers=tuple(tiers), peers=peer_sel, **opts)
         for path, option in ((json_out, "--json"), (csv_out, "--csv"), (md_out, "--markdown"),
                              (plot_out, "--plot")):
             check_output(path, option)

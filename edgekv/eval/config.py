@@ -33,6 +33,8 @@ class EvalConfig:
                     its history from the cache as decode does: KL, top-1, decode perplexity
     kv_residual:    residual windows (``LLM(kv_residual=R)``: the newest R tokens read
                     unquantized) to measure each quantized format with; 0 = none
+    tiers:          age-tier specs (``LLM(kv_tiers=...)``), each measured as one more row
+                    (token by token: a prefill does not demote until it ends)
     prompts, prompt_len, gen_len: greedy continuations compared with fp16's
     layer_tokens:   tokens of the first window used for the per-layer attention error
     peers:          "auto" (those installed), "none", or names from PEERS
@@ -51,6 +53,7 @@ class EvalConfig:
     budgets: tuple[float, ...] = (0.125, 0.25, 0.5)
     eviction_chunk: int = 1
     kv_residual: tuple[int, ...] = (0,)
+    tiers: tuple[str, ...] = ()
     text: str | None = None
     window: int | None = None
     stride: int | None = None
@@ -108,6 +111,13 @@ class EvalConfig:
         if not self.kv_residual or any(
                 isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.kv_residual):
             raise ValueError(f"kv_residual takes token counts >= 0, got {self.kv_residual!r}")
+        from edgekv.tiers import parse_tiers
+
+        for spec in self.tiers:
+            parse_tiers(spec)
+        if self.tiers and self.decode_windows == 0:
+            raise ValueError("tiers are measured over the decode windows: give "
+                             "decode_windows >= 1")
         if not isinstance(self.eviction_chunk, int) or self.eviction_chunk < 1:
             raise ValueError(f"eviction_chunk must be a positive integer, got "
                              f"{self.eviction_chunk!r}")

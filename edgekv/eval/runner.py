@@ -77,7 +77,8 @@ def run(config: EvalConfig | None = None, *, progress: Progress | None = None,
     evict = [(f, p, b) for f in cfg.measured_formats for p in cfg.eviction
              for b in cfg.budget_tokens(len(plan.windows[0].inputs))]
     configs = sum(len(cfg.residuals(f)) for f in cfg.measured_formats)
-    counter = _Counter(progress, _total_units(plan, configs, len(evict), peers))
+    counter = _Counter(progress, _total_units(plan, configs, len(evict) + len(cfg.tiers),
+                                              peers))
     rows: list[dict] = []
 
     def emit(row: dict) -> None:
@@ -97,6 +98,8 @@ def run(config: EvalConfig | None = None, *, progress: Progress | None = None,
     for fmt in cfg.measured_formats:
         for r in cfg.residuals(fmt):
             emit(_measure(_edgekv(plan, fmt, residual=r), plan, base, counter))
+    for spec in cfg.tiers:
+        emit(_measure(_edgekv(plan, "fp16", tiers=spec), plan, base, counter))
     for fmt, policy, budget in evict:
         emit(_measure(_edgekv(plan, fmt, policy, budget), plan, base, counter))
     if peers:
@@ -173,7 +176,8 @@ def make_plan(cfg: EvalConfig) -> Plan:
 
 
 def _edgekv(plan: Plan, fmt: str, policy: str | None = None,
-            budget: int | None = None, residual: int = 0) -> EdgeKVSubject:
+            budget: int | None = None, residual: int = 0,
+            tiers: str | None = None) -> EdgeKVSubject:
     cfg, mc = plan.cfg, plan.model_config
     widest = BASELINE if parse_auto(fmt) is not None else fmt  # auto: at most fp16's bytes
     per_token = mc.num_layers * get_format(widest).bytes_per_token(mc.num_kv_heads,
@@ -183,7 +187,8 @@ def _edgekv(plan: Plan, fmt: str, policy: str | None = None,
                          kv_budget=budget, block_size=cfg.block_size, dtype=cfg.dtype,
                          device=cfg.device, seed=cfg.seed, max_num_seqs=seqs,
                          decode_chunk=cfg.eviction_chunk if policy is not None else 1,
-                         kv_residual=residual)
+                         kv_residual=residual, kv_tiers=tiers,
+                         window=len(plan.windows[0].inputs))
 
 
 def _run_peers(peers: list[str], plan: Plan, base: Baseline, counter, emit) -> None:
@@ -214,7 +219,7 @@ def _run_peers(peers: list[str], plan: Plan, base: Baseline, counter, emit) -> N
 def _measure(subject: Subject, plan: Plan, base: Baseline, counter: _Counter) -> dict:
     """All metrics of one configuration; the fp16 baseline run fills ``base`` first."""
     is_base = subject.name == BASELINE and subject.backend == "edgekv" and \
-        subject.eviction is None and not subject.kv_residual
+        subject.eviction is None and not subject.kv_residual and subject.tiers is None
     label = subject.name + (f" {subject.eviction}@{subject.kv_budget}" if subject.eviction
                             else "") + (f" +r{subject.kv_residual}" if subject.kv_residual
                                         and subject.backend == "edgekv" else "")
@@ -246,7 +251,7 @@ def _measure(subject: Subject, plan: Plan, base: Baseline, counter: _Counter) ->
                 decode.add_continuation(ref, out)
             counter.tick()
         if base.layer_ref is not None and isinstance(subject, EdgeKVSubject) \
-                and subject.eviction is None:
+                and subject.prefill_reflects_cache:
             ids = plan.windows[0].inputs[: plan.cfg.layer_tokens]
             layers = layer_errors(subject.llm, ids, *base.layer_ref)
             counter.tick()

@@ -32,6 +32,7 @@ class Subject(ABC):
     eviction: str | None = None
     kv_budget: int | None = None  # tokens one sequence may keep cached
     kv_residual: int | None = 0  # newest tokens kept unquantized (None: not applicable)
+    tiers: str | None = None  # age tiers (LLM(kv_tiers=...)), or None
     prefill_reflects_cache: bool = True
     bytes_per_token: int | None = None  # KV bytes of one token, all layers (None: unknown)
     note: str = ""  # how this configuration differs from what its name says, if it does
@@ -48,13 +49,33 @@ class Subject(ABC):
         """Release the model and its memory."""
 
 
+def window_bytes(cache_config, window: int, exact: int = 0) -> int:
+    """KV bytes one sequence of ``window`` tokens holds: its blocks' (with age tiers, each
+    block in the tier its age puts it in), plus the exact ring's fp16 copy of its newest
+    tokens."""
+    from edgekv.quant import get_format
+    from edgekv.tiers.spec import tier_tokens
+
+    c = cache_config
+    per = [get_format(f).bytes_per_token(c.num_kv_heads, c.head_dim) * c.num_layers
+           for f in (c.tiers.formats if c.tiers is not None else (c.kv_format,))]
+    tokens = tier_tokens(c.tiers.tokens, window, c.block_size) if c.tiers is not None \
+        else (window,)
+    fp16 = get_format("fp16").bytes_per_token(c.num_kv_heads, c.head_dim) * c.num_layers
+    return sum(n * b for n, b in zip(tokens, per, strict=True)) + min(exact, window) * fp16
+
+
 class EdgeKVSubject(Subject):
     """An ``edgekv.LLM`` over a cache of ``kv_format``, optionally with eviction."""
 
     def __init__(self, model, kv_format: str, kv_memory: int, *, eviction: str | None = None,
                  kv_budget: int | None = None, block_size: int = 16, dtype: str = "float32",
                  device: str | None = None, seed: int = 0, max_num_seqs: int = 64,
-                 decode_chunk: int = 1, kv_residual: int = 0):
+                 decode_chunk: int = 1, kv_residual: int = 0, kv_tiers: str | None = None,
+                 window: int | None = None):
+        """``kv_tiers``: age tiers instead of ``kv_format`` (the row is named by them);
+        ``window``: the tokens a decode window holds, over which the bytes of the exact
+        window and of the tiers are averaged."""
         from edgekv import LLM
 
         kwargs = {}
@@ -62,15 +83,28 @@ class EdgeKVSubject(Subject):
             kwargs = {"eviction": eviction, "max_kv_tokens": kv_budget}
         if kv_residual:
             kwargs["kv_residual"] = kv_residual
+        if kv_tiers is not None:  # the newest tier holds a prefill chunk: one window's
+            kwargs.update(kv_tiers=kv_tiers, max_num_batched_tokens=window)
+            kv_format = "int8"  # the default: the tiers name the formats
         torch.manual_seed(seed)
         self.llm = LLM(model, kv_format=kv_format, kv_memory=kv_memory, block_size=block_size,
                        device=device, dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
                        **kwargs)
         self.name, self.eviction, self.kv_budget = kv_format, eviction, kv_budget
         self.kv_residual = kv_residual
-        self.prefill_reflects_cache = eviction is None
+        self.tiers = kv_tiers
+        # a prefill reads its own chunk's blocks before any is demoted: tiers and eviction
+        # only show token by token
+        self.prefill_reflects_cache = eviction is None and kv_tiers is None
         self.decode_chunk = decode_chunk  # tokens per step of logits(decode=True)
-        self.bytes_per_token = self.llm.cache_config.bytes_per_token
+        cc = self.llm.cache_config
+        self.bytes_per_token = cc.bytes_per_token
+        if window and (kv_residual or kv_tiers):  # what a window's cache holds, per token
+            exact = self.llm.engine.residual.tokens if self.llm.engine.residual else 0
+            self.bytes_per_token = window_bytes(cc, window, exact) // window
+        if kv_tiers is not None:
+            self.name = f"tiers {kv_tiers}"
+            self.kv_residual = 0  # in the name
         auto = self.llm.kv_auto
         if auto is not None:  # what the probe chose and predicted
             self.note = (f"{self.llm.cache_config.kv_format}; predicted KL "

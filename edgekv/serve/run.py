@@ -67,9 +67,9 @@ def serve(host: str, port: int, api_key: str | None, max_num_seqs: int, max_queu
     where = (f"{n} CPU thread{'s' if n > 1 else ''}" + (f" ({na} for attention)"
                                                         if na != n else "")
              if info["device"] == "cpu" else info["device"])
-    from edgekv.config import describe_formats
+    from edgekv.config import describe_kv
 
-    kv = describe_formats(s["kv_format"])
+    kv = describe_kv(s)
     click.echo(f"edgekv serve: {name} at http://{host}:{port}/v1, KV {kv} "
                f"({s['bytes_per_token']:,} B/token, {s['blocks_total']} blocks), {where}, "
                f"{auth}. Ctrl-C stops.")

@@ -105,6 +105,27 @@ def tier_blocks(spec: TierSpec, budget: int, bytes_per_block: tuple[int, ...],
     return (*head, last)
 
 
+def due_tier(tokens: tuple[int, ...], age: int) -> int:
+    """The tier of a block whose newest token has ``age`` tokens after it (``tokens``: the
+    bounded tiers' sizes)."""
+    reach = 0
+    for t, n in enumerate(tokens):
+        reach += n
+        if age < reach:
+            return t
+    return len(tokens)
+
+
+def tier_tokens(tokens: tuple[int, ...], length: int, block_size: int) -> tuple[int, ...]:
+    """Tokens of a sequence of ``length`` in each stored tier once every block has aged
+    into its tier."""
+    out = [0] * (len(tokens) + 1)
+    for i in range(-(-length // block_size)):
+        newest = min((i + 1) * block_size, length) - 1
+        out[due_tier(tokens, length - 1 - newest)] += min(block_size, length - i * block_size)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class TierLayout:
     """The stored tiers of a cache: one contiguous range of block ids per tier, newest
@@ -143,9 +164,4 @@ class TierLayout:
 
     def due(self, age: int) -> int:
         """The tier of a block whose newest token has ``age`` tokens after it."""
-        reach = 0
-        for t, n in enumerate(self.tokens):
-            reach += n
-            if age < reach:
-                return t
-        return len(self.tokens)
+        return due_tier(self.tokens, age)
