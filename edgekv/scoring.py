@@ -35,6 +35,9 @@ def score(engine: Engine, token_ids: list[int], chunk_size: int | None = None) -
                 if engine.manager.pool.num_free < engine.shifter.blocks_needed(seq.seq_id, n):
                     raise ValueError("no free KV block to shift the context into")
                 engine.shifter.fit(seq.seq_id, n)
+            short = engine.manager.blocks_needed(seq.seq_id, n) - engine.manager.pool.num_free
+            if short > 0 and engine.demoter is not None:  # age tiers: demote early
+                engine.demoter.relieve(short)
             if not engine.manager.can_append(seq.seq_id, n):
                 raise ValueError(f"{seq.num_tokens} tokens do not fit in the KV pool "
                                  f"({engine.cache_config.num_blocks} blocks of "
@@ -44,6 +47,8 @@ def score(engine: Engine, token_ids: list[int], chunk_size: int | None = None) -
             with engine.guard.interruptible():
                 logits, _ = engine.runner.run(ScheduledBatch([seq], [n]), all_logits=True)
             seq.num_computed += n
+            if engine.demoter is not None:  # age tiers: as after an engine step
+                engine.demoter.age()
             out.append(logits)
     finally:
         if seq.seq_id in engine.manager.tables:

@@ -14,6 +14,11 @@ over ``--rounds``, and the median per-step time is reported with the load averag
 
     python scripts/bench_long_decode.py --shape qwen2.5-0.5b --context 8192 --batch 8
     python scripts/bench_long_decode.py --shape kv-heavy --context 4096 --batch 4
+    python scripts/bench_long_decode.py --formats int8,int4 --tiers fp16:128,int8:2048,int4
+
+``--tiers SPEC`` (repeatable) adds an age-tiered cache (``LLM(kv_tiers=SPEC)``): each
+sequence starts with every block in the tier its age puts it in; its KV bytes include the
+exact window's fp16 rings.
 """
 
 from __future__ import annotations
@@ -54,15 +59,23 @@ def _edgekv(a, model_dir: str, fmt: str):
 
     S, L = a.batch, a.context
     kv_bytes_guess = 4 * S * (L + a.steps + 8) * 2 * 64 * 2 * 48  # generous: sized below
-    llm = LLM(model_dir, dtype="float32", kv_format=fmt, prefix_caching=False,
-              kv_memory=f"{max(64 * 2**20, kv_bytes_guess) // 2**20}MiB",
-              max_num_seqs=S)
+    tiers = fmt.removeprefix("tiers=") if fmt.startswith("tiers=") else None
+    llm = LLM(model_dir, dtype="float32", kv_format="int8" if tiers else fmt,
+              prefix_caching=False, kv_memory=f"{max(64 * 2**20, kv_bytes_guess) // 2**20}MiB",
+              max_num_seqs=S, kv_tiers=tiers)
     eng, g = llm.engine, torch.Generator().manual_seed(0)
     seqs = [eng.new_sequence([3 + i] * L, SamplingParams(max_tokens=1)) for i in range(S)]
+    layout, bs = eng.cache_config.tiers, eng.cache_config.block_size
     for s in seqs:
-        eng.manager.append_slots(s.seq_id, L)
+        if layout is None:
+            eng.manager.append_slots(s.seq_id, L)
+        else:  # each block in the tier its age puts it in
+            nb = -(-L // bs)
+            eng.manager.adopt(s.seq_id, [layout.due(L - min((i + 1) * bs, L))
+                                         for i in range(nb)], L)
         s.num_computed = L
-    for k, v in eng.cache.layers:  # random codes, scales in a sane range
+    stores = [kv for tier in eng.cache.tier_layers for kv in tier]
+    for k, v in stores:  # random codes, scales in a sane range
         for store in (k, v):
             d = store.data
             if d.dtype.is_floating_point:
@@ -73,7 +86,9 @@ def _edgekv(a, model_dir: str, fmt: str):
             for t in (store.scale, store.zero):
                 if t is not None:
                     t.copy_((torch.rand(t.shape, generator=g) * 0.02 + 0.01).to(t.dtype))
-    kv_used = llm.kv_stats()["bytes_used"]
+    stats = llm.kv_stats()
+    kv_used = stats["bytes_used"] + (S * stats["residual_bytes"] // max(
+        1, eng.residual.num_slots) if eng.residual is not None else 0)
     tokens = torch.full((S,), 5)
 
     def step():
@@ -113,7 +128,7 @@ def _hf(a, model_dir: str):
 
 def run_one(a) -> dict:
     torch.set_num_threads(a.threads)
-    system, fmt = a.one.split(":")
+    system, fmt = a.one.split(":", 1)
     with torch.inference_mode():
         step, kv_used = _hf(a, a.model) if system == "hf" else _edgekv(a, a.model, fmt)
         for _ in range(2):
@@ -138,6 +153,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--formats", default="fp16,int8,int4")
+    p.add_argument("--tiers", action="append", default=[], help="age tiers, e.g. "
+                   "fp16:128,int8:2048,int4 (repeatable)")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -150,7 +167,8 @@ def main(argv=None) -> None:
             shape = dict(SHAPES[a.shape])
             a.model = str(build_random_model(Path(tmp) / a.shape, shape.pop("family"),
                                              max_position_embeddings=4 * a.context, **shape))
-        systems = ["hf:float32"] + [f"edgekv:{f}" for f in a.formats.split(",")]
+        systems = ["hf:float32"] + [f"edgekv:{f}" for f in a.formats.split(",")] + [
+            f"edgekv:tiers={t}" for t in a.tiers]
         runs: dict[str, list[dict]] = {s: [] for s in systems}
         loads = []
         for r in range(a.rounds):
