@@ -30,6 +30,8 @@ def score(engine: Engine, token_ids: list[int], chunk_size: int | None = None) -
     try:
         while seq.num_computed < seq.num_tokens:
             n = min(chunk, seq.num_tokens - seq.num_computed)
+            if engine.demoter is not None:  # a chunk must fit in the newest tier
+                n = min(n, engine.scheduler.max_num_batched_tokens)
             if engine.evictor is not None:
                 n = engine.evictor.fit(seq, n)
                 if engine.manager.pool.num_free < engine.shifter.blocks_needed(seq.seq_id, n):

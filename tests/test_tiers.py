@@ -415,3 +415,58 @@ def test_cli_takes_tiers_and_refuses_bad_ones_in_one_line(llama_dir):
     assert r.exit_code == 0, r.output
     assert "tiers fp16:8,int8:32,int4" in r.output  # the status line
     assert "tier 0 int8 (newest 32 tokens)" in r.output and "tier 1 int4 (older" in r.output
+
+
+# ---- regressions: reserved slots, three tiers, a full tier ----------------------------
+def test_pressure_never_moves_slots_reserved_but_not_yet_written(llama_dir):
+    # a tight newest tier: long prompts arriving while one sequence decodes make the
+    # scheduler relieve it in the same step that reserved their chunks
+    llm = LLM(llama_dir, kv_tiers="int8:16,int4", kv_memory=60_000, dtype=torch.float32,
+              block_size=8, max_num_batched_tokens=128)
+    eng, g = llm.engine, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    first = eng.new_sequence(prompt(20, 1), None)
+    eng.add(first, g)
+    for _ in range(3):
+        eng.step()
+    for n, seed in ((100, 2), (60, 3)):
+        eng.add(eng.new_sequence(prompt(n, seed), None), g)
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        eng.check_integrity()
+        steps += 1
+        assert steps < 200
+    assert llm.kv_stats()["tier_early_blocks"] > 0
+
+
+def test_three_tiers_move_each_block_once_with_its_values():
+    bs, layout = 8, TierLayout(("int8", "int8", "int8"), (16, 16), (6, 2, 20))
+    cfg = CacheConfig(1, 1, D, sum(layout.blocks), bs, "int8", layout)
+    cache, m = PagedKVCache(cfg), BlockManager(cfg.num_blocks, bs, tiers=layout.blocks)
+    dm = Demoter(layout, m, cache)
+    for L in range(8, 72, 8):  # 8 tokens a step; the middle tier (2 blocks) is short
+        slots, _ = m.append_slots(0, 8)
+        k = torch.arange(L - 7, L + 1).float()[:, None, None].expand(8, 1, D).clone()
+        cache.write(0, k, k, torch.tensor(slots))
+        dm.age()
+        m.check_integrity()
+        got, _ = read_blocks(cache.tier_stores(0), m.block_ids(0))
+        assert torch.equal(got[:, 0, :, 0].flatten()[:L].round(), torch.arange(1, L + 1.0))
+    assert [m.pool.tier_of(b) for b in m.block_ids(0)] == [2] * 4 + [1] * 2 + [0] * 2
+
+
+def test_blocks_left_behind_by_a_full_tier_move_when_room_comes_oldest_first():
+    bs, layout = 8, TierLayout(("int8", "int4"), (16,), (12, 8))
+    cfg = CacheConfig(1, 1, D, sum(layout.blocks), bs, "int8", layout)
+    cache, m = PagedKVCache(cfg), BlockManager(cfg.num_blocks, bs, tiers=layout.blocks)
+    dm = Demoter(layout, m, cache)
+    m.append_slots(1, 48)
+    dm.age()  # another sequence takes 4 of the int4 tier's 8 blocks
+    m.append_slots(0, 64)
+    dm.age()  # 6 of this one's blocks are due there, 4 fit: its oldest 4
+    assert [m.pool.tier_of(b) for b in m.block_ids(0)] == [1] * 4 + [0] * 4
+    m.free(1)
+    m.append_slots(0, 8)
+    dm.age()  # room again: the two left behind move too
+    assert [m.pool.tier_of(b) for b in m.block_ids(0)] == [1] * 7 + [0] * 2
+    m.check_integrity()

@@ -40,79 +40,93 @@ class Demoter:
         self.last = len(layout.formats) - 1
         self.demoted = 0  # blocks moved because they aged
         self.early = 0  # blocks moved early, under memory pressure
+        # per sequence: leading table entries known to sit in the last tier (nothing moves
+        # a block back up but a copy of a table's last entry, so only that one is re-read)
+        self._settled: dict[int, int] = {}
+        # per sequence: tokens written when ``age`` last ran; a step's reservations past
+        # them are not written yet, and ``relieve`` must not move them
+        self._written: dict[int, int] = {}
 
-    def _due(self, t: BlockTable, i: int) -> int:
-        newest = min((i + 1) * self.manager.block_size, t.num_tokens) - 1
-        return self.layout.due(t.num_tokens - 1 - newest)
+    def _age_of(self, t: BlockTable, i: int) -> int:
+        """Tokens after the newest token of entry ``i``."""
+        return t.num_tokens - min((i + 1) * self.manager.block_size, t.num_tokens)
 
     # ---- ageing ------------------------------------------------------------------------
     def age(self) -> int:
-        """Move every block older than its tier to the tier it is due in; returns how many
-        moved (fewer where the last tier is full: those stay until room is made)."""
+        """After a step (every table's tokens written): move every block older than its
+        tier to the tier it is due in; returns how many moved (fewer where the last tier
+        is full: those stay, and move when room is made)."""
         pool, due, where = self.manager.pool, {}, {}
-        for t in self.manager.tables.values():
-            for i in range(len(t.block_ids) - 1, -1, -1):  # newest first, stop at the oldest tier
+        tables = self.manager.tables
+        for sid, t in tables.items():
+            start = min(self._settled.get(sid, 0), max(len(t.block_ids) - 1, 0))
+            for i in range(start, len(t.block_ids)):
                 b = t.block_ids[i]
-                if b is None:
+                if b is None or pool.tier_of(b) == self.last:
                     continue
-                d, cur = self._due(t, i), pool.tier_of(b)
-                if cur < d:
-                    due[b] = min(due.get(b, d), d)
-                    where.setdefault(b, []).append((t, i))
-                elif cur == d == self.last:
-                    break
-        shared = {b for b in due if pool.ref_counts[b] > len(where[b])}
-        if shared:  # a holder may not have reached it: every holder decides
-            seen = {(id(t), i) for b in shared for t, i in where[b]}
-            for t in self.manager.tables.values():
-                for i, b in enumerate(t.block_ids):
-                    if b in shared and (id(t), i) not in seen:
-                        due[b] = min(due[b], self._due(t, i))
-                        where[b].append((t, i))
-        moves = {b: d for b, d in due.items() if d > pool.tier_of(b)}
+                d = self.layout.due(self._age_of(t, i))
+                due[b] = min(due.get(b, d), d)  # the youngest holder decides
+                where.setdefault(b, []).append((t, i))
+        # every holder of a block not in the last tier lies past its table's mark, so
+        # ``where`` lists them all; a block some holder did not list stays put
+        moves = {b: d for b, d in due.items()
+                 if d > pool.tier_of(b) and pool.ref_counts[b] == len(where[b])}
         n = self._move(moves, where)
         self.demoted += n
+        self._settled = {sid: self._settle(t, self._settled.get(sid, 0))
+                         for sid, t in tables.items()}
+        self._written = {sid: t.num_tokens for sid, t in tables.items()}
         return n
 
+    def _settle(self, t: BlockTable, mark: int) -> int:
+        pool, ids = self.manager.pool, t.block_ids
+        mark = min(mark, max(len(ids) - 1, 0))
+        while mark < len(ids) - 1 and ids[mark] is not None and \
+                pool.tier_of(ids[mark]) == self.last:
+            mark += 1
+        return mark
+
     # ---- pressure ----------------------------------------------------------------------
-    def relieve(self, need: int, tier: int = 0) -> int:
+    def relieve(self, need: int, tier: int = 0, keep: frozenset[int] = frozenset()) -> int:
         """Free up to ``need`` blocks of ``tier`` by moving its oldest movable blocks one
-        tier down before they are due. Returns how many moved (0 if none can)."""
+        tier down before they are due: full blocks written by an earlier step, unshared,
+        outside the exact window, not in ``keep``. Returns how many moved (0: none can)."""
         if tier >= self.last or need <= 0:
             return 0
-        pool, cands, where = self.manager.pool, [], {}
-        for t in self.manager.tables.values():
-            for i, b in enumerate(t.block_ids[:-1]):  # never the last (partial) block
-                if b is None or pool.tier_of(b) != tier or pool.is_shared(b):
+        pool, bs, cands, where = self.manager.pool, self.manager.block_size, [], {}
+        for sid, t in self.manager.tables.items():
+            written = min(self._written.get(sid, 0), t.num_tokens)
+            for i, b in enumerate(t.block_ids):
+                if (i + 1) * bs > written or t.num_tokens - (i + 1) * bs < self.exact:
+                    break  # not written yet, or holding exact-window tokens
+                if b is None or b in keep or pool.tier_of(b) != tier or pool.is_shared(b):
                     continue
-                age = t.num_tokens - (i + 1) * self.manager.block_size
-                if age < self.exact:
-                    break
-                cands.append((-age, b))
+                cands.append((-self._age_of(t, i), b))
                 where[b] = [(t, i)]
         cands.sort()
-        moves = {b: tier + 1 for _, b in cands[:need]}
-        n = self._move(moves, where)
+        n = self._move({b: tier + 1 for _, b in cands[:need]}, where)
         self.early += n
         return n
 
     # ---- one move ----------------------------------------------------------------------
     def _move(self, moves: dict[int, int], where: dict[int, list[tuple[BlockTable, int]]]
               ) -> int:
-        """Move block b -> a new block of tier ``moves[b]`` for each b (oldest table entry
-        first where a tier is short); ``where[b]``: every (table, index) holding b."""
+        """Move block b -> a new block of tier ``moves[b]`` for each b; ``where[b]``: every
+        (table, index) holding b. Deepest destination first; where a tier is short it
+        makes room (moving other blocks further down), then its oldest blocks go first."""
         if not moves:
             return 0
-        pool = self.manager.pool
-        pairs = []
-        for tier in sorted(set(moves.values())):
-            blocks = [b for b, d in moves.items() if d == tier]
-            short = len(blocks) - pool.num_free_in(tier)
-            if short > 0:
-                self.relieve(short, tier)
-            blocks = blocks[: pool.num_free_in(tier)]
-            pairs += zip(blocks, pool.allocate(len(blocks), tier), strict=True)
+        pool, pairs = self.manager.pool, []
+        keep = frozenset(moves)
         try:
+            for tier in sorted(set(moves.values()), reverse=True):
+                blocks = sorted((b for b, d in moves.items() if d == tier),
+                                key=lambda b: -self._age_of(*where[b][0]))
+                short = len(blocks) - pool.num_free_in(tier)
+                if short > 0:
+                    self.relieve(short, tier, keep)
+                blocks = blocks[: pool.num_free_in(tier)]
+                pairs += zip(blocks, pool.allocate(len(blocks), tier), strict=True)
             self.cache.transcode(pairs)
         except BaseException:
             for _, new in pairs:
