@@ -13,6 +13,8 @@ Map of the package (one concept per module):
     llm.py            LLM: the Python API;  chat.py: chat sessions kept in the cache
     memory.py         the KV pool's size when the user gives none (kv_memory=None | "auto")
     auto/             kv_format="auto": per-layer formats chosen by a load-time probe
+    tiers/            kv_tiers: older blocks demoted into cheaper formats as they age
+    session_io.py     chat sessions saved and loaded (session_check.py, session_blocks.py)
     plan/             what fits on a GPU, from a model's config (``edgekv plan``)
     hf/               PagedQuantizedCache: the paged quantized cache as a transformers Cache
     cli.py            the ``edgekv`` command (cli_plan.py: ``edgekv plan``)

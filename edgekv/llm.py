@@ -88,6 +88,11 @@ class LLM:
     once per model and is kept in the user's cache directory; ``llm.kv_auto`` says what was
     chosen and its predicted KL (``edgekv/auto``). ``target_context``: tokens ``kv_memory``
     must hold (ValueError where it cannot).
+    ``kv_tiers``: age tiers instead of one format, e.g. "fp16:128,int8:2048,int4": each
+    sequence's newest 128 tokens also exact, the next 2,048 in int8 blocks, older ones in
+    int4 blocks, demoted from their codes as they age (``edgekv/tiers``); pools per tier
+    out of the one ``kv_memory``. Sets the format and the exact window (leave
+    ``kv_format`` and ``kv_residual`` out); not yet with eviction or offload.
 
     Threads: one LLM is driven by one thread at a time. ``generate``, ``score``, each
     ``next()`` of a ``stream`` and each step of a chat turn hold the engine; a call from a

@@ -119,11 +119,12 @@ def _views(store: QuantizedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def compiled_decode(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, fmt: KVFormat,
                     reader: CodeReader, sm: float, threads: int | None = None,
-                    shared=None) -> torch.Tensor | None:
+                    shared=None, lse: torch.Tensor | None = None) -> torch.Tensor | None:
     """q (S, Hkv, G, D) fp32 in the codes' basis -> (S, Hkv, G, D) fp32 codes' basis, or
     None when the compiled kernel does not take this call (the caller runs the torch
     path). threads: None for cpu_jit.attention_threads(); shared: the batch's
-    cpu_plan.SharedPrefix (None: read as sharing nothing)."""
+    cpu_plan.SharedPrefix (None: read as sharing nothing); lse: (S, Hkv, G) fp32 filled
+    with each query's natural log-sum-exp."""
     if q.device.type != "cpu" or not enabled():
         return None
     kind = storage_kind(fmt, reader)
@@ -135,7 +136,8 @@ def compiled_decode(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV,
         return None
     out = cpu_jit.decode(q.contiguous().numpy(), *_views(k), *_views(v),
                          block_tables.to(torch.int32).numpy(), lens, sm, code, offset, table,
-                         threads or cpu_jit.attention_threads(), shared)
+                         threads or cpu_jit.attention_threads(), shared,
+                         None if lse is None else lse.numpy())
     return None if out is None else torch.from_numpy(out)
 
 

@@ -63,19 +63,21 @@ def paged_decode_attention_cpu(
     if S == 0:
         out = torch.empty_like(q)
         return (out, torch.zeros(0, width, device=q.device)) if return_block_mass else out
-    if buckets is None:
+    reader = reader_for(fmt, D, q.device)
+    qs = (reader.to_codes(q) if q_storage is None else q_storage).reshape(S * Hkv, G, D)
+    assert not return_lse or (exact is None and not return_block_mass)
+    if exact is None and not return_block_mass:
+        lse = torch.empty(S, Hkv, G) if return_lse else None
+        jit = compiled_decode(qs.view(S, Hkv, G, D), k_cache, v_cache, block_tables,
+                              seq_lens, fmt, reader, sm, lse=lse)
+        if jit is not None:
+            out = reader.from_codes(jit.view(S, Hq, D)).to(q.dtype)
+            return (out, lse.view(S, Hq) * LOG2E) if return_lse else out
+    if buckets is None:  # the torch path's plan (the compiled kernel needs none)
         num_exact = None
         if exact is not None:
             num_exact = exact_counts(seq_lens, exact.start.to(q.device), exact.window)
         buckets = plan_decode(block_tables, seq_lens, B, Hkv, num_exact)
-    reader = reader_for(fmt, D, q.device)
-    qs = (reader.to_codes(q) if q_storage is None else q_storage).reshape(S * Hkv, G, D)
-    assert not return_lse or (exact is None and not return_block_mass)
-    if exact is None and not return_block_mass and not return_lse:
-        jit = compiled_decode(qs.view(S, Hkv, G, D), k_cache, v_cache, block_tables,
-                              seq_lens, fmt, reader, sm)
-        if jit is not None:
-            return reader.from_codes(jit.view(S, Hq, D)).to(q.dtype)
     ring = None if exact is None else _ExactKeys.of(q, exact, seq_lens, sm, B)
     mass = torch.zeros(S, width, dtype=torch.float32, device=q.device) \
         if return_block_mass else None

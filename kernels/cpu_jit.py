@@ -176,19 +176,22 @@ def small_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray, threads: int
 
 def decode(q: np.ndarray, kd: np.ndarray, ks: np.ndarray, kz: np.ndarray, vd: np.ndarray,
            vs: np.ndarray, vz: np.ndarray, tables: np.ndarray, lens: np.ndarray, sm: float,
-           kind: int, offset: int, table: np.ndarray, threads: int, shared=None
-           ) -> np.ndarray | None:
+           kind: int, offset: int, table: np.ndarray, threads: int, shared=None,
+           lse: np.ndarray | None = None) -> np.ndarray | None:
     """q (S, Hkv, G, D) fp32 in the codes' basis; kd, vd (num_blocks, Hkv, B, row bytes)
     uint8 views of the stored rows; ks, kz, vs, vz (num_blocks, Hkv, B) uint16 fp16 bits,
     or (0, 0, 0) where the storage has none; tables (S, W) int32; lens (S,) int32, each
-    >= 1; shared: cpu_plan.SharedPrefix of the batch (None: no sharing). Returns
+    >= 1; shared: cpu_plan.SharedPrefix of the batch (None: no sharing); lse: (S, Hkv, G)
+    fp32 filled with each query's natural log-sum-exp (None: not wanted). Returns
     (S, Hkv, G, D) fp32 in the codes' basis (None: compiling failed)."""
     S, Hkv = q.shape[0], q.shape[1]
     nb = -(-int(lens.max()) // kd.shape[2])
     splits = num_splits(S * Hkv, nb, threads)
     fn = _parallel(_jit()[1].attend, threads)
+    if lse is None:
+        lse = np.empty((0, 1, 1), np.float32)
     out = _run(fn, q, kd, ks, kz, vd, vs, vz, tables, lens, np.float32(sm), kind, offset,
-               table, half_table(), splits, *_shared(shared, S, Hkv, threads))
+               table, half_table(), splits, *_shared(shared, S, Hkv, threads), lse)
     return None if out is _FAILED else out
 
 

@@ -257,10 +257,11 @@ def _attend_item(qh, kd, ks, kz, vd, vs, vz, table, half, s, h, b0, b1, L, block
 
 
 @njit(inline="always", fastmath=_FAST)
-def _merge(pm, pl, po, first, splits, sfirst, ssplits, stride, out):
+def _merge(pm, pl, po, first, splits, sfirst, ssplits, stride, out, lse):
     """The G rows at ``first`` of each of ``splits`` consecutive parts (G rows apart) and,
     where ``sfirst`` >= 0, those at ``sfirst`` of ``ssplits`` parts ``stride`` rows apart,
-    of the parts' maxima pm, sums pl (R,) and outputs po (R, D) -> out (G, D) normalised."""
+    of the parts' maxima pm, sums pl (R,) and outputs po (R, D) -> out (G, D) normalised;
+    and, where ``lse`` (G,) has rows, each query's natural log-sum-exp of its scores."""
     G, D = out.shape
     for g in range(G):
         mx = -np.inf
@@ -281,12 +282,16 @@ def _merge(pm, pl, po, first, splits, sfirst, ssplits, stride, out):
         inv = np.float32(1) / tot
         for d in range(D):
             out[g, d] *= inv
+        if lse.shape[0] > 0:
+            lse[g] = mx + math.log(tot)
 
 
 @njit(inline="always", fastmath=_FAST)
 def _attend(q, kd, ks, kz, vd, vs, vz, tables, lens, sm, kind, offset, table, half, splits,
-            gsel, gslot, gmem, gcnt, gblk, gsplits):
-    """q (S, Hkv, G, D) fp32 codes' basis -> (S, Hkv, G, D) fp32 codes' basis.
+            gsel, gslot, gmem, gcnt, gblk, gsplits, lse):
+    """q (S, Hkv, G, D) fp32 codes' basis -> (S, Hkv, G, D) fp32 codes' basis; and where
+    ``lse`` (S, Hkv, G) fp32 has rows, each query's natural log-sum-exp (age tiers merge
+    the parts of several storages by it).
 
     Shared prefixes (cpu_plan.SharedPrefix; none where ``gmem`` has no rows): sequence s
     of group ``gsel[s]`` >= 0 (its member ``gslot[s]``) shares its first ``gblk[g]``
@@ -339,11 +344,13 @@ def _attend(q, kd, ks, kz, vd, vs, vz, tables, lens, sm, kind, offset, table, ha
                      sm, kind, offset, pm[r0:r0 + rows], pl[r0:r0 + rows],
                      po[r0:r0 + rows])
     out = np.empty((S, Hkv, G, D), np.float32)
+    none = np.empty(0, np.float32)
     for sh in prange(S * Hkv):
         s, h = sh // Hkv, sh % Hkv
         g = gsel[s]
         sfirst = base + ((g * Hkv + h) * gsplits * M + gslot[s]) * G if g >= 0 else -1
-        _merge(pm, pl, po, sh * splits * G, splits, sfirst, gsplits, M * G, out[s, h])
+        _merge(pm, pl, po, sh * splits * G, splits, sfirst, gsplits, M * G, out[s, h],
+               lse[s, h] if lse.shape[0] > 0 else none)
     return out
 
 
@@ -573,7 +580,7 @@ def _decode_layer(qkv, cos, sin, rot, wblk, woff, kd, ks, kz, vd, vs, vz, tables
                woff[s], half, buf, bits, table)
     # the compiled ``attend`` (one compile serves both; inlined, it doubled this one's)
     out = attend(q, kd, ks, kz, vd, vs, vz, tables, lens, sm, kind, offset, table, half,
-                 splits, gsel, gslot, gmem, gcnt, gblk, gsplits)
+                 splits, gsel, gslot, gmem, gcnt, gblk, gsplits, np.empty((0, 1, 1), np.float32))
     if rot:
         for sh in prange(S * Hq):
             tmp = np.empty(D, np.float32)

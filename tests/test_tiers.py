@@ -470,3 +470,20 @@ def test_blocks_left_behind_by_a_full_tier_move_when_room_comes_oldest_first():
     dm.age()  # room again: the two left behind move too
     assert [m.pool.tier_of(b) for b in m.block_ids(0)] == [1] * 7 + [0] * 2
     m.check_integrity()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4_nl", "fp8"])
+def test_compiled_cpu_decode_returns_the_log_sum_exp_of_the_torch_path(fmt, monkeypatch):
+    from edgekv.kernels.cpu_decode import paged_decode_attention_cpu
+
+    cache, m, tables, _ = build((fmt, "int4"), (24,), (70, 9, 40))
+    k, v, f, _ = cache.tier_stores(0)[0]
+    split = plan_tiers([m.block_ids(s) for s in range(3)], [70, 9, 40], cache.offsets, 8,
+                       "cpu")
+    q = torch.randn(3, HQ, D, generator=torch.Generator().manual_seed(6))
+    args = (q, k, v, split.tables[0], split.lens[0], f, D**-0.5)
+    compiled = paged_decode_attention_cpu(*args, return_lse=True)
+    monkeypatch.setenv("EDGEKV_CPU_JIT", "0")
+    plain = paged_decode_attention_cpu(*args, return_lse=True)
+    for a, b in zip(compiled, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
