@@ -41,6 +41,7 @@ class BlockTable:
     # consecutive positions, so a new entry starts where its predecessor ends; eviction
     # drops entries (leaving gaps) and a context shift (``reposition``) lowers them.
     positions: list[int] = field(default_factory=list)
+    cuts: int = 0  # truncations that dropped entries: cached facts about them are stale
 
     def position(self, index: int, block_size: int) -> int:
         """Rotary position of the token at cache index ``index`` (its slot may be new)."""
@@ -165,6 +166,8 @@ class BlockManager:
         keep = -(-num_tokens // bs)
         for i in range(keep, len(t.block_ids)):
             self._release_entry(t, i)
+        if keep < len(t.block_ids):
+            t.cuts += 1
         del t.block_ids[keep:]
         del t.positions[keep:]
         t.num_tokens = num_tokens

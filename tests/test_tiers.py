@@ -487,3 +487,26 @@ def test_compiled_cpu_decode_returns_the_log_sum_exp_of_the_torch_path(fmt, monk
     plain = paged_decode_attention_cpu(*args, return_lse=True)
     for a, b in zip(compiled, plain, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_a_table_cut_back_and_grown_again_ages_its_new_blocks():
+    # a chat that drops its oldest turns cuts its table back and prefills again: the
+    # blocks written after the cut, below the old last-tier mark, must age too
+    bs, layout = 8, TierLayout(("int8", "int4"), (16,), (20, 20))
+    cfg = CacheConfig(1, 1, D, sum(layout.blocks), bs, "int8", layout)
+    cache, m = PagedKVCache(cfg), BlockManager(cfg.num_blocks, bs, tiers=layout.blocks)
+    dm = Demoter(layout, m, cache)
+    for _ in range(8):
+        m.append_slots(0, 8)
+        dm.age()
+    assert [m.pool.tier_of(b) for b in m.block_ids(0)] == [1] * 6 + [0] * 2
+    m.truncate(0, 16)  # back to two (int4) blocks, then one long prefill chunk
+    m.append_slots(0, 64)
+    dm.age()
+    assert [m.pool.tier_of(b) for b in m.block_ids(0)] == [1] * 8 + [0] * 2
+    m.free(0)  # a new table under the same id starts from nothing
+    for _ in range(4):
+        m.append_slots(0, 8)
+        dm.age()
+    assert [m.pool.tier_of(b) for b in m.block_ids(0)] == [1] * 2 + [0] * 2
+    m.check_integrity()

@@ -40,9 +40,11 @@ class Demoter:
         self.last = len(layout.formats) - 1
         self.demoted = 0  # blocks moved because they aged
         self.early = 0  # blocks moved early, under memory pressure
-        # per sequence: leading table entries known to sit in the last tier (nothing moves
-        # a block back up but a copy of a table's last entry, so only that one is re-read)
-        self._settled: dict[int, int] = {}
+        # per sequence: (its table, the leading entries known to sit in the last tier, the
+        # table's cuts then). Appends add newest-tier entries at the end and nothing moves
+        # a block back up but a copy of the last entry, so only a truncation (a new cut)
+        # or a new table makes the mark stale
+        self._settled: dict[int, tuple[BlockTable, int, int]] = {}
         # per sequence: tokens written when ``age`` last ran; a step's reservations past
         # them are not written yet, and ``relieve`` must not move them
         self._written: dict[int, int] = {}
@@ -59,7 +61,7 @@ class Demoter:
         pool, due, where = self.manager.pool, {}, {}
         tables = self.manager.tables
         for sid, t in tables.items():
-            start = min(self._settled.get(sid, 0), max(len(t.block_ids) - 1, 0))
+            start = min(self._mark(sid, t), max(len(t.block_ids) - 1, 0))
             for i in range(start, len(t.block_ids)):
                 b = t.block_ids[i]
                 if b is None or pool.tier_of(b) == self.last:
@@ -73,10 +75,14 @@ class Demoter:
                  if d > pool.tier_of(b) and pool.ref_counts[b] == len(where[b])}
         n = self._move(moves, where)
         self.demoted += n
-        self._settled = {sid: self._settle(t, self._settled.get(sid, 0))
+        self._settled = {sid: (t, self._settle(t, self._mark(sid, t)), t.cuts)
                          for sid, t in tables.items()}
         self._written = {sid: t.num_tokens for sid, t in tables.items()}
         return n
+
+    def _mark(self, sid: int, t: BlockTable) -> int:
+        table, mark, cuts = self._settled.get(sid, (None, 0, 0))
+        return mark if table is t and cuts == t.cuts else 0
 
     def _settle(self, t: BlockTable, mark: int) -> int:
         pool, ids = self.manager.pool, t.block_ids
