@@ -198,7 +198,7 @@ def _check_counts(chat, path: Path, meta: dict[str, str], tensors: dict[str, tor
 def _check_tiers(path: Path, t: torch.Tensor | None, nb: int, cache_config) -> list[int]:
     """The age tier of each of the ``nb`` table entries: the file's ``block_tiers`` with
     age tiers (each in range), all 0 without."""
-    if cache_config.tiers is None:
+    if cache_config.tiers is None or (nb == 0 and t is None):  # nothing cached: no tiers
         return [0] * nb
     n = len(cache_config.tiers.formats)
     tiers = t.tolist() if t is not None and t.dim() == 1 and t.dtype == torch.int64 else None

@@ -510,3 +510,21 @@ def test_a_table_cut_back_and_grown_again_ages_its_new_blocks():
         dm.age()
     assert [m.pool.tier_of(b) for b in m.block_ids(0)] == [1] * 2 + [0] * 2
     m.check_integrity()
+
+
+def test_a_tiered_chat_saved_before_anything_is_cached_loads(llama_dir, tmp_path):
+    from edgekv.session_io import load_session, save_session
+
+    path = tmp_path / "empty.safetensors"
+    save_session(tiered_llm(llama_dir).chat(), path)
+    chat = tiered_llm(llama_dir).chat()
+    assert load_session(chat, path) == 0
+    chat.llm.engine.check_integrity()
+
+
+def test_window_bytes_of_per_layer_formats_with_an_exact_ring():
+    from edgekv.eval.subjects import window_bytes
+
+    c = CacheConfig(2, HKV, D, 10, 8, "int8,int4")
+    fp16 = CacheConfig(2, HKV, D, 10, 8, "fp16").bytes_per_token
+    assert window_bytes(c, 64, 8) == 64 * c.bytes_per_token + 8 * fp16

@@ -57,8 +57,8 @@ def window_bytes(cache_config, window: int, exact: int = 0) -> int:
     from edgekv.tiers.spec import tier_tokens
 
     c = cache_config
-    per = [get_format(f).bytes_per_token(c.num_kv_heads, c.head_dim) * c.num_layers
-           for f in (c.tiers.formats if c.tiers is not None else (c.kv_format,))]
+    per = [c.tier(t).bytes_per_token for t in range(len(c.tiers.formats))] \
+        if c.tiers is not None else [c.bytes_per_token]  # per-layer formats summed
     tokens = tier_tokens(c.tiers.tokens, window, c.block_size) if c.tiers is not None \
         else (window,)
     fp16 = get_format("fp16").bytes_per_token(c.num_kv_heads, c.head_dim) * c.num_layers
