@@ -28,6 +28,7 @@ tokens go), ``num_free_in(t)`` any tier's.
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 
 
@@ -70,10 +71,7 @@ class BlockPool:
         return len(self._tier_free)
 
     def tier_of(self, block_id: int) -> int:
-        t = 0
-        while block_id >= self.starts[t + 1]:
-            t += 1
-        return t
+        return bisect.bisect_right(self.starts, block_id) - 1
 
     @property
     def num_used(self) -> int:

@@ -20,6 +20,7 @@ paged attention; the product paths are tested against it (tests/test_tiers.py).
 
 from __future__ import annotations
 
+import bisect
 from typing import NamedTuple
 
 import torch
@@ -53,10 +54,8 @@ class TierTables(NamedTuple):
 
 
 def tier_index(offsets: tuple[int, ...], block: int) -> int:
-    t = 0
-    while t + 1 < len(offsets) and block >= offsets[t + 1]:
-        t += 1
-    return t
+    """The tier of global block id ``block`` (``offsets``: each tier's first id)."""
+    return bisect.bisect_right(offsets, block) - 1
 
 
 def plan_tiers(tables: list[list[int]], seq_lens: list[int], offsets: tuple[int, ...],

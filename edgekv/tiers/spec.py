@@ -154,14 +154,6 @@ class TierLayout:
             out.append(out[-1] + b)
         return tuple(out)
 
-    def tier_of(self, block: int) -> int:
-        t = 0
-        for off in self.offsets[1:]:
-            if block < off:
-                break
-            t += 1
-        return t
-
     def due(self, age: int) -> int:
         """The tier of a block whose newest token has ``age`` tokens after it."""
         return due_tier(self.tokens, age)
