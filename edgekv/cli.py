@@ -153,7 +153,10 @@ def build(opts: dict, **llm_options):
             raise ValueError(f"out of memory loading the model and its KV pool "
                              f"(--kv-memory {opts['kv_memory'] or 'auto'}): give a smaller "
                              f"--kv-memory, --kv int4 or --weights int8") from None
-    if llm.kv_auto is not None:  # what the probe chose, one line
+    if llm.kv_decision is not None:  # what the budget controller chose, one line
+        d = llm.kv_decision
+        click.echo(d.choice.summary(opts["target_context"], d.source), err=True)
+    elif llm.kv_auto is not None:  # what the probe chose, one line
         mc = llm.model_config
         click.echo(llm.kv_auto.summary(2 * mc.num_layers * mc.num_kv_heads * mc.head_dim),
                    err=True)

@@ -26,17 +26,31 @@ GiB, MiB = 2**30, 2**20
               help="Sequences held at once.")
 @click.option("--block-size", type=int, default=16, show_default=True,
               help="Tokens per KV block.")
+@click.option("--probe", is_flag=True, help="Load the model (a checkpoint directory) and "
+              "probe what each KV format costs it, for this model's own predicted quality "
+              "and per-layer choices (default: the demo model's measurement as a prior).")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="Text the --probe measures on (default: the model's heldout.txt, else "
+              "the demo model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: str, gpu_memory: str, context: int | None, batch: int, block_size: int,
-         as_json: bool) -> None:
-    """What fits: weights (fp16 / int8 / nf4), KV format and context, for one GPU.
+         probe: bool, calibration: str | None, as_json: bool) -> None:
+    """What fits: weights (fp16 / int8 / nf4), KV storage and context, for one GPU, and
+    the KV storage (uniform, per layer, age tiers) with the least predicted KL.
 
-    Reads only the model's config (no weights, no GPU needed).
+    Reads only the model's config (no weights, no GPU needed), unless --probe.
     """
     from edgekv.plan import plan_memory, resolve_model
 
     try:
-        p = plan_memory(resolve_model(model), gpu_memory, context, batch, block_size)
+        spec = resolve_model(model)
+        quality = result = None
+        if probe:
+            quality, result = _probe(model, calibration)
+        elif calibration is not None:
+            raise ValueError("--calibration is the text --probe measures on: add --probe")
+        p = plan_memory(spec, gpu_memory, context, batch, block_size, quality=quality,
+                        probe=result)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if as_json:
@@ -45,11 +59,27 @@ def plan(model: str, gpu_memory: str, context: int | None, batch: int, block_siz
         click.echo(render(p, model))
 
 
+def _probe(model: str, calibration: str | None):
+    """(QualityModel, ProbeResult) of the checkpoint at ``model``: the probe
+    ``kv_format="auto"`` runs (stored per model, so a second plan reads it back)."""
+    from pathlib import Path
+
+    from edgekv import LLM
+    from edgekv.auto.quality import QualityModel
+
+    if not (Path(model).expanduser() / "config.json").is_file():
+        raise ValueError(f"--probe loads the model's weights: give its checkpoint directory, "
+                         f"not {model!r}")
+    llm = LLM(model, kv_format="auto", kv_memory="64MiB", kv_calibration=calibration)
+    probe = llm.kv_probe
+    return QualityModel.from_probe(probe, f"this model's probe ({probe.tokens} tokens of "
+                                          f"calibration text)"), probe
+
+
 def render(p: MemoryPlan, model_arg: str) -> str:
     """The plan as a readable report (what ``edgekv plan`` prints)."""
-    from edgekv.plan import KNOWN_MODELS, num_params
+    from edgekv.plan import num_params
     from edgekv.plan.headroom import FRAGMENTATION_SHARE
-    from edgekv.plan.weights import LLM_WEIGHTS
 
     c, lines = p.spec.config, []
     req = f"{p.batch} x {p.context:,}"
@@ -86,22 +116,61 @@ def render(p: MemoryPlan, model_arg: str) -> str:
         lines.append(f"{r.weights:<8} {r.kv_format:<9} {budget:>10} {r.kv_tokens:>10,} "
                      f"{r.max_context:>12,} {r.max_batch:>10,}  {r.status}")
     lines.append("")
-    rec = p.recommendation
-    if rec is None:
-        lines.append(f"Nothing fits: even nf4 weights leave no room for KV in "
-                     f"{_gib(p.gpu_memory)}.")
-    else:
-        r = rec.row
-        lines.append(f"Recommended: {r.weights} weights + {r.kv_format} KV,")
-        lines.append(f"  {rec.reason}:")
-        cmd_model = KNOWN_MODELS[model_arg.lower()][0] if model_arg.lower() in KNOWN_MODELS \
-            else model_arg
-        weights = LLM_WEIGHTS[r.weights]
-        flag = f" --weights {weights}" if weights else ""
-        lines.append(f"  edgekv chat --model {cmd_model}{flag} --kv {r.kv_format} "
-                     f"--kv-memory {r.kv_budget_bytes // MiB}MiB")
+    lines += _kv_choice(p, model_arg)
     lines += [textwrap.fill(f"Note: {n}.", 100, subsequent_indent="  ") for n in p.spec.notes]
     return "\n".join(lines)
+
+
+def _kv_choice(p: MemoryPlan, model_arg: str) -> list[str]:
+    """The budget controller's candidates for the recommended weights, and its choice."""
+    from edgekv.plan import KNOWN_MODELS
+    from edgekv.plan.weights import LLM_WEIGHTS
+
+    rec = p.kv_choice
+    if rec is None:
+        return [f"Nothing fits: even nf4 weights leave no room for KV in {_gib(p.gpu_memory)}."]
+    d = rec.decision
+    budget = p.gpu_memory - p.weights[rec.weights].total_bytes - \
+        p.headroom[rec.weights].total
+    lines = [f"KV storage for {rec.weights} weights ({_gib(budget)} for KV), predicted "
+             f"quality at the end of {p.context:,} tokens;",
+             textwrap.fill(f"quality from {d.source}.", 100, initial_indent="  ",
+                           subsequent_indent="  ")]
+    head = f"  {'storage':<38} {'B/token':>8} {'tokens/seq':>11}  {'KL':>8} {'Δppl':>8}"
+    lines += [head, "  " + "-" * (len(head) - 2)]
+    for c in sorted(d.candidates, key=lambda c: (not c.fits, c.predicted_kl is None,
+                                                 c.predicted_kl or 0.0)):
+        kl = "-" if c.predicted_kl is None else f"{c.predicted_kl:.2e}"
+        dp = "-" if c.delta_ppl is None else f"{100 * c.delta_ppl:+.3f}%"
+        mark = "  <- chosen" if c == d.choice else ("" if c.fits else "  (does not fit)")
+        lines.append(f"  {c.label:<38} {round(c.bytes_per_token):>8,} "
+                     f"{c.tokens_per_seq:>11,}  {kl:>8} {dp:>8}{mark}")
+    c = d.choice
+    lines.append("")
+    if c is None:
+        lines.append("Nothing holds a sequence: the budget is under one block.")
+        return lines
+    kl = "" if c.predicted_kl is None or d.needs == "eviction" else \
+        f" (predicted KL {c.predicted_kl:.2e}, Δppl {100 * c.delta_ppl:+.3f}%)"
+    lines.append(f"Recommended: {rec.weights} weights + {c.label} KV{kl}")
+    lines += textwrap.wrap(f"({rec.reason}):", 100, initial_indent="  ",
+                           subsequent_indent="  ")
+    cmd_model = KNOWN_MODELS[model_arg.lower()][0] if model_arg.lower() in KNOWN_MODELS \
+        else model_arg
+    weights = LLM_WEIGHTS[rec.weights]
+    flag = f" --weights {weights}" if weights else ""
+    extra = {"offload": f" --offload-memory {-(-d.offload_bytes // MiB)}MiB",
+             "eviction": f" --eviction streaming --max-kv-tokens {c.tokens_per_seq}"
+             }.get(d.needs, "")
+    lines.append(f"  edgekv chat --model {cmd_model}{flag} {c.flags}{extra}")
+    if d.needs == "eviction":
+        lines += textwrap.wrap("What eviction costs is not predicted (the tokens it drops "
+                               "depend on the text): edgekv eval --eviction measures it.", 100)
+    if d.source.startswith("prior"):
+        lines += textwrap.wrap("The KL is the demo model's, mapped onto this model's layers: "
+                               "it ranks the choices; with the checkpoint, --probe measures "
+                               "this model's own.", 100)
+    return lines
 
 
 def _gib(n: int) -> str:

@@ -142,9 +142,19 @@ class LLM:
         self.last_finish_reason = None  # why the last finished stream() stopped
         self.kv_plan = None  # what kv_memory=None / "auto" chose (edgekv.memory.KVPlan)
         self.kv_auto = None  # what kv_format="auto" chose (edgekv.auto.Assignment)
+        chunk = max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
+        self.kv_decision = None  # what kv_format="auto" + target_context chose (plan.Decision)
         if auto is not None:
             kv_format = self._resolve_auto(auto, kv_memory, target_context, kv_calibration,
                                            block_size)
+            if target_context is not None and auto.bits is None:
+                allow = eviction is None and not offload_memory and not kv_residual and \
+                    get_backend() != "triton"
+                kv_format, tiers = self._decide_target(kv_memory, target_context, block_size,
+                                                       chunk, allow)
+                if tiers is not None:
+                    kv_format, kv_residual = _check_tiers(tiers, kv_format, kv_residual,
+                                                          eviction, offload_memory)
             _check_residual(kv_residual, kv_format, eviction)
         if kv_memory is None or kv_memory == "auto":
             self.kv_plan = auto_kv_plan(self.device, mc, kv_format, block_size, max_num_seqs,
@@ -160,7 +170,6 @@ class LLM:
                 budget -= reserve
         else:
             budget = parse_memory(kv_memory)
-        chunk = max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
         if tiers is not None:
             self.cache_config = CacheConfig.for_tiers(budget, mc.num_layers, mc.num_kv_heads,
                                                       mc.head_dim, tiers, block_size, chunk)
@@ -192,8 +201,9 @@ class LLM:
 
         mc = self.model_config
         budget = None
-        if target_context is not None and auto.bits is None:
-            budget = parse_memory(kv_memory) // target_context
+        target = target_context is not None and auto.bits is None
+        if target:  # whole blocks: a sequence of target_context tokens fills the last one
+            budget = parse_memory(kv_memory) // (-(-target_context // block_size) * block_size)
         ids = calibration_ids(self.tokenizer, self.model_dir, calibration, mc.max_position,
                               self.device.type)
         try:
@@ -207,8 +217,27 @@ class LLM:
             raise ValueError(f"kv_memory={kv_memory!r} cannot hold target_context="
                              f"{target_context} tokens in any per-layer formats ({budget} "
                              f"B/token; {e}): give more memory, or use eviction") from None
-        log.info("%s", self.kv_auto.summary(2 * mc.num_layers * mc.num_kv_heads * mc.head_dim))
+        if not target:  # else the budget controller logs its choice
+            log.info("%s", self.kv_auto.summary(2 * mc.num_layers * mc.num_kv_heads *
+                                                mc.head_dim))
         return self.kv_auto.kv_format
+
+    def _decide_target(self, kv_memory, target_context, block_size, chunk,
+                       allow_tiers) -> tuple[str, object]:
+        """kv_format="auto" with target_context: the budget controller's choice among
+        uniform, per-layer and tiered storage (edgekv/plan/controller.py), scored by the
+        probe. Returns (kv_format, TierSpec or None); logs one line."""
+        from edgekv.auto.resolve import decide_target
+
+        d = decide_target(self.kv_probe, self.model_config, parse_memory(kv_memory),
+                          target_context, block_size, chunk, allow_tiers)
+        self.kv_decision = d
+        c = d.choice
+        log.info("%s", c.summary(target_context, d.source))
+        if c.kind == "tiers":
+            self.kv_auto = None  # not a per-layer assignment
+            return "int8", parse_tiers(c.kv_format)
+        return c.kv_format, None
 
     # ---- prompts -----------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:

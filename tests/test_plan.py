@@ -180,8 +180,10 @@ def run_plan(*args):
 def test_cli_table_and_json():
     r = run_plan("--model", "llama-3.2-3b", "--gpu-memory", "8GiB", "--context", "131072")
     assert r.exit_code == 0, r.output
-    assert "Recommended: nf4 weights + int4 KV" in r.output
-    assert "--weights nf4 --kv int4" in r.output
+    # the budget controller: int4 holds 128K with 1.2 GiB to spare; it buys int8 tiers
+    assert "Recommended: nf4 weights + tiers fp16:128,int8:" in r.output
+    assert "--weights nf4 --kv-tiers fp16:128,int8:" in r.output
+    assert "predicted KL" in r.output and "prior: the bundled demo model" in r.output
     r = run_plan("--model", "llama-3.1-8b", "--gpu-memory", "24GiB", "--context", "8192",
                  "--json")
     assert r.exit_code == 0, r.output
@@ -189,6 +191,9 @@ def test_cli_table_and_json():
     assert data["kv_bytes_per_token"]["fp16"] == 131_072
     assert data["model"]["max_position"] == 131_072
     assert len(data["configurations"]) == 3 * 6 and data["recommendation"]["weights"]
+    choice = data["kv_choice"]
+    assert choice["weights"] == "fp16" and choice["needs"] is None
+    assert choice["choice"]["kv_format"] == "fp16" and choice["choice"]["predicted_kl"] == 0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -24,6 +24,10 @@ noisy where two 4-bit formats differ by a few per cent; the error of every outpu
 element is not. Formats far apart in error are not fitted together: on a model with
 outlier keys, a layer's KL per err^2 differs 6x between int8 and int4. The predicted KL
 of an assignment is the sum over its layers (assign.py): small, independent errors add.
+
+The reference prefill also records how each layer's error is spread over the ages of the
+tokens it reads (age.py): what a format costs on a band of ages only (age tiers,
+quality.py).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import torch.nn.functional as F
 from edgekv.config import CacheConfig
 from edgekv.models.attention import AttentionMetadata, PagedAttention
 
+from .age import AgeRecorder, LayerAges
+
 REFERENCE = "fp16"  # what quality is measured against (as edgekv eval's baseline)
 
 
@@ -50,6 +56,7 @@ class ProbeResult:
     kl: tuple[tuple[float | None, ...], ...]  # (num_layers, num_formats) nats per token
     err: tuple[tuple[float, ...], ...]  # (num_layers, num_formats) relative error
     tokens: int
+    age: tuple[LayerAges, ...] | None = None  # each layer's error shares by age (age.py)
 
     @property
     def predicted(self) -> tuple[tuple[float, ...], ...]:
@@ -67,7 +74,8 @@ class ProbeResult:
 
     def to_json(self) -> dict:
         return {"formats": list(self.formats), "kl": [list(r) for r in self.kl],
-                "err": [list(r) for r in self.err], "tokens": self.tokens}
+                "err": [list(r) for r in self.err], "tokens": self.tokens,
+                "age": None if self.age is None else [a.to_json() for a in self.age]}
 
     @classmethod
     def from_json(cls, d: dict) -> ProbeResult:
@@ -76,7 +84,12 @@ class ProbeResult:
         err = tuple(tuple(float(x) for x in row) for row in d["err"])
         if not kl or any(len(r) != len(fmts) for r in kl + err) or len(kl) != len(err):
             raise ValueError("malformed probe result")
-        return cls(fmts, kl, err, int(d["tokens"]))
+        age = d.get("age")
+        if age is not None:
+            age = tuple(LayerAges.from_json(a) for a in age)
+            if len(age) != len(kl):
+                raise ValueError("malformed probe result")
+        return cls(fmts, kl, err, int(d["tokens"]), age)
 
 
 def _cache_meta(num_layers: int, num_kv_heads: int, head_dim: int, T: int,
@@ -151,7 +164,15 @@ def measure(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim
                   torch.tensor(ids, dtype=torch.long, device=device), block_size, progress)
     others = [j for j, f in enumerate(formats) if f != REFERENCE]
     run.total = 1 + num_layers * len(others)
-    ref_logits, ref_outs = run([REFERENCE] * num_layers)
+    ages = AgeRecorder()
+    hooks = [m.register_forward_hook(lambda mod, a, o: ages.add(mod.layer_idx,
+                                                                *mod._qkv(*a)[:2], mod.scale))
+             for m in model.modules() if isinstance(m, PagedAttention)]
+    try:
+        ref_logits, ref_outs = run([REFERENCE] * num_layers)
+    finally:
+        for h in hooks:
+            h.remove()
     run.resumable = run.resumable and len(run.entering) == num_layers
     ref_logp = F.log_softmax(ref_logits.double(), dim=-1)  # (T / 2, V): the later half
     kl: list[list[float | None]] = []
@@ -173,4 +194,4 @@ def measure(model: torch.nn.Module, num_layers: int, num_kv_heads: int, head_dim
         kl.append(kl_row)
         err.append(err_row)
     return ProbeResult(tuple(formats), tuple(tuple(r) for r in kl),
-                       tuple(tuple(r) for r in err), len(ids))
+                       tuple(tuple(r) for r in err), len(ids), ages.result(num_layers))

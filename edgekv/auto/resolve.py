@@ -86,11 +86,34 @@ def resolve_auto(model: torch.nn.Module, mc, model_identity: str, ids: list[int]
     layer_bytes = [get_format(f).bytes_per_token(mc.num_kv_heads, mc.head_dim) for f in fmts]
     check_budget(fmts, layer_bytes, mc.num_layers, budget_bytes, values)  # before probing
     result = store.load(key)
-    if result is None or result.formats != fmts or len(result.kl) != mc.num_layers:
+    if result is None or result.formats != fmts or len(result.kl) != mc.num_layers or \
+            result.age is None:
         result = measure(model, mc.num_layers, mc.num_kv_heads, mc.head_dim, ids, fmts,
                        block_size, device, _progress())
         store.save(key, result)
     return choose(result, layer_bytes, budget_bytes), result
+
+
+def decide_target(probe: ProbeResult, mc, kv_memory: int, target_context: int,
+                  block_size: int, chunk_tokens: int, allow_tiers: bool):
+    """``LLM(kv_format="auto", kv_memory=M, target_context=N)``: the budget controller's
+    storage for one sequence of N tokens in M bytes (edgekv/plan/controller.py), scored
+    by this model's probe: a uniform format, one per layer, or age tiers (``allow_tiers``
+    False: not tiers). Returns the Decision; ValueError (one line) if nothing holds N."""
+    from edgekv.plan.controller import Controller
+
+    from .quality import QualityModel
+
+    quality = QualityModel.from_probe(probe, "this model's probe")
+    ctl = Controller(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_memory, target_context,
+                     1, quality, block_size, chunk_tokens, probe, tiers=allow_tiers)
+    d = ctl.decide()
+    if d.needs:
+        most = max((c.tokens_per_seq for c in d.candidates), default=0)
+        raise ValueError(f"kv_memory of {kv_memory:,} bytes cannot hold target_context="
+                         f"{target_context} tokens in any per-layer formats or tiers (at most "
+                         f"{most:,}): give more memory, or use eviction")
+    return d
 
 
 def _stores(name: str, head_dim: int) -> bool:

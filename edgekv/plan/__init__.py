@@ -4,6 +4,8 @@
     weights.py   weight bytes in fp16 / bitsandbytes int8 / nf4
     headroom.py  activations, logits, dequantization buffer, CUDA context, fragmentation
     planner.py   plan_memory(): per (weights, KV format) pair, the KV pool and its context
+    controller.py  the KV storage (uniform, per layer, age tiers) with the least predicted
+                 KL that holds the request (the quality model: edgekv.auto.quality)
     configs/     config.json of the models known by name, from their published shapes
 
     from edgekv.plan import plan_memory, resolve_model

@@ -16,6 +16,11 @@ Recommendation: among the pairs that hold ``batch`` sequences of ``context`` tok
 without eviction, the least-quantized weights, then the most accurate KV format (in the
 order the format measurements of README rank them: fp16, bf16, int8, fp8, fp8_e5m2,
 int4). If none does, the pair with the longest context, which then needs eviction.
+
+The KV choice (``kv_choice``): for each weights mode, the budget controller
+(controller.py) sizes every storage candidate, uniform, per-layer and age tiers, and
+keeps the one with the least predicted KL that holds the request; the least-quantized
+weights whose choice holds it win (else offload, else eviction: see ``choose_weights``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 from edgekv.config import CacheConfig, parse_memory
 
+from .controller import Controller, Decision
 from .headroom import PREFILL_CHUNK, Headroom, headroom
 from .resolve import ModelSpec
 from .weights import WEIGHT_MODES, WeightMemory, weight_memory
@@ -64,6 +70,15 @@ class Recommendation:
 
 
 @dataclass(frozen=True)
+class KVRecommendation:
+    """The weights mode and the controller's decision for the memory it leaves."""
+
+    weights: str
+    decision: Decision
+    reason: str
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     spec: ModelSpec
     gpu_memory: int
@@ -76,6 +91,8 @@ class MemoryPlan:
     kv_bytes_per_token: dict[str, int]
     rows: tuple[PlanRow, ...]
     recommendation: Recommendation | None
+    decisions: dict[str, Decision]  # per weights mode with room for KV
+    kv_choice: KVRecommendation | None
 
     def row(self, weights: str, kv_format: str) -> PlanRow:
         for r in self.rows:
@@ -106,6 +123,9 @@ class MemoryPlan:
                 "weights": rec.row.weights, "kv_format": rec.row.kv_format,
                 "kv_memory": rec.row.kv_budget_bytes, "needs_eviction": not rec.row.fits_context,
                 "reason": rec.reason},
+            "kv_choice": None if self.kv_choice is None else {
+                "weights": self.kv_choice.weights, "reason": self.kv_choice.reason,
+                **self.kv_choice.decision.to_dict()},
             "notes": list(self.spec.notes),
         }
 
@@ -120,11 +140,15 @@ def plan_memory(spec: ModelSpec, gpu_memory: int | str, context: int | None = No
                 batch: int = 1, block_size: int = 16,
                 chunk_tokens: int = PREFILL_CHUNK["cuda"],
                 kv_formats: tuple[str, ...] = KV_QUALITY_ORDER,
-                weight_modes: tuple[str, ...] = WEIGHT_MODES) -> MemoryPlan:
+                weight_modes: tuple[str, ...] = WEIGHT_MODES, quality=None,
+                probe=None) -> MemoryPlan:
     """Plan ``spec`` on a card of ``gpu_memory`` (total bytes or "8GiB").
 
     ``context``: tokens per sequence to hold (default: the model's maximum; more raises
-    ValueError); ``batch``: sequences held at once. Reads no weights, allocates nothing.
+    ValueError); ``batch``: sequences held at once. ``quality``: the QualityModel that
+    scores the KV choices (default: the demo model's prior, ``edgekv.auto.quality``);
+    ``probe``: this model's ProbeResult, which adds per-layer candidates. Reads no
+    weights, allocates nothing.
     """
     cfg = spec.config
     memory = parse_memory(gpu_memory)
@@ -163,8 +187,43 @@ def plan_memory(spec: ModelSpec, gpu_memory: int | str, context: int | None = No
                 max_context=min(blocks // batch * block_size, cfg.max_position),
                 max_batch=max_batch, fits_weights=budget > 0 and blocks > 0,
                 fits_context=max_batch >= batch))
+    if quality is None:
+        from edgekv.auto.quality import prior
+
+        quality = prior(cfg.num_layers)
+    decisions = {}
+    for m in weight_modes:
+        budget = (memory - weights[m].total_bytes - rooms[m].total) // 2**20 * 2**20
+        if budget > 0:  # whole MiB: the --kv-memory the plan prints holds what it sized
+            decisions[m] = Controller(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
+                                      context, batch, quality, block_size, chunk_tokens,
+                                      probe).decide()
     return MemoryPlan(spec, memory, context, batch, block_size, chunk_tokens, weights, rooms,
-                      per_token, tuple(rows), recommend(rows, context, batch))
+                      per_token, tuple(rows), recommend(rows, context, batch), decisions,
+                      choose_weights(decisions, context, batch))
+
+
+def choose_weights(decisions: dict[str, Decision], context: int,
+                   batch: int) -> KVRecommendation | None:
+    """The least-quantized weights whose KV choice holds ``batch`` x ``context`` (weights
+    first: their cost is not measured here, the KV's is predicted); else the first whose
+    choice holds one sequence with the others offloaded; else the one whose cheapest
+    format keeps the most tokens, with eviction."""
+    req = f"{batch} x {context:,} tokens"
+    for needs, why in (("", f"the least-quantized weights whose KV holds {req}; the KV "
+                            f"storage with the least predicted KL that does"),
+                       ("offload", f"no weights leave room for {req}; one sequence fits, "
+                                   f"the others wait in host memory (offload_memory)")):
+        for m, d in decisions.items():
+            if d.choice is not None and d.needs == needs:
+                return KVRecommendation(m, d, why)
+    usable = [(m, d) for m, d in decisions.items() if d.choice is not None]
+    if not usable:
+        return None
+    m, d = max(usable, key=lambda md: md[1].choice.tokens_per_seq)
+    return KVRecommendation(m, d, f"no weights leave room for one sequence of {context:,} "
+                                  f"tokens; this keeps the most ({d.choice.tokens_per_seq:,} "
+                                  f"per sequence): eviction must keep each sequence within it")
 
 
 def recommend(rows: list[PlanRow], context: int, batch: int) -> Recommendation | None:
