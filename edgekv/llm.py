@@ -87,7 +87,10 @@ class LLM:
     token ids; default the model's heldout.txt, else the demo model's). The probe runs
     once per model and is kept in the user's cache directory; ``llm.kv_auto`` says what was
     chosen and its predicted KL (``edgekv/auto``). ``target_context``: tokens ``kv_memory``
-    must hold (ValueError where it cannot).
+    must hold (ValueError where it cannot); with ``kv_format="auto"`` the budget controller
+    (``edgekv/plan/controller.py``) picks the storage with the least predicted KL that holds
+    it: one format, one per layer, or age tiers (``llm.kv_decision`` says which, with the
+    other candidates; tiers only where eviction, offload and kv_residual are not given).
     ``kv_tiers``: age tiers instead of one format, e.g. "fp16:128,int8:2048,int4": each
     sequence's newest 128 tokens also exact, the next 2,048 in int8 blocks, older ones in
     int4 blocks, demoted from their codes as they age (``edgekv/tiers``); pools per tier
@@ -168,6 +171,8 @@ class LLM:
                 log.info("kv_residual=%d: %.2f GiB of the KV budget kept for the rings",
                          kv_residual, reserve / 2**30)
                 budget -= reserve
+        elif self.kv_decision is not None:  # the pools chosen for target_context
+            budget = self.kv_decision.choice.kv_memory
         else:
             budget = parse_memory(kv_memory)
         if tiers is not None:

@@ -23,7 +23,7 @@ from edgekv.auto.quality import (
     uniform_bands,
 )
 from edgekv.cli import main
-from edgekv.config import CacheConfig, kv_bytes_per_token
+from edgekv.config import CacheConfig, kv_bytes_per_token, parse_memory
 from edgekv.plan import plan_memory, resolve_model
 from edgekv.plan.controller import Controller
 from edgekv.tiers import parse_tiers
@@ -171,7 +171,8 @@ def test_the_chosen_tiers_are_what_the_runtime_allocates_and_the_most_that_fit()
     assert c.predicted_kl == min(x.predicted_kl for x in scored)
     spec = parse_tiers(c.kv_format)
     rings = spec.exact * kv_bytes_per_token("fp16", 28, 8, 128)
-    runtime = CacheConfig.for_tiers(budget - rings, 28, 8, 128, spec, 16, 2048)
+    assert c.kv_memory <= budget - rings  # the rings come on top of the pools
+    runtime = CacheConfig.for_tiers(c.kv_memory, 28, 8, 128, spec, 16, 2048)
     need = _tier_need(spec, 131072)
     assert all(b >= n for b, n in zip(runtime.tiers.blocks, need, strict=True))
     more = _llama_3b(budget).tiers(spec.exact, spec.tokens[0] + 16, spec.formats[-1])
@@ -206,11 +207,10 @@ def test_plan_prints_the_tiered_choice_and_its_predicted_quality():
     assert "--weights nf4 --kv-tiers fp16:128,int8:" in line
     p = plan_memory(resolve_model("llama-3.2-3b"), "8GiB", context=131072)
     c = p.kv_choice.decision.choice
-    assert f"--kv-memory {c.kv_memory // 2**20}MiB" in line and c.kv_memory % 2**20 == 0
+    assert parse_memory(line.split("--kv-memory ")[1].split()[0]) == c.kv_memory
     # the printed command's tiers hold the context in the printed memory
     spec = parse_tiers(c.kv_format)
-    rings = spec.exact * kv_bytes_per_token("fp16", 28, 8, 128)
-    runtime = CacheConfig.for_tiers(c.kv_memory - rings, 28, 8, 128, spec, 16, 2048)
+    runtime = CacheConfig.for_tiers(c.kv_memory, 28, 8, 128, spec, 16, 2048)
     assert all(b >= n for b, n in zip(runtime.tiers.blocks, _tier_need(spec, 131072),
                                       strict=True))
 

@@ -10,8 +10,9 @@ at the end of the context:
               bytes per token; only with a probe of this model: a prior's layers are not
               this model's)
     tiers     E exact, the next M tokens int8, the rest int4 or int4_nl, E in {0, 128},
-              M the most that fits (pools split by ``tiers.spec.tier_blocks``, the exact
-              rings' fp16 bytes taken out of the budget first)
+              M the most that fits (pools split by ``tiers.spec.tier_blocks``; the exact
+              window's fp16 rings, which the runtime allocates beside ``kv_memory``, are
+              taken out of the budget first, so the choice's ``kv_memory`` is the pools')
 
 The choice: the least predicted KL among those that hold every sequence (fewer bytes on a
 tie). None holds them: if one sequence fits, the others can wait in host memory
@@ -42,7 +43,7 @@ class KVChoice:
 
     kind: str  # "uniform", "layers" or "tiers"
     kv_format: str  # the format, or one per layer, or the tiers' spec
-    kv_memory: int  # bytes the choice is given (LLM's kv_memory)
+    kv_memory: int  # LLM's kv_memory: the pools (the exact window's rings come on top)
     bytes_per_token: float
     tokens_per_seq: int  # the most one sequence holds (capped at the request's context)
     fits: bool  # batch x context without eviction or offload
@@ -56,7 +57,7 @@ class KVChoice:
     def flags(self) -> str:
         """The command-line options that select it."""
         opt = "--kv-tiers" if self.kind == "tiers" else "--kv"
-        return f"{opt} {self.kv_format} --kv-memory {self.kv_memory // 2**20}MiB"
+        return f"{opt} {self.kv_format} --kv-memory {_size(self.kv_memory)}"
 
     @property
     def label(self) -> str:
@@ -89,6 +90,14 @@ class Decision:
         return {"choice": None if self.choice is None else row(self.choice),
                 "needs": self.needs or None, "offload_bytes": self.offload_bytes,
                 "quality_source": self.source, "candidates": [row(c) for c in self.candidates]}
+
+
+def _size(n: int) -> str:
+    """Bytes as the command line takes them: whole MiB or KiB where they are."""
+    for unit, b in (("MiB", 2**20), ("KiB", 2**10)):
+        if n % b == 0:
+            return f"{n // b}{unit}"
+    return str(n)
 
 
 def _stores(fmt: str, head_dim: int) -> bool:
@@ -156,8 +165,8 @@ class Controller:
         """``fp16:E,int8:M,last`` sized as LLM(kv_tiers=...) sizes it; None if the pools
         cannot be split at all. ``score=False``: no predicted KL (sizing only)."""
         spec = TierSpec(exact, (MIDDLE, last), (middle_tokens,))
-        rings = self.batch * exact * self.bpt("fp16")
-        pools = self.budget - rings
+        rings = self.batch * exact * self.bpt("fp16")  # on top of LLM's kv_memory
+        pools = (self.budget - rings) // 1024 * 1024
         per_block = tuple(self.block_size * self.bpt(f) for f in spec.formats)
         try:
             blocks = tier_blocks(spec, pools, per_block, self.block_size, self.chunk)
@@ -171,7 +180,7 @@ class Controller:
         fits = all(b >= self.batch * n for b, n in zip(blocks, need, strict=True))
         per_seq = self.context if fits else self._tier_context(blocks, spec)
         used = sum(n * pb for n, pb in zip(need, per_block, strict=True)) * self.batch + rings
-        return KVChoice("tiers", str(spec), self.budget, used / (self.batch * self.context),
+        return KVChoice("tiers", str(spec), pools, used / (self.batch * self.context),
                         per_seq, fits, None if not score else self._kl(
                             [tier_bands(exact, spec.formats, spec.tokens, self.block_size)]))
 
