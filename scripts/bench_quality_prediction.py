@@ -7,7 +7,8 @@ the next-token distributions over held-out windows, every token reading its hist
 through the cache as decode does (``LLM.score`` in chunks of 8 tokens; tiers age after
 every chunk).
 
-    python scripts/bench_quality_prediction.py [--windows 2] [--start 1024] [--rows int4 int8:192,int4 ...]
+    python scripts/bench_quality_prediction.py [--windows 2] [--start 1024]
+                                               [--rows int4 int8:192,int4 ...]
 
 Rows: ``int4`` (a format), ``int4+r128`` (the newest 128 also exact), ``int8:192,int4``
 (age tiers; ``fp16:N,...`` an exact window first).
