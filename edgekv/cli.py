@@ -39,10 +39,13 @@ def model_options(fn):
                      help="Text the --kv auto probe measures on (default: the model's "
                      "heldout.txt, else the demo model's)."),
         click.option("--target-context", type=click.IntRange(1), default=None,
-                     help="Tokens --kv-memory must hold; with --kv auto, its budget is "
-                     "--kv-memory / this."),
+                     help="Tokens --kv-memory must hold; with --kv auto, the storage "
+                     "(one format, per layer, or age tiers) with the least predicted KL "
+                     "that holds them."),
         click.option("--kv-memory", default=None, help="KV pool size, e.g. 256MiB "
                      "(default: sized from free memory)."),
+        click.option("--block-size", type=click.IntRange(1), default=16, show_default=True,
+                     help="Tokens per KV block."),
         click.option("--kv-residual", type=click.IntRange(0), default=0, show_default=True,
                      help="Newest tokens of each sequence also kept in fp16 and read "
                      "exact (quantized formats, no eviction)."),
@@ -146,7 +149,7 @@ def build(opts: dict, **llm_options):
                       seed=opts["seed"], kv_residual=opts["kv_residual"],
                       offload_memory=offload, target_context=opts["target_context"],
                       kv_calibration=opts["calibration"], kv_tiers=opts["kv_tiers"],
-                      **llm_options)
+                      block_size=opts.get("block_size", 16), **llm_options)
         except (RuntimeError, MemoryError) as e:
             if not out_of_memory(e):
                 raise

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from edgekv.cli_errors import user_errors
 from edgekv.names import KNOWN_MODELS  # no torch: parsing stays fast; edgekv.plan is heavy
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def plan(model: str, gpu_memory: str, context: int | None, batch: int, block_siz
         spec = resolve_model(model)
         quality = result = None
         if probe:
-            quality, result = _probe(model, calibration)
+            with user_errors():  # an unreadable checkpoint: one line
+                quality, result = _probe(model, calibration)
         elif calibration is not None:
             raise ValueError("--calibration is the text --probe measures on: add --probe")
         p = plan_memory(spec, gpu_memory, context, batch, block_size, quality=quality,
@@ -70,7 +72,15 @@ def _probe(model: str, calibration: str | None):
     if not (Path(model).expanduser() / "config.json").is_file():
         raise ValueError(f"--probe loads the model's weights: give its checkpoint directory, "
                          f"not {model!r}")
-    llm = LLM(model, kv_format="auto", kv_memory="64MiB", kv_calibration=calibration)
+    from edgekv.cli import out_of_memory
+
+    try:
+        llm = LLM(model, kv_format="auto", kv_memory="64MiB", kv_calibration=calibration)
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        raise ValueError(f"out of memory loading {model} for --probe: probe it where its "
+                         f"fp16 weights fit (the result is kept per checkpoint)") from None
     probe = llm.kv_probe
     return QualityModel.from_probe(probe, f"this model's probe ({probe.tokens} tokens of "
                                           f"calibration text)"), probe
@@ -148,7 +158,9 @@ def _kv_choice(p: MemoryPlan, model_arg: str) -> list[str]:
     c = d.choice
     lines.append("")
     if c is None:
-        lines.append("Nothing holds a sequence: the budget is under one block.")
+        lines.append(f"Nothing holds {p.batch} sequence(s) of two blocks each in "
+                     f"{_gib(budget)}: give a larger card, a smaller --batch, or quantized "
+                     f"weights.")
         return lines
     kl = "" if c.predicted_kl is None or d.needs == "eviction" else \
         f" (predicted KL {c.predicted_kl:.2e}, Δppl {100 * c.delta_ppl:+.3f}%)"
@@ -162,7 +174,12 @@ def _kv_choice(p: MemoryPlan, model_arg: str) -> list[str]:
     extra = {"offload": f" --offload-memory {-(-d.offload_bytes // MiB)}MiB",
              "eviction": f" --eviction streaming --max-kv-tokens {c.tokens_per_seq}"
              }.get(d.needs, "")
-    lines.append(f"  edgekv chat --model {cmd_model}{flag} {c.flags}{extra}")
+    if p.block_size != 16:
+        extra += f" --block-size {p.block_size}"
+    cmd = "chat" if p.batch == 1 else "serve"  # more sequences at once: a server's
+    if p.batch > 1:
+        extra += f" --max-num-seqs {p.batch}"
+    lines.append(f"  edgekv {cmd} --model {cmd_model}{flag} {c.flags}{extra}")
     if d.needs == "eviction":
         lines += textwrap.wrap("What eviction costs is not predicted (the tokens it drops "
                                "depend on the text): edgekv eval --eviction measures it.", 100)

@@ -146,6 +146,9 @@ class LLM:
         self.kv_plan = None  # what kv_memory=None / "auto" chose (edgekv.memory.KVPlan)
         self.kv_auto = None  # what kv_format="auto" chose (edgekv.auto.Assignment)
         chunk = max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
+        if target_context is not None and target_context > mc.max_position:
+            raise ValueError(f"target_context={target_context} is beyond the model's context "
+                             f"of {mc.max_position} tokens")
         self.kv_decision = None  # what kv_format="auto" + target_context chose (plan.Decision)
         if auto is not None:
             kv_format = self._resolve_auto(auto, kv_memory, target_context, kv_calibration,
@@ -154,7 +157,7 @@ class LLM:
                 allow = eviction is None and not offload_memory and not kv_residual and \
                     get_backend() != "triton"
                 kv_format, tiers = self._decide_target(kv_memory, target_context, block_size,
-                                                       chunk, allow)
+                                                       chunk, allow, quantized=kv_residual > 0)
                 if tiers is not None:
                     kv_format, kv_residual = _check_tiers(tiers, kv_format, kv_residual,
                                                           eviction, offload_memory)
@@ -228,14 +231,15 @@ class LLM:
         return self.kv_auto.kv_format
 
     def _decide_target(self, kv_memory, target_context, block_size, chunk,
-                       allow_tiers) -> tuple[str, object]:
+                       allow_tiers, quantized) -> tuple[str, object]:
         """kv_format="auto" with target_context: the budget controller's choice among
         uniform, per-layer and tiered storage (edgekv/plan/controller.py), scored by the
-        probe. Returns (kv_format, TierSpec or None); logs one line."""
+        probe (``quantized``: no uniform fp16, for kv_residual). Returns (kv_format,
+        TierSpec or None); logs one line."""
         from edgekv.auto.resolve import decide_target
 
         d = decide_target(self.kv_probe, self.model_config, parse_memory(kv_memory),
-                          target_context, block_size, chunk, allow_tiers)
+                          target_context, block_size, chunk, allow_tiers, quantized)
         self.kv_decision = d
         c = d.choice
         log.info("%s", c.summary(target_context, d.source))

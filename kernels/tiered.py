@@ -78,28 +78,31 @@ def plan_tiers(tables: list[list[int]], seq_lens: list[int], offsets: tuple[int,
                                         for x in lens))
 
 
-def read_blocks(stores: list[TierStore], ids: list[int] | torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V of whole blocks (global ids), (n, Hkv, B, D) fp32 in the original basis, each
-    read from its tier's codes."""
+READ_CHUNK = 256  # blocks dequantized at a time: bounds the fp32 transient of a long read
+
+
+def read_blocks(stores: list[TierStore], ids: list[int] | torch.Tensor,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V of whole blocks (global ids), (n, Hkv, B, D) in ``dtype`` in the original
+    basis, each read from its tier's codes (dequantized READ_CHUNK blocks at a time, so a
+    16-bit result costs 16-bit memory plus a small fp32 transient)."""
     ids = torch.as_tensor(ids, dtype=torch.long, device=stores[0].k.data.device)
-    _, Hkv, B, _ = stores[0].k.data.shape
     k = v = None
     for t, st in enumerate(stores):
         end = stores[t + 1].offset if t + 1 < len(stores) else None
         sel = ids >= st.offset if end is None else (ids >= st.offset) & (ids < end)
         rows = sel.nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        local = ids[rows] - st.offset
-        for j, store in enumerate((st.k, st.v)):
-            x = st.fmt.dequantize(QuantizedKV(*(None if a is None else a[local]
-                                                for a in (store.data, store.scale,
-                                                          store.zero))))
-            if k is None:
-                k = torch.zeros(len(ids), Hkv, B, x.shape[-1], device=ids.device)
-                v = torch.zeros_like(k)
-            (k if j == 0 else v)[rows] = x
+        for c in range(0, rows.numel(), READ_CHUNK):
+            part = rows[c:c + READ_CHUNK]
+            local = ids[part] - st.offset
+            for j, store in enumerate((st.k, st.v)):
+                x = st.fmt.dequantize(QuantizedKV(*(None if a is None else a[local]
+                                                    for a in (store.data, store.scale,
+                                                              store.zero))))
+                if k is None:
+                    k = torch.zeros(len(ids), *x.shape[1:], dtype=dtype, device=ids.device)
+                    v = torch.zeros_like(k)
+                (k if j == 0 else v)[part] = x.to(dtype)
     if k is None:
         raise ValueError("no blocks to read")
     return k, v
@@ -108,12 +111,11 @@ def read_blocks(stores: list[TierStore], ids: list[int] | torch.Tensor
 def _dense(stores: list[TierStore], block_tables: torch.Tensor, fmt: KVFormat
            ) -> tuple[QuantizedKV, QuantizedKV, torch.Tensor]:
     """Every distinct block of ``block_tables`` in one storage of ``fmt`` (fp16 or fp32:
-    no scales), and the tables renumbered into it."""
+    no scales), and the tables renumbered into it. Peak memory: the result (2 x U blocks
+    of ``fmt``) and READ_CHUNK blocks of fp32."""
     ids, remap = torch.unique(block_tables.long(), return_inverse=True)
-    k, v = read_blocks(stores, ids)  # (U, Hkv, B, D)
-    dt = fmt.storage_dtype
-    return (QuantizedKV(k.to(dt), None, None), QuantizedKV(v.to(dt), None, None),
-            remap.to(torch.int32))
+    k, v = read_blocks(stores, ids, fmt.storage_dtype)  # (U, Hkv, B, D)
+    return QuantizedKV(k, None, None), QuantizedKV(v, None, None), remap.to(torch.int32)
 
 
 def tiered_decode_attention(q: torch.Tensor, stores: list[TierStore],

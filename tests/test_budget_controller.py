@@ -194,6 +194,8 @@ def test_roomy_tight_offload_and_eviction():
     assert small.needs == "eviction" and small.choice.kv_format == "int4"
     assert small.choice.tokens_per_seq == max(x.tokens_per_seq for x in small.candidates)
     assert _llama_3b(1000).decide().choice is None
+    few = _llama_3b(20 * kv_bytes_per_token("int4", 28, 8, 128)).decide()
+    assert few.choice is None  # under two blocks a sequence: eviction cannot run either
     no_tiers = _llama_3b(5 * 2**30, tiers=False).decide()
     assert all(x.kind != "tiers" for x in no_tiers.candidates)
 
@@ -208,11 +210,27 @@ def test_plan_prints_the_tiered_choice_and_its_predicted_quality():
     p = plan_memory(resolve_model("llama-3.2-3b"), "8GiB", context=131072)
     c = p.kv_choice.decision.choice
     assert parse_memory(line.split("--kv-memory ")[1].split()[0]) == c.kv_memory
-    # the printed command's tiers hold the context in the printed memory
+    # the printed command's tiers hold the context in the printed memory, on a GPU or a
+    # CPU (their prefill chunks split the pools differently)
     spec = parse_tiers(c.kv_format)
-    runtime = CacheConfig.for_tiers(c.kv_memory, 28, 8, 128, spec, 16, 2048)
-    assert all(b >= n for b, n in zip(runtime.tiers.blocks, _tier_need(spec, 131072),
-                                      strict=True))
+    for chunk in (2048, 512):
+        runtime = CacheConfig.for_tiers(c.kv_memory, 28, 8, 128, spec, 16, chunk)
+        assert all(b >= n for b, n in zip(runtime.tiers.blocks, _tier_need(spec, 131072),
+                                          strict=True))
+    # the rings and a tiered prefill's fp16 scratch (K and V of 128K tokens, one layer)
+    # are left out of the pools
+    budget = p.gpu_memory - p.weights["nf4"].total_bytes - p.headroom["nf4"].total
+    scratch = 131072 * 8 * 128 * 2 * 2
+    assert c.kv_memory <= budget - scratch - spec.exact * kv_bytes_per_token("fp16", 28, 8, 128)
+
+
+def test_plan_commands_carry_the_block_size_and_batch():
+    r = CliRunner().invoke(main, ["plan", "--model", "llama-3.2-3b", "--gpu-memory", "8GiB",
+                                  "--context", "32768", "--batch", "4", "--block-size", "32"])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("  edgekv "))
+    assert line.startswith("  edgekv serve ") and "--max-num-seqs 4" in line
+    assert "--block-size 32" in line
 
 
 @pytest.mark.parametrize("args, message", [
@@ -266,7 +284,15 @@ def test_target_context_chooses_tiers_that_hold_it(tmp_path, monkeypatch):
     assert len(out.outputs[0].token_ids) == 8
     assert llm.engine.scheduler.num_preemptions == 0
     llm.check_integrity()
-    # an exact window asked for by hand: tiers are not offered (they would set it)
+    # an exact window asked for by hand: tiers are not offered (they would set it), nor
+    # uniform fp16 (nothing to keep exact)
     plain = LLM(path, kv_format="auto", kv_memory=budget, target_context=target,
                 kv_calibration=list(range(3, 300)), kv_residual=16, dtype="float32")
     assert plain.kv_decision.choice.kind != "tiers" and plain.cache_config.tiers is None
+    roomy = LLM(path, kv_format="auto", kv_memory="64MiB", target_context=target,
+                kv_calibration=list(range(3, 300)), kv_residual=16, dtype="float32")
+    assert roomy.kv_decision.choice.kv_format != "fp16"
+    with pytest.raises(ValueError, match="target_context=5000 is beyond the model's context "
+                                         "of 4096"):
+        LLM(path, kv_format="auto", kv_memory=budget, target_context=5000,
+            kv_calibration=list(range(3, 300)))

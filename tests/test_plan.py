@@ -190,10 +190,11 @@ def test_cli_table_and_json():
     data = json.loads(r.output)
     assert data["kv_bytes_per_token"]["fp16"] == 131_072
     assert data["model"]["max_position"] == 131_072
-    assert len(data["configurations"]) == 3 * 6 and data["recommendation"]["weights"]
-    choice = data["kv_choice"]
-    assert choice["weights"] == "fp16" and choice["needs"] is None
-    assert choice["choice"]["kv_format"] == "fp16" and choice["choice"]["predicted_kl"] == 0
+    assert len(data["configurations"]) == 3 * 6
+    rec = data["recommendation"]  # the budget controller's choice, with its candidates
+    assert rec["weights"] == "fp16" and rec["needs"] is None
+    assert rec["choice"]["kv_format"] == "fp16" and rec["choice"]["predicted_kl"] == 0
+    assert all(c["predicted_kl"] >= 0 for c in rec["candidates"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -108,6 +108,20 @@ def exact_tail(lens, R, seed=1, new=None):
     return ExactTail(k, v, slots, start, *new)
 
 
+def test_reading_blocks_into_16_bits_in_chunks_equals_the_fp32_read(monkeypatch):
+    """A tiered prefill reads the history straight into fp16 a few blocks at a time (its
+    scratch is the 16-bit result, not an fp32 copy as well)."""
+    import edgekv.kernels.tiered as tiered
+
+    cache, m, _, _ = build()
+    ids = m.block_ids(0) + m.block_ids(1)
+    want_k, want_v = read_blocks(cache.tier_stores(0), ids)
+    monkeypatch.setattr(tiered, "READ_CHUNK", 1)
+    k, v = read_blocks(cache.tier_stores(0), ids, torch.float16)
+    assert k.dtype == v.dtype == torch.float16
+    assert torch.equal(k, want_k.half()) and torch.equal(v, want_v.half())
+
+
 def test_ageing_moves_old_blocks_and_keeps_their_values():
     cache, m, tables, kvs = build()
     for s, (k, _) in enumerate(kvs):

@@ -95,18 +95,21 @@ def resolve_auto(model: torch.nn.Module, mc, model_identity: str, ids: list[int]
 
 
 def decide_target(probe: ProbeResult, mc, kv_memory: int, target_context: int,
-                  block_size: int, chunk_tokens: int, allow_tiers: bool):
+                  block_size: int, chunk_tokens: int, allow_tiers: bool,
+                  quantized: bool = False):
     """``LLM(kv_format="auto", kv_memory=M, target_context=N)``: the budget controller's
     storage for one sequence of N tokens in M bytes (edgekv/plan/controller.py), scored
     by this model's probe: a uniform format, one per layer, or age tiers (``allow_tiers``
-    False: not tiers). Returns the Decision; ValueError (one line) if nothing holds N."""
+    False: not tiers; ``quantized``: no uniform unquantized format, as kv_residual needs).
+    Returns the Decision; ValueError (one line) if nothing holds N."""
     from edgekv.plan.controller import Controller
 
     from .quality import QualityModel
 
     quality = QualityModel.from_probe(probe, "this model's probe")
     ctl = Controller(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv_memory, target_context,
-                     1, quality, block_size, chunk_tokens, probe, tiers=allow_tiers)
+                     1, quality, block_size, chunk_tokens, probe, tiers=allow_tiers,
+                     formats=tuple(f for f in probe.formats if not quantized or f != REFERENCE))
     d = ctl.decide()
     if d.needs:
         most = max((c.tokens_per_seq for c in d.candidates), default=0)

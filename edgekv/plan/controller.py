@@ -2,22 +2,26 @@
 
 Given the bytes left for KV, ``batch`` sequences of ``context`` tokens and a quality model
 (``edgekv.auto.quality``: this model's probe, or the demo model's prior), each candidate
-is sized exactly as the runtime will allocate it and scored by its predicted KL per token
-at the end of the context:
+is sized as the runtime allocates it (for the prefill chunk and block size given) and
+scored by its predicted KL per token at the end of the context:
 
-    uniform   one format everywhere (the quality model's formats: fp16, int8, int4_nl, int4)
+    uniform   one format everywhere (the quality model's formats: fp16, int8, int4_nl, int4;
+              ``formats`` narrows them)
     layers    one format per layer (``kv_format="auto"``'s knapsack at budget / tokens
               bytes per token; only with a probe of this model: a prior's layers are not
               this model's)
     tiers     E exact, the next M tokens int8, the rest int4 or int4_nl, E in {0, 128},
               M the most that fits (pools split by ``tiers.spec.tier_blocks``; the exact
-              window's fp16 rings, which the runtime allocates beside ``kv_memory``, are
-              taken out of the budget first, so the choice's ``kv_memory`` is the pools')
+              window's fp16 rings, which the runtime allocates beside ``kv_memory``, and
+              ``scratch_per_token`` x batch x context, the history a tiered prefill
+              reads into one 16-bit storage per layer, are taken out of the budget first,
+              so the choice's ``kv_memory`` is the pools')
 
 The choice: the least predicted KL among those that hold every sequence (fewer bytes on a
 tie). None holds them: if one sequence fits, the others can wait in host memory
 (``offload_memory``, for a uniform format); if not even one does, the cheapest format's
-context is the most a sequence keeps and eviction must hold it there.
+context is the most a sequence keeps and eviction must hold it there (at least two
+blocks: else no choice).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from edgekv.tiers.spec import TierSpec, tier_blocks
 EXACT_WINDOWS = (0, 128)
 MIDDLE = "int8"
 LAST = ("int4", "int4_nl")
+CPU_CHUNK = 512  # the engine's prefill chunk on a CPU: tiers must fit either split
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,14 @@ class Controller:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, budget: int,
                  context: int, batch: int, quality: QualityModel, block_size: int = 16,
-                 chunk_tokens: int = 2048, probe=None, tiers: bool = True):
+                 chunk_tokens: int = 2048, probe=None, tiers: bool = True,
+                 scratch_per_token: int = 0, formats: tuple[str, ...] | None = None):
         self.shape = (num_layers, num_kv_heads, head_dim)
         self.budget, self.context, self.batch = budget, context, batch
         self.quality, self.block_size, self.chunk = quality, block_size, chunk_tokens
         self.probe, self.allow_tiers = probe, tiers
+        self.scratch = scratch_per_token * batch * context  # a tiered prefill's, one layer
+        self.formats = tuple(f for f in quality.formats if formats is None or f in formats)
         self._bpt: dict[str, int] = {}
 
     def bpt(self, fmt: str) -> int:
@@ -166,12 +174,15 @@ class Controller:
         cannot be split at all. ``score=False``: no predicted KL (sizing only)."""
         spec = TierSpec(exact, (MIDDLE, last), (middle_tokens,))
         rings = self.batch * exact * self.bpt("fp16")  # on top of LLM's kv_memory
-        pools = (self.budget - rings) // 1024 * 1024
+        pools = (self.budget - rings - self.scratch) // 1024 * 1024
         per_block = tuple(self.block_size * self.bpt(f) for f in spec.formats)
-        try:
-            blocks = tier_blocks(spec, pools, per_block, self.block_size, self.chunk)
-        except ValueError:
-            return None
+        splits = []  # the pools as a GPU (this chunk) and a CPU (512) would split them
+        for chunk in sorted({self.chunk, min(self.chunk, CPU_CHUNK)}):
+            try:
+                splits.append(tier_blocks(spec, pools, per_block, self.block_size, chunk))
+            except ValueError:
+                return None
+        blocks = tuple(min(b) for b in zip(*splits, strict=True))
         # blocks of one sequence of `context` in each tier once aged: block i's newest
         # token is context - min((i + 1) * bs, context) tokens old, in tier 0 while < M
         n = -(-self.context // self.block_size)
@@ -216,7 +227,7 @@ class Controller:
 
     def decide(self) -> Decision:
         hd = self.shape[2]
-        cands = [self.uniform(f) for f in self.quality.formats if _stores(f, hd)]
+        cands = [self.uniform(f) for f in self.formats if _stores(f, hd)]
         layered = self.layers()
         if layered is not None:
             cands.append(layered)
@@ -242,6 +253,6 @@ class Controller:
             waiting = self.batch - max(self.budget, 0) // seq_bytes
             return Decision(best, tuple(cands), "offload", waiting * seq_bytes, source)
         best = max(uni, key=lambda c: (c.tokens_per_seq, -c.bytes_per_token), default=None)
-        if best is not None and best.tokens_per_seq <= 0:
-            best = None
+        if best is not None and best.tokens_per_seq < 2 * self.block_size:
+            best = None  # eviction needs two blocks per sequence (sinks and window)
         return Decision(best, tuple(cands), "eviction", 0, source)

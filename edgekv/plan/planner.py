@@ -35,6 +35,7 @@ from .resolve import ModelSpec
 from .weights import WEIGHT_MODES, WeightMemory, weight_memory
 
 KV_QUALITY_ORDER: tuple[str, ...] = ("fp16", "bf16", "int8", "fp8", "fp8_e5m2", "int4")
+TIER_SCRATCH = 2 * 2  # bytes per token x head x dim a tiered prefill reads: K and V, fp16
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,9 @@ class MemoryPlan:
     headroom: dict[str, Headroom]  # per weights mode (quantized ones add a dequant buffer)
     kv_bytes_per_token: dict[str, int]
     rows: tuple[PlanRow, ...]
-    recommendation: Recommendation | None
+    recommendation: Recommendation | None  # the table's pair (uniform formats only)
     decisions: dict[str, Decision]  # per weights mode with room for KV
-    kv_choice: KVRecommendation | None
+    kv_choice: KVRecommendation | None  # what the plan recommends (--json: recommendation)
 
     def row(self, weights: str, kv_format: str) -> PlanRow:
         for r in self.rows:
@@ -103,7 +104,6 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         """Plain data for ``--json``: every number of the plan, in bytes and tokens."""
         c = self.spec.config
-        rec = self.recommendation
         return {
             "model": {"name": self.spec.name, "source": self.spec.source,
                       "num_layers": c.num_layers, "hidden_size": c.hidden_size,
@@ -119,11 +119,7 @@ class MemoryPlan:
             "headroom": {m: h.to_dict() for m, h in self.headroom.items()},
             "kv_bytes_per_token": dict(self.kv_bytes_per_token),
             "configurations": [{**asdict(r), "status": r.status} for r in self.rows],
-            "recommendation": None if rec is None else {
-                "weights": rec.row.weights, "kv_format": rec.row.kv_format,
-                "kv_memory": rec.row.kv_budget_bytes, "needs_eviction": not rec.row.fits_context,
-                "reason": rec.reason},
-            "kv_choice": None if self.kv_choice is None else {
+            "recommendation": None if self.kv_choice is None else {
                 "weights": self.kv_choice.weights, "reason": self.kv_choice.reason,
                 **self.kv_choice.decision.to_dict()},
             "notes": list(self.spec.notes),
@@ -197,7 +193,8 @@ def plan_memory(spec: ModelSpec, gpu_memory: int | str, context: int | None = No
         if budget > 0:  # whole MiB: the --kv-memory the plan prints holds what it sized
             decisions[m] = Controller(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
                                       context, batch, quality, block_size, chunk_tokens,
-                                      probe).decide()
+                                      probe, scratch_per_token=TIER_SCRATCH * cfg.num_kv_heads
+                                      * cfg.head_dim).decide()
     return MemoryPlan(spec, memory, context, batch, block_size, chunk_tokens, weights, rooms,
                       per_token, tuple(rows), recommend(rows, context, batch), decisions,
                       choose_weights(decisions, context, batch))
