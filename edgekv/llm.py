@@ -146,7 +146,8 @@ class LLM:
         self.kv_plan = None  # what kv_memory=None / "auto" chose (edgekv.memory.KVPlan)
         self.kv_auto = None  # what kv_format="auto" chose (edgekv.auto.Assignment)
         chunk = max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
-        if target_context is not None and target_context > mc.max_position:
+        if auto is not None and target_context is not None and \
+                target_context > mc.max_position:  # the controller plans one sequence of it
             raise ValueError(f"target_context={target_context} is beyond the model's context "
                              f"of {mc.max_position} tokens")
         self.kv_decision = None  # what kv_format="auto" + target_context chose (plan.Decision)

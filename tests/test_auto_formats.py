@@ -146,12 +146,12 @@ def test_the_probe_is_stored_per_model_and_reused(llama_dir, probe_dir, monkeypa
 
 def test_target_context_sets_the_budget(llama_dir):
     ids = list(range(3, 200))
-    llm = LLM(llama_dir, kv_format="auto", kv_memory="192KiB", target_context=1024,
+    llm = LLM(llama_dir, kv_format="auto", kv_memory="96KiB", target_context=512,
               kv_calibration=ids)
-    assert llm.kv_auto.budget == 192 * 1024 // 1024
-    assert llm.cache_config.num_blocks * 16 >= 1024
-    with pytest.raises(ValueError, match="cannot hold target_context=1024 tokens in any"):
-        LLM(llama_dir, kv_format="auto", kv_memory="64KiB", target_context=1024,
+    assert llm.kv_auto.budget == 96 * 1024 // 512
+    assert llm.cache_config.num_blocks * 16 >= 512
+    with pytest.raises(ValueError, match="cannot hold target_context=512 tokens in any"):
+        LLM(llama_dir, kv_format="auto", kv_memory="32KiB", target_context=512,
             kv_calibration=ids)
     with pytest.raises(ValueError, match="fewer than target_context"):
         LLM(llama_dir, kv_format="fp16", kv_memory="192KiB", target_context=1024)
