@@ -18,9 +18,9 @@ Map of the package (one concept per module):
     plan/             what fits on a GPU, from a model's config (``edgekv plan``)
     hf/               PagedQuantizedCache: the paged quantized cache as a transformers Cache
     cli.py            the ``edgekv`` command (cli_plan.py: ``edgekv plan``)
-    edgekv.quant      KV formats (folder quant/)
-    edgekv.kernels    paged attention: torch reference, fused kernels (folder kernels/)
-    edgekv.models     model families (folder models/)
+    edgekv.quant      KV formats
+    edgekv.kernels    paged attention: torch reference, fused kernels
+    edgekv.models     model families
 """
 
 from __future__ import annotations

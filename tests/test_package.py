@@ -10,17 +10,16 @@ import edgekv
 from edgekv.cli import main
 
 
-def test_folders_map_into_the_edgekv_namespace_only():
+def test_subpackages_live_in_the_edgekv_namespace_only():
     import edgekv.kernels
     import edgekv.models
     import edgekv.quant
 
     for name in ("kernels", "models", "quant"):
-        # no top-level module of these names: bitsandbytes/transformers import `kernels`.
-        # (This is why the README runs `pytest`, not `python -m pytest`, which would put
-        # the repository root on sys.path.)
+        # no top-level module of these names: bitsandbytes/transformers import `kernels`
+        # (the folders live under edgekv/, so not even the repository root provides one)
         assert importlib.util.find_spec(name) is None, f"top-level {name!r} is importable"
-    assert edgekv.quant.__file__.replace("\\", "/").endswith("quant/__init__.py")
+    assert edgekv.quant.__file__.replace("\\", "/").endswith("edgekv/quant/__init__.py")
 
 
 def test_formats_command_prints_exact_costs():
