@@ -15,8 +15,8 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 
-from .sampling import SamplingParams, request_seed
-from .sequence import Sequence
+from edgekv.engine.sampling import SamplingParams, request_seed
+from edgekv.engine.sequence import Sequence
 
 log = logging.getLogger("edgekv")
 

@@ -12,19 +12,18 @@ from pathlib import Path
 import torch
 
 from edgekv.auto import parse_auto
+from edgekv.cache.memory import auto_kv_plan
+from edgekv.config import CacheConfig, format_names, join_formats, parse_memory
+from edgekv.device import resolve_device
+from edgekv.engine.engine import Engine
+from edgekv.engine.sampling import SamplingParams
+from edgekv.engine.scoring import score
+from edgekv.engine.sequence import Sequence
+from edgekv.eviction import EVICTION_POLICIES, EvictionConfig
 from edgekv.kernels import get_backend
 from edgekv.models import load_model
 from edgekv.models.loader import resolve_dtype
-
-from .config import CacheConfig, format_names, join_formats, parse_memory
-from .device import resolve_device
-from .engine import Engine
-from .eviction import EVICTION_POLICIES, EvictionConfig
-from .memory import auto_kv_plan
-from .sampling import SamplingParams
-from .scoring import score
-from .sequence import Sequence
-from .tiers import parse_tiers
+from edgekv.tiers import parse_tiers
 
 log = logging.getLogger("edgekv")
 
@@ -63,7 +62,7 @@ class LLM:
 
     ``model``: a local HF-format directory or a hub id. ``kv_format``: how K/V are stored
     (``edgekv.quant.FORMATS``). ``kv_memory``: the KV pool's size in bytes or as "512MiB";
-    None or "auto" sizes it from free memory (``edgekv.memory``; ``llm.kv_plan`` says what was
+    None or "auto" sizes it from free memory (``edgekv.cache.memory``; ``llm.kv_plan`` says what was
     chosen, and "auto" logs it at INFO). ``weights``: None, "int8" or "nf4" (bitsandbytes).
     ``dtype``: torch dtype or its name; None keeps the checkpoint's, except on a CPU, where
     fp16 checkpoints compute in fp32 (``edgekv.models.loader.cpu_compute_dtype``);
@@ -77,7 +76,7 @@ class LLM:
     device pool when it runs short (pinned on CUDA); 0 (default): off, preempted
     sequences are recomputed instead.
     ``kv_residual``: the newest N tokens of each sequence are also kept in fp16 and
-    attention reads them exact (``edgekv/residual.py``); they cost N x the fp16 bytes per
+    attention reads them exact (``edgekv/cache/residual.py``); they cost N x the fp16 bytes per
     token per running sequence, on top of ``kv_memory``. 0 (default): off. For quantized
     formats; not with eviction.
     ``kv_format`` may also name one format per layer (a list, or "int8,int4,int4,int4"),
@@ -143,7 +142,7 @@ class LLM:
         self.chat_stop = _chat_stop_strings(self.model_dir)
         mc = self.model_config
         self.last_finish_reason = None  # why the last finished stream() stopped
-        self.kv_plan = None  # what kv_memory=None / "auto" chose (edgekv.memory.KVPlan)
+        self.kv_plan = None  # what kv_memory=None / "auto" chose (edgekv.cache.memory.KVPlan)
         self.kv_auto = None  # what kv_format="auto" chose (edgekv.auto.Assignment)
         chunk = max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
         if auto is not None and target_context is not None and \
@@ -300,7 +299,7 @@ class LLM:
 
     def chat(self, system: str | None = None):
         """A conversation whose history stays in the KV cache between turns."""
-        from .chat import ChatSession
+        from edgekv.chat import ChatSession
 
         return ChatSession(self, system)
 
@@ -365,7 +364,7 @@ def _request_output(seq: Sequence) -> RequestOutput:
 def _checkpoint_key(model_dir: Path) -> str:
     """The model's identity hash (config and the ends of each shard) and each shard's size
     and modification time: a checkpoint edited in place is probed again."""
-    from .session_io import model_identity
+    from edgekv.session.io import model_identity
 
     shards = sorted(model_dir.glob("*.safetensors"))
     stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in shards]

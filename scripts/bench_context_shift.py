@@ -3,7 +3,7 @@
 One request of ``--contexts`` x the model's context (4 x 1,024 tokens on the bundled demo
 model, its held-out text) is scored token by token through the cache, exactly as decode
 reads it, with an eviction policy and budget: the cache shifts its positions whenever
-the next token would reach the context (``edgekv/context_shift.py``). Printed per KV
+the next token would reach the context (``edgekv/cache/context_shift.py``). Printed per KV
 format:
 
 - ppl of the last window (the last context-length targets, read through a cache that

@@ -55,7 +55,7 @@ SHAPES = {
 
 def _edgekv(a, model_dir: str, fmt: str):
     from edgekv import LLM, SamplingParams
-    from edgekv.scheduler import ScheduledBatch
+    from edgekv.engine.scheduler import ScheduledBatch
 
     S, L = a.batch, a.context
     kv_bytes_guess = 4 * S * (L + a.steps + 8) * 2 * 64 * 2 * 48  # generous: sized below

@@ -73,7 +73,7 @@ def system_prompt(model: str | None, tokens: int) -> str:
 class ServerProcess:
     def __init__(self, args, fmt: str):
         self.port = free_port()
-        cmd = [sys.executable, "-c", "from edgekv.cli import main; main()", "serve",
+        cmd = [sys.executable, "-c", "from edgekv.cli.main import main; main()", "serve",
                "--port", str(self.port),
                "--kv", fmt, "--kv-memory", args.kv_memory, "--dtype", args.dtype,
                "--max-num-seqs", str(max(args.clients)), "--served-model-name", "bench"]

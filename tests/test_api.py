@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgekv import LLM, SamplingParams
-from edgekv.detokenizer import IncrementalDetokenizer
+from edgekv.engine.detokenizer import IncrementalDetokenizer
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 

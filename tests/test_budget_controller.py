@@ -22,7 +22,7 @@ from edgekv.auto.quality import (
     tier_bands,
     uniform_bands,
 )
-from edgekv.cli import main
+from edgekv.cli.main import main
 from edgekv.config import CacheConfig, kv_bytes_per_token, parse_memory
 from edgekv.plan import plan_memory, resolve_model
 from edgekv.plan.controller import Controller

@@ -120,7 +120,7 @@ def test_a_stream_cut_by_the_context_says_so(llm):
 
 
 def test_reset_while_a_reply_streams_stops_it_and_frees_its_blocks(llm, tmp_path):
-    from edgekv.session_io import load_session, save_session
+    from edgekv.session.io import load_session, save_session
 
     chat = llm.chat(system="Be brief.")
     chat.send("Hello there", PARAMS)

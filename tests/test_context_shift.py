@@ -1,12 +1,12 @@
 """Context shift: under eviction a sequence goes on past the model's context, its kept
-keys re-rotated to positions inside the cache (edgekv/context_shift.py)."""
+keys re-rotated to positions inside the cache (edgekv/cache/context_shift.py)."""
 
 import pytest
 import torch
 
 from edgekv import LLM, SamplingParams
-from edgekv.block_manager import BlockManager
-from edgekv.context_shift import rotate_keys
+from edgekv.cache.block_manager import BlockManager
+from edgekv.cache.context_shift import rotate_keys
 from edgekv.eviction import EvictionConfig
 from edgekv.models import ModelConfig
 from edgekv.models.layers import RotaryEmbedding, rope_inv_freq
@@ -109,7 +109,7 @@ def test_beams_and_samples_shift_their_shared_blocks_copy_on_write(tmp_path, mon
     """Beams and n > 1 samples share blocks; without sinks a shift moves the shared ones
     (into fresh blocks) too, and every output equals that of a model whose context never
     needs a shift."""
-    import edgekv.context_shift as cs
+    import edgekv.cache.context_shift as cs
 
     shared = []
     real = cs.ContextShift.shift
@@ -162,7 +162,7 @@ def test_a_fault_inside_a_shift_changes_nothing(llama_dir, monkeypatch, fail_at)
     """The shift writes its fresh blocks before the table points at them: a failure while
     writing (or committing) leaks no block, and the next request is as on a fresh
     engine."""
-    import edgekv.context_shift as cs
+    import edgekv.cache.context_shift as cs
 
     real, calls = cs.ContextShift._store, []
 

@@ -10,11 +10,11 @@ import torch
 from kernel_cases import random_paged_kv
 
 from edgekv import LLM, SamplingParams
+from edgekv.engine.scheduler import ScheduledBatch
 from edgekv.kernels import cpu_compiled, cpu_jit
 from edgekv.kernels.cpu_plan import JitStep
 from edgekv.models import cpu_fused, layers
 from edgekv.quant import QuantizedKV, get_format
-from edgekv.scheduler import ScheduledBatch
 
 from tiny_models import FAMILIES
 

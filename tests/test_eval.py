@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgekv.cli import main
+from edgekv.cli.main import main
 from edgekv.eval import COLUMNS, EvalConfig, report, run
 from edgekv.eval.data import make_prompts, make_windows, read_documents
 from edgekv.eval.metrics import kl_top1, nll_sum, relative_error, tokens_until_divergence

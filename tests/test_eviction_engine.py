@@ -9,7 +9,7 @@ from edgekv import LLM, SamplingParams
 from edgekv.eviction import EvictionConfig
 from edgekv.kernels import gather_blocks
 from edgekv.quant import get_format
-from edgekv.session_io import load_session, save_session
+from edgekv.session.io import load_session, save_session
 
 from tiny_models import build_tiny_model
 

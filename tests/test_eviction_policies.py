@@ -4,10 +4,10 @@ which blocks each policy drops, shared blocks, bad settings."""
 import pytest
 import torch
 
-from edgekv.block_manager import BlockManager
+from edgekv.cache.block_manager import BlockManager
+from edgekv.engine.sampling import SamplingParams
+from edgekv.engine.sequence import Sequence
 from edgekv.eviction import EVICTION_POLICIES, EvictionConfig, Evictor
-from edgekv.sampling import SamplingParams
-from edgekv.sequence import Sequence
 
 BS = 4
 

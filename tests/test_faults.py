@@ -10,13 +10,13 @@ import threading
 import pytest
 import torch
 
-import edgekv.engine
+import edgekv.cache.offload
+import edgekv.engine.engine
 import edgekv.llm as llm_module
-import edgekv.offload
 from edgekv import LLM, SamplingParams
-from edgekv.detokenizer import IncrementalDetokenizer
-from edgekv.guard import BUSY
-from edgekv.sequence import Status
+from edgekv.engine.detokenizer import IncrementalDetokenizer
+from edgekv.engine.guard import BUSY
+from edgekv.engine.sequence import Status
 
 from tiny_models import build_tiny_model
 
@@ -124,13 +124,13 @@ def inject(monkeypatch, llm, stage, fault):
     elif stage in ("swap_out", "swap_in"):
         monkeypatch.setattr(eng.offloader, stage, fault.wrap(getattr(eng.offloader, stage)))
     elif stage == "swap_copy":  # inside a swap: its table entries are already moved
-        monkeypatch.setattr(edgekv.offload, "copy_blocks_between",
-                            fault.wrap(edgekv.offload.copy_blocks_between))
+        monkeypatch.setattr(edgekv.cache.offload, "copy_blocks_between",
+                            fault.wrap(edgekv.cache.offload.copy_blocks_between))
     elif stage in ("run", "run_after"):  # run_after: the K/V are written, mass observed
         fault.after = stage == "run_after"
         monkeypatch.setattr(eng.runner, "run", fault.wrap(eng.runner.run))
     elif stage == "sample":
-        monkeypatch.setattr(edgekv.engine, "sample", fault.wrap(edgekv.engine.sample))
+        monkeypatch.setattr(edgekv.engine.engine, "sample", fault.wrap(edgekv.engine.engine.sample))
     elif stage == "detok":
         monkeypatch.setattr(IncrementalDetokenizer, "step",
                             fault.wrap(IncrementalDetokenizer.step))
@@ -437,10 +437,10 @@ def test_a_chat_message_too_long_leaves_the_conversation_as_it_was(setups):
 @pytest.mark.parametrize("direction", ["out", "in"])
 def test_a_swap_whose_copy_fails_changes_nothing(monkeypatch, direction):
     """All or nothing: the table keeps the blocks it had, whose bytes are untouched."""
-    from edgekv.block_manager import BlockManager
+    from edgekv.cache.block_manager import BlockManager
+    from edgekv.cache.kv_cache import PagedKVCache
+    from edgekv.cache.offload import Offloader
     from edgekv.config import CacheConfig
-    from edgekv.kv_cache import PagedKVCache
-    from edgekv.offload import Offloader
 
     dev = PagedKVCache(CacheConfig(1, 1, 16, 4, 16, "fp16"))
     host = PagedKVCache(CacheConfig(1, 1, 16, 4, 16, "fp16"))
@@ -457,7 +457,7 @@ def test_a_swap_whose_copy_fails_changes_nothing(monkeypatch, direction):
     def broken(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(edgekv.offload, "copy_blocks_between", broken)
+    monkeypatch.setattr(edgekv.cache.offload, "copy_blocks_between", broken)
     with pytest.raises(KeyboardInterrupt):
         off.swap_out(7) if direction == "out" else off.swap_in(7)
     mgr.check_integrity()

@@ -12,7 +12,7 @@ from edgekv.config import layer_formats
 from edgekv.eval.layers import capture
 from edgekv.kernels.dispatch import set_backend
 from edgekv.quant import get_format
-from edgekv.session_io import load_session, save_session
+from edgekv.session.io import load_session, save_session
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 MIXED = "int8,int4"  # the tiny models have two layers

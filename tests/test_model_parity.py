@@ -5,7 +5,7 @@ import torch
 import transformers as tf
 
 from edgekv import LLM, SamplingParams
-from edgekv.scheduler import ScheduledBatch
+from edgekv.engine.scheduler import ScheduledBatch
 
 from tiny_models import FAMILIES
 

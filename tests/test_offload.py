@@ -64,7 +64,7 @@ def test_offload_memory_too_small_raises(llama_dir):
 def test_a_chat_whose_blocks_were_offloaded_saves_and_loads(llama_dir, tmp_path):
     """Chat A is parked, chat B's turns push A's blocks out to the host pool; saving A
     brings them back, and the saved session continues exactly as A itself does."""
-    from edgekv.session_io import load_session, save_session
+    from edgekv.session.io import load_session, save_session
 
     kw = dict(kv_format="int8", dtype=torch.float32, prefix_caching=False)
     per_block = LLM(llama_dir, kv_memory="1MiB", **kw).cache_config.bytes_per_block

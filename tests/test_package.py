@@ -7,7 +7,7 @@ import subprocess
 from click.testing import CliRunner
 
 import edgekv
-from edgekv.cli import main
+from edgekv.cli.main import main
 
 
 def test_subpackages_live_in_the_edgekv_namespace_only():

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from edgekv import LLM, CacheConfig
-from edgekv.cli import main
-from edgekv.memory import auto_kv_plan
+from edgekv.cache.memory import auto_kv_plan
+from edgekv.cli.main import main
 from edgekv.plan import (
     KNOWN_MODELS,
     config_from_hf_dict,
@@ -225,12 +225,12 @@ def test_llm_auto_kv_memory_reports_its_plan(llama_dir, caplog):
 
 def test_auto_plan_on_a_gpu_subtracts_the_headroom(monkeypatch):
     cfg = resolve_model("llama-3.2-3b").config
-    monkeypatch.setattr("edgekv.memory.available_bytes", lambda device: 6 * GiB)
+    monkeypatch.setattr("edgekv.cache.memory.available_bytes", lambda device: 6 * GiB)
     plan = auto_kv_plan(torch.device("cuda"), cfg, "int4", 16, max_num_seqs=8, weights="nf4")
     h = plan.headroom
     assert h.cuda_context == 0  # free memory was read after the context existed
     per_block = 30_464 * 16
     assert plan.kv_bytes == (6 * GiB - h.total) // per_block * per_block
-    monkeypatch.setattr("edgekv.memory.available_bytes", lambda device: 10**6)
+    monkeypatch.setattr("edgekv.cache.memory.available_bytes", lambda device: 10**6)
     with pytest.raises(ValueError, match="not enough free memory"):
         auto_kv_plan(torch.device("cuda"), cfg, "int4")

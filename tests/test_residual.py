@@ -7,7 +7,8 @@ from click.testing import CliRunner
 from test_reference_attention import HKV, D, build
 
 from edgekv import LLM, SamplingParams
-from edgekv.cli import main
+from edgekv.cache.residual import ResidualWindow
+from edgekv.cli.main import main
 from edgekv.kernels import paged_decode_attention_ref, paged_prefill_attention_ref
 from edgekv.kernels.dispatch import (
     paged_decode_attention,
@@ -15,7 +16,6 @@ from edgekv.kernels.dispatch import (
     set_backend,
 )
 from edgekv.kernels.exact_tail import ExactTail
-from edgekv.residual import ResidualWindow
 
 
 # ---- the ring's bookkeeping ------------------------------------------------------------

@@ -4,14 +4,14 @@ to admit a swapped-out request, whose swap-in writes its bytes at once."""
 
 import torch
 
-from edgekv.block_manager import BlockManager
+from edgekv.cache.block_manager import BlockManager
+from edgekv.cache.kv_cache import PagedKVCache
+from edgekv.cache.offload import Offloader
+from edgekv.cache.prefix_cache import sequence_hashes
 from edgekv.config import CacheConfig
-from edgekv.kv_cache import PagedKVCache
-from edgekv.offload import Offloader
-from edgekv.prefix_cache import sequence_hashes
-from edgekv.sampling import SamplingParams
-from edgekv.scheduler import Scheduler
-from edgekv.sequence import Sequence, Status
+from edgekv.engine.sampling import SamplingParams
+from edgekv.engine.scheduler import Scheduler
+from edgekv.engine.sequence import Sequence, Status
 
 BS, SALT = 16, b"salt"
 

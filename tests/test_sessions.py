@@ -15,9 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from edgekv import LLM, SamplingParams, session_io
-from edgekv.session_check import session_checksum
-from edgekv.session_io import SessionExists, load_session, save_session
+from edgekv import LLM, SamplingParams
+from edgekv.session import io as session_io
+from edgekv.session.check import session_checksum
+from edgekv.session.io import SessionExists, load_session, save_session
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 KW = dict(kv_format="int8", dtype=torch.float32, block_size=8)
@@ -409,7 +410,7 @@ CLI_ARGS = ["--kv-memory", "16MiB", "--max-tokens", "8", "--temperature", "0"]
 
 def run_chat(stdin: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "edgekv.cli", "chat", *CLI_ARGS], input=stdin,
+    return subprocess.run([sys.executable, "-m", "edgekv.cli.main", "chat", *CLI_ARGS], input=stdin,
                           capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from edgekv import BlockManager
-from edgekv.prefix_cache import extend_hashes
+from edgekv.cache.prefix_cache import extend_hashes
 
 BS, SALT = 4, b"test"
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=20)  # few values: many hits

@@ -18,7 +18,7 @@ def loaded_after(code: str) -> list[str]:
 
 
 def test_importing_the_cli_imports_no_torch():
-    assert loaded_after("import edgekv, edgekv.cli") == []
+    assert loaded_after("import edgekv, edgekv.cli.main") == []
 
 
 @pytest.mark.parametrize("args", [
@@ -29,13 +29,13 @@ def test_importing_the_cli_imports_no_torch():
     ["chat", "--kv", "int3"], ["generate", "--eviction", "lru", "hi"],
 ])
 def test_parsing_every_subcommand_imports_no_torch(args):
-    code = ("from edgekv.cli import main\n"
+    code = ("from edgekv.cli.main import main\n"
             f"try:\n    main({args!r}, prog_name='edgekv')\nexcept SystemExit:\n    pass")
     assert loaded_after(code) == []
 
 
 def test_a_bad_choice_is_one_line_and_exit_2():
-    r = subprocess.run([sys.executable, "-m", "edgekv.cli", "chat", "--kv", "int3"],
+    r = subprocess.run([sys.executable, "-m", "edgekv.cli.main", "chat", "--kv", "int3"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "'int3' is not one of" in r.stderr and "'int8'" in r.stderr

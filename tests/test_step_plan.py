@@ -73,8 +73,8 @@ def test_cpu_steps_plan_once_and_match_the_oracle(llama_dir, monkeypatch, compil
     """Through the engine, the CPU path (planned once per step) generates what the oracle
     path does, and a decode step plans once for every layer: its rows and buckets for the
     torch path, nothing more for the compiled kernels (they walk the block tables)."""
+    import edgekv.engine.model_runner as runner
     import edgekv.kernels.cpu_plan as cpu_plan
-    import edgekv.model_runner as runner
     from edgekv.kernels import cpu_compiled
 
     if not compiled:

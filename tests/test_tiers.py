@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from edgekv import LLM, SamplingParams
-from edgekv.block_manager import BlockManager
+from edgekv.cache.block_manager import BlockManager
+from edgekv.cache.kv_cache import PagedKVCache
 from edgekv.config import CacheConfig
 from edgekv.kernels.dispatch import set_backend
 from edgekv.kernels.exact_tail import ExactTail
@@ -18,7 +19,6 @@ from edgekv.kernels.tiered import (
     tiered_prefill_attention,
     tiered_prefill_attention_ref,
 )
-from edgekv.kv_cache import PagedKVCache
 from edgekv.tiers import TierLayout, parse_tiers, tier_blocks
 from edgekv.tiers.demote import Demoter
 
@@ -374,7 +374,7 @@ def test_llm_refuses_what_tiers_do_not_take(llama_dir, kw, why):
 
 # ---- sessions ----------------------------------------------------------------------------
 def test_sessions_save_and_load_tiered_caches(llama_dir, tmp_path):
-    from edgekv.session_io import load_session, save_session
+    from edgekv.session.io import load_session, save_session
 
     greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     chat = tiered_llm(llama_dir, tiers="int8:32,int4").chat()
@@ -413,7 +413,7 @@ def test_sessions_save_and_load_tiered_caches(llama_dir, tmp_path):
 def test_cli_takes_tiers_and_refuses_bad_ones_in_one_line(llama_dir):
     from click.testing import CliRunner
 
-    from edgekv.cli import main
+    from edgekv.cli.main import main
 
     r = CliRunner().invoke(main, ["generate", "--model", str(llama_dir), "--kv-tiers",
                                   "int8:32", "hi"])
@@ -527,7 +527,7 @@ def test_a_table_cut_back_and_grown_again_ages_its_new_blocks():
 
 
 def test_a_tiered_chat_saved_before_anything_is_cached_loads(llama_dir, tmp_path):
-    from edgekv.session_io import load_session, save_session
+    from edgekv.session.io import load_session, save_session
 
     path = tmp_path / "empty.safetensors"
     save_session(tiered_llm(llama_dir).chat(), path)

@@ -95,7 +95,7 @@ class ProbeResult:
 def _cache_meta(num_layers: int, num_kv_heads: int, head_dim: int, T: int,
                 formats: Sequence[str], block_size: int, dev) -> AttentionMetadata:
     """One sequence of T tokens prefilled over a fresh cache of per-layer ``formats``."""
-    from edgekv.kv_cache import PagedKVCache
+    from edgekv.cache.kv_cache import PagedKVCache
 
     nb = -(-T // block_size)
     cfg = CacheConfig(num_layers, num_kv_heads, head_dim, nb, block_size, ",".join(formats))

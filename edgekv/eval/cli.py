@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli_errors import InputError, describe
+from edgekv.cli.errors import InputError, describe
 from edgekv.names import KV_FORMATS as FORMATS  # no torch: parsing stays fast
 from edgekv.names import KV_VARIANTS as VARIANTS
 

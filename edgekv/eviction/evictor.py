@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from edgekv.block_manager import BlockManager
-from edgekv.sequence import Sequence
+from edgekv.cache.block_manager import BlockManager
+from edgekv.engine.sequence import Sequence
 
 from .base import POLICIES
 from .config import EvictionBudget

@@ -26,8 +26,8 @@ import torch
 from transformers import Cache, PretrainedConfig
 from transformers.cache_utils import CacheLayerMixin
 
+from edgekv.cache.memory import KVPlan, auto_kv_plan
 from edgekv.config import CacheConfig, parse_memory
-from edgekv.memory import KVPlan, auto_kv_plan
 from edgekv.models import ModelConfig
 from edgekv.plan import config_from_hf_dict
 from edgekv.quant import get_format
@@ -153,7 +153,7 @@ class PagedQuantizedCache(Cache):
     ``kv_format``: an ``edgekv.quant`` format. ``kv_memory``: the size of this cache's own
     pool ("256MiB", bytes), made on the first update on the model's device; None sizes it
     from free memory, no larger than batch x max_position_embeddings tokens need
-    (``edgekv.memory``). ``pool``: a ``KVPool`` to share instead (kv_format, kv_memory and
+    (``edgekv.cache.memory``). ``pool``: a ``KVPool`` to share instead (kv_format, kv_memory and
     block_size then come from it).
 
     Contract: when the cache is reset, or dropped (garbage-collected), its sequences' blocks

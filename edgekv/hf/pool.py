@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from edgekv.block_manager import BlockManager, NoFreeBlocks
+from edgekv.cache.block_manager import BlockManager, NoFreeBlocks
+from edgekv.cache.kv_cache import PagedKVCache
 from edgekv.config import CacheConfig
-from edgekv.kv_cache import PagedKVCache
 from edgekv.quant import QuantizedKV
 
 

@@ -1,7 +1,7 @@
 """The newest tokens of each sequence, read exact instead of from the quantized blocks.
 
 A quantized cache loses the most on the tokens attention weighs most: the newest ones.
-With a residual window of ``R`` tokens (``LLM(kv_residual=R)``, see ``edgekv/residual.py``)
+With a residual window of ``R`` tokens (``LLM(kv_residual=R)``, see ``edgekv/cache/residual.py``)
 every token is still written to its quantized block, and also, in fp16, to a ring of
 ``R`` entries that belongs to its sequence (cache index ``c`` at ring index ``c % R``).
 

@@ -42,7 +42,7 @@ class AttentionMetadata:
     block_mass:    (S, max_blocks) fp32 or None: when set, every layer adds the attention
                    mass each block receives (decode: from the step's query; prefill: from
                    each sequence's last ``mass_window`` queries); eviction policies read it
-    residual:      (edgekv.residual.ResidualWindow, ResidualStep) or None: each layer also
+    residual:      (edgekv.cache.residual.ResidualWindow, ResidualStep) or None: each layer also
                    writes the new K/V to the sequences' exact rings and reads their newest
                    tokens from there (``LLM(kv_residual=...)``)
     plan:          kernels.cpu_plan.StepPlan or None: the step's storage rows and decode
@@ -59,7 +59,7 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor
     max_query_len: int
     max_seq_len: int
-    kv_cache: object  # edgekv.kv_cache.PagedKVCache
+    kv_cache: object  # edgekv.cache.kv_cache.PagedKVCache
     block_mass: torch.Tensor | None = None
     mass_window: int = 32
     residual: tuple | None = None
@@ -151,7 +151,7 @@ class PagedAttention(nn.Module):
         else:
             cache.write(self.layer_idx, k, v, meta.slot_mapping)
         exact = window = None
-        if meta.residual is not None:  # exact newest tokens (edgekv/residual.py)
+        if meta.residual is not None:  # exact newest tokens (edgekv/cache/residual.py)
             window, step = meta.residual
             if meta.max_query_len == 1:  # decode reads the ring with its new token in it
                 window.write(self.layer_idx, k, v, step)

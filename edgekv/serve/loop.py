@@ -27,8 +27,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from edgekv.sampling import SamplingParams
-from edgekv.sequence import Sequence
+from edgekv.engine.sampling import SamplingParams
+from edgekv.engine.sequence import Sequence
 
 log = logging.getLogger("edgekv.serve")
 

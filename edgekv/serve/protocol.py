@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgekv.sampling import SamplingParams
+from edgekv.engine.sampling import SamplingParams
 
 MAX_N = 16  # choices per request
 

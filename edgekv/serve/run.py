@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli_errors import InputError
+from edgekv.cli.errors import InputError
 
 
 def check_address(host: str, port: int) -> None:

@@ -24,8 +24,8 @@ table changes, and a failure frees them again.
 
 from __future__ import annotations
 
-from edgekv.block_manager import BlockManager, BlockTable
-from edgekv.kv_cache import PagedKVCache
+from edgekv.cache.block_manager import BlockManager, BlockTable
+from edgekv.cache.kv_cache import PagedKVCache
 
 from .spec import TierLayout
 

@@ -9,28 +9,27 @@ from contextlib import contextmanager
 
 import torch
 
+from edgekv.cache.block_manager import BlockManager
+from edgekv.cache.context_shift import ContextShift
+from edgekv.cache.kv_cache import PagedKVCache
+from edgekv.cache.offload import Offloader
+from edgekv.cache.prefix_cache import cache_salt
+from edgekv.cache.residual import ResidualWindow
+from edgekv.config import CacheConfig
+from edgekv.engine.beam_search import BeamSearch
+from edgekv.engine.detokenizer import IncrementalDetokenizer
+from edgekv.engine.guard import EngineGuard
+from edgekv.engine.integrity import check_engine
+from edgekv.engine.model_runner import ModelRunner
+from edgekv.engine.rollback import StepUndo
+from edgekv.engine.sampling import SamplingParams, request_seed, sample, token_logprobs
+from edgekv.engine.scheduler import Scheduler
+from edgekv.engine.sequence import Sequence, Status
+from edgekv.engine.stop_strings import cut_at_stop_string, emit_text
+from edgekv.eviction import EvictionConfig, Evictor
 from edgekv.models import ModelConfig
 from edgekv.models.layers import rope_inv_freq
-
-from .beam_search import BeamSearch
-from .block_manager import BlockManager
-from .config import CacheConfig
-from .context_shift import ContextShift
-from .detokenizer import IncrementalDetokenizer
-from .eviction import EvictionConfig, Evictor
-from .guard import EngineGuard
-from .integrity import check_engine
-from .kv_cache import PagedKVCache
-from .model_runner import ModelRunner
-from .offload import Offloader
-from .prefix_cache import cache_salt
-from .residual import ResidualWindow
-from .rollback import StepUndo
-from .sampling import SamplingParams, request_seed, sample, token_logprobs
-from .scheduler import Scheduler
-from .sequence import Sequence, Status
-from .stop_strings import cut_at_stop_string, emit_text
-from .tiers.demote import Demoter
+from edgekv.tiers.demote import Demoter
 
 
 class Engine:

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import SamplingParams
-from .scheduler import ScheduledBatch
+from edgekv.engine.sampling import SamplingParams
+from edgekv.engine.scheduler import ScheduledBatch
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from edgekv.engine.engine import Engine
 
 
 @torch.inference_mode()

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from edgekv.config import kv_bytes_per_token
 from edgekv.models import ModelConfig
 from edgekv.plan.headroom import PREFILL_CHUNK, Headroom, headroom
-
-from .config import kv_bytes_per_token
 
 CPU_FRACTION = 0.25
 

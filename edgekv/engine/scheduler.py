@@ -29,12 +29,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager
-from .context_shift import ContextShift
-from .eviction import Evictor
-from .offload import Offloader
-from .prefix_cache import sequence_hashes
-from .sequence import Sequence, Status
+from edgekv.cache.block_manager import BlockManager
+from edgekv.cache.context_shift import ContextShift
+from edgekv.cache.offload import Offloader
+from edgekv.cache.prefix_cache import sequence_hashes
+from edgekv.engine.sequence import Sequence, Status
+from edgekv.eviction import Evictor
 
 log = logging.getLogger("edgekv")
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from edgekv.cache.block_manager import BlockManager
+from edgekv.cache.kv_cache import PagedKVCache
+from edgekv.cache.residual import ResidualWindow
+from edgekv.engine.scheduler import ScheduledBatch
+from edgekv.eviction import Evictor
 from edgekv.kernels.cpu_compiled import step_compiled
 from edgekv.kernels.cpu_plan import exact_counts, plan_step
 from edgekv.kernels.tiered import plan_tiers
 from edgekv.models import AttentionMetadata, cpu_fused
 from edgekv.models.layers import transpose_for_cpu
-
-from .block_manager import BlockManager
-from .eviction import Evictor
-from .kv_cache import PagedKVCache
-from .residual import ResidualWindow
-from .scheduler import ScheduledBatch
 
 
 class ModelRunner:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .block_manager import BlockManager
-from .kv_cache import PagedKVCache
+from edgekv.cache.block_manager import BlockManager
+from edgekv.cache.kv_cache import PagedKVCache
 
 
 def copy_blocks_between(src: PagedKVCache, dst: PagedKVCache,

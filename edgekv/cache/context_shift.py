@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import torch
 
+from edgekv.cache.block_manager import BlockManager
+from edgekv.cache.kv_cache import PagedKVCache
 from edgekv.quant import QuantizedKV
-
-from .block_manager import BlockManager
-from .kv_cache import PagedKVCache
 
 
 def rotate_keys(k: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from edgekv.cli_errors import user_errors
+from edgekv.cli.errors import user_errors
 from edgekv.names import KNOWN_MODELS  # no torch: parsing stays fast; edgekv.plan is heavy
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def _probe(model: str, calibration: str | None):
     if not (Path(model).expanduser() / "config.json").is_file():
         raise ValueError(f"--probe loads the model's weights: give its checkpoint directory, "
                          f"not {model!r}")
-    from edgekv.cli import out_of_memory
+    from edgekv.cli.main import out_of_memory
 
     try:
         llm = LLM(model, kv_format="auto", kv_memory="64MiB", kv_calibration=calibration)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer
-from .sampling import SamplingParams
+from edgekv.engine.detokenizer import IncrementalDetokenizer
+from edgekv.engine.sampling import SamplingParams
 
 
 class Status(enum.Enum):

@@ -8,12 +8,11 @@ import sys
 import click
 
 from edgekv import __version__
+from edgekv.cli.errors import InputError, user_errors
 from edgekv.names import EVICTION_POLICIES
 from edgekv.names import KV_FORMATS as FORMATS
 from edgekv.names import KV_VARIANTS as VARIANTS
-
-from .cli_errors import InputError, user_errors
-from .text_input import read_stdin, reencode, replaced_notice
+from edgekv.text_input import read_stdin, reencode, replaced_notice
 
 # Nothing above imports torch or transformers: ``edgekv --help`` and the parsing of every
 # subcommand stay fast. Heavy modules are imported inside the command bodies.
@@ -199,8 +198,8 @@ def quiet_libraries(fn):
 @quiet_libraries
 def chat(system: str | None, **opts) -> None:
     """Chat in the terminal; the history stays in the KV cache. /help lists commands."""
-    from .chat_cli import ChatREPL, stdin_lines
-    from .config import describe_kv
+    from edgekv.cli.chat import ChatREPL, stdin_lines
+    from edgekv.config import describe_kv
 
     llm, params = build(opts)
     with user_errors():  # a model without a tokenizer cannot chat
@@ -236,7 +235,7 @@ def chat(system: str | None, **opts) -> None:
 def serve(host: str, port: int, api_key: str | None, max_num_seqs: int, max_queue: int,
           served_model_name: str | None, threads: int | None, **opts) -> None:
     """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)."""
-    from .serve.run import serve as run_server
+    from edgekv.serve.run import serve as run_server
 
     run_server(host, port, api_key, max_num_seqs, max_queue, served_model_name, threads, opts)
 
@@ -297,11 +296,11 @@ def formats(layers: int, kv_heads: int, head_dim: int, variants: bool) -> None:
         click.echo(f"{name:<12}{b:>12,}{b / fp16:>8.3f}x")
 
 
-from .cli_plan import plan  # noqa: E402  (commands in their own modules join the group here)
+from edgekv.cli.plan import plan  # noqa: E402  (commands in their own modules join the group here)
 
 main.add_command(plan)
 
-from .eval.cli import eval_command  # noqa: E402
+from edgekv.eval.cli import eval_command  # noqa: E402
 
 main.add_command(eval_command)
 

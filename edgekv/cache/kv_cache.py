@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from edgekv.cache.block_manager import BlockManager
+from edgekv.config import CacheConfig
 from edgekv.kernels import write_kv
 from edgekv.kernels.tiered import TierStore, read_blocks, tier_index
 from edgekv.quant import KVFormat, QuantizedKV
-
-from .block_manager import BlockManager
-from .config import CacheConfig
 
 
 class PagedKVCache:

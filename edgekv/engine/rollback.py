@@ -20,7 +20,7 @@ a consistent state on its own, and moves bytes before the tables that point at t
 
 from __future__ import annotations
 
-from .sequence import Sequence, Status
+from edgekv.engine.sequence import Sequence, Status
 
 
 class StepUndo:

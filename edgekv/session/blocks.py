@@ -1,5 +1,5 @@
 """Which tensors of a session file hold a conversation's KV blocks: one loop over every
-layer's K and V storage, shared by saving (session_io.py) and checking (session_check.py).
+layer's K and V storage, shared by saving (io.py) and checking (check.py).
 
     one storage:  L{i}.{k|v}.{data|scale|zero}      (num_blocks, Hkv, B, ...) table order
     age tiers:    T{t}.L{i}.{k|v}.{data|scale|zero}  (blocks in tier t, Hkv, B, ...) the

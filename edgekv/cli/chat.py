@@ -12,10 +12,10 @@ from __future__ import annotations
 import sys
 import time
 
-from .config import describe_kv
-from .sampling import SamplingParams
-from .session_io import SessionExists, load_session, save_session
-from .text_input import decode_utf8, reencode, replaced_notice
+from edgekv.config import describe_kv
+from edgekv.engine.sampling import SamplingParams
+from edgekv.session.io import SessionExists, load_session, save_session
+from edgekv.text_input import decode_utf8, reencode, replaced_notice
 
 INTERRUPTED = object()  # what stdin_lines yields for a Ctrl-C at the prompt
 

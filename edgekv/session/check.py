@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .session_blocks import BlockTensor, block_tensors, kv_identity, signed_scale
+from edgekv.session.blocks import BlockTensor, block_tensors, kv_identity, signed_scale
 
 FILE_FORMAT = "edgekv-session-2"
 OLD_FORMATS = ("edgekv-session-1",)  # written before files carried a checksum
@@ -57,7 +57,7 @@ def session_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> 
 class CheckedSession:
     """A session file's contents, validated; installing it cannot fail for want of room.
 
-    blocks: session_blocks.BlockTensor (a tier, layer, K or V, part) -> (its entries,
+    blocks: blocks.BlockTensor (a tier, layer, K or V, part) -> (its entries,
             Hkv, B, ...) on the cache's device, in its dtype, in table order; empty when
             nothing is cached
     scores: (<= num_blocks,) fp32 an eviction policy's block scores, or None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .sequence import Sequence
+from edgekv.engine.sequence import Sequence
 
 
 class BeamSearch:

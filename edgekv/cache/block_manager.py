@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .block_pool import BlockPool, NoFreeBlocks
+from edgekv.cache.block_pool import BlockPool, NoFreeBlocks
 
 
 @dataclass

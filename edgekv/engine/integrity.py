@@ -9,7 +9,7 @@ scores and residual rings only exist for sequences with blocks.
 
 from __future__ import annotations
 
-from .sequence import Status
+from edgekv.engine.sequence import Status
 
 
 def check_engine(engine) -> None:

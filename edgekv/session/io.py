@@ -5,11 +5,11 @@ File layout (one safetensors file):
     block_positions          (num_blocks,) int64  rotary position of each block's first slot
     L{i}.{k|v}.{data|scale|zero}  (num_blocks, Hkv, B, ...)  layer i's blocks, in table order
                              (with age tiers: T{t}.L{i}... per tier, and block_tiers;
-                             session_blocks.py)
+                             blocks.py)
     eviction_scores          (num_blocks,) fp32   an eviction policy's block scores, if any
     metadata (str -> str):   format, model, kv_format, block_size, num_computed,
                              num_evicted, num_prompt, messages (JSON), prompt_text,
-                             checksum (sha256 over all of the above: session_check.py)
+                             checksum (sha256 over all of the above: check.py)
 The blocks are stored as they are in the cache (codes and their scales), so loading
 restores the exact cache without recomputing it. A file made by another model (identity
 hash), another KV format or block size is refused, as is a damaged file.
@@ -33,9 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .sampling import SamplingParams
-from .session_blocks import BlockTensor, block_tensors, kv_identity
-from .session_check import FILE_FORMAT, CheckedSession, check_session, session_checksum
+from edgekv.engine.sampling import SamplingParams
+from edgekv.session.blocks import BlockTensor, block_tensors, kv_identity
+from edgekv.session.check import FILE_FORMAT, CheckedSession, check_session, session_checksum
 
 __all__ = ["FILE_FORMAT", "SessionExists", "load_session", "model_identity", "save_session"]
 
@@ -162,7 +162,7 @@ def load_session(chat, path: str | Path) -> int:
     """Replace the session's conversation and cache with the file's (``~`` expanded).
     Returns the number of cached tokens loaded.
 
-    Raises ValueError (one line naming the failed check: see session_check.py) and leaves
+    Raises ValueError (one line naming the failed check: see check.py) and leaves
     the session exactly as it was (tokens, blocks, messages, the block pool) if the file
     is missing, unreadable, not a session of this model, format and block size, damaged,
     or does not fit in the pool."""

@@ -3,7 +3,7 @@ newest characters could still become one."""
 
 from __future__ import annotations
 
-from .sequence import Sequence
+from edgekv.engine.sequence import Sequence
 
 
 def cut_at_stop_string(seq: Sequence) -> str | None:
