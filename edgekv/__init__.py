@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it. Imported on first use (PEP 562), so that
 # ``import edgekv`` and ``edgekv --help`` do not pay for torch and transformers.
 _LAZY = {
-    "LLM": ".llm", "RequestOutput": ".llm", "SamplingParams": ".engine.sampling",
+    "LLM": ".llm", "RequestOutput": ".engine.outputs", "SamplingParams": ".engine.sampling",
     "BlockManager": ".cache.block_manager", "BlockTable": ".cache.block_manager",
     "NoFreeBlocks": ".cache.block_manager", "BlockPool": ".cache.block_pool",
     "CacheConfig": ".config", "parse_memory": ".config", "PagedKVCache": ".cache.kv_cache",

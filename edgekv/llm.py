@@ -6,7 +6,6 @@ import json
 import logging
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from edgekv.cache.memory import auto_kv_plan
 from edgekv.config import CacheConfig, format_names, join_formats, parse_memory
 from edgekv.device import resolve_device
 from edgekv.engine.engine import Engine
+from edgekv.engine.outputs import RequestOutput, request_done, request_output
 from edgekv.engine.sampling import SamplingParams
 from edgekv.engine.scoring import score
 from edgekv.engine.sequence import Sequence
@@ -28,33 +28,6 @@ from edgekv.tiers import parse_tiers
 log = logging.getLogger("edgekv")
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"  # package data, see its README.md
-
-
-@dataclass
-class CompletionOutput:
-    """One sample (``n`` > 1) or one beam (``beam_width``) of a request."""
-
-    text: str
-    token_ids: list[int]
-    # "stop" (eos, stop string or token), "length" (max_tokens), "context" (the model's
-    # context or the whole KV pool is full: no room for another token), "abort"
-    finish_reason: str
-    cumulative_logprob: float | None = None  # beam search only
-    # SamplingParams.logprobs set: per token (its log-prob, [(token, log-prob)] most likely)
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-
-
-@dataclass
-class RequestOutput:
-    """A request's result. ``outputs`` holds its completions: ``n`` samples in sample
-    order, or ``beam_width`` beams best first (one for a plain request). ``text``,
-    ``token_ids`` and ``finish_reason`` are those of ``outputs[0]``."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "context" | "abort" (see CompletionOutput)
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
 
 
 class LLM:
@@ -206,6 +179,7 @@ class LLM:
     def _resolve_auto(self, auto, kv_memory, target_context, calibration, block_size) -> str:
         """kv_format="auto": probe (or read the stored probe), choose, log one line."""
         from edgekv.auto import BudgetTooSmall, calibration_ids, resolve_auto
+        from edgekv.auto.resolve import checkpoint_key
 
         mc = self.model_config
         budget = None
@@ -216,7 +190,7 @@ class LLM:
                               self.device.type)
         try:
             self.kv_auto, self.kv_probe = resolve_auto(
-                self.model, mc, _checkpoint_key(Path(self.model_dir)), ids, auto,
+                self.model, mc, checkpoint_key(Path(self.model_dir)), ids, auto,
                 device=self.device, compute_dtype=self.compute_dtype, block_size=block_size,
                 budget_bytes=budget)
         except BudgetTooSmall as e:
@@ -276,13 +250,13 @@ class LLM:
             try:
                 for s in seqs:
                     engine.add(s)
-                while not all(_done(s) for s in seqs):
+                while not all(request_done(s) for s in seqs):
                     engine.step()
             finally:
                 for s in seqs:
-                    if not _done(s):
+                    if not request_done(s):
                         engine.abort(s)
-            return [_request_output(s) for s in seqs]
+            return [request_output(s) for s in seqs]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None
                ) -> Iterator[str]:
@@ -341,34 +315,6 @@ class LLM:
         """What the KV cache costs now: blocks_total, blocks_used, bytes_used,
         bytes_per_token, live_tokens, utilization, preemptions, ..."""
         return self.engine.kv_stats()
-
-
-def _done(seq: Sequence) -> bool:
-    if seq.beam is not None:
-        return seq.beam.finished
-    return all(s.finished for s in seq.samples or [seq])
-
-
-def _request_output(seq: Sequence) -> RequestOutput:
-    if seq.beam is not None:
-        outs = [CompletionOutput(*o) for o in seq.beam.results()]
-    else:
-        outs = [CompletionOutput(s.text, s.output_ids, s.finish_reason,
-                                 logprobs=None if s.logprobs is None else list(s.logprobs))
-                for s in seq.samples or [seq]]
-    best = outs[0]
-    return RequestOutput(best.text, best.token_ids, best.finish_reason,
-                         seq.token_ids[: seq.num_prompt], outs)
-
-
-def _checkpoint_key(model_dir: Path) -> str:
-    """The model's identity hash (config and the ends of each shard) and each shard's size
-    and modification time: a checkpoint edited in place is probed again."""
-    from edgekv.session.io import model_identity
-
-    shards = sorted(model_dir.glob("*.safetensors"))
-    stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in shards]
-    return ";".join([model_identity(model_dir), *stamps])
 
 
 def _check_target(target_context, kv_memory) -> None:

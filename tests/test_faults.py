@@ -12,8 +12,8 @@ import torch
 
 import edgekv.cache.offload
 import edgekv.engine.engine
-import edgekv.llm as llm_module
 from edgekv import LLM, SamplingParams
+from edgekv.engine import outputs
 from edgekv.engine.detokenizer import IncrementalDetokenizer
 from edgekv.engine.guard import BUSY
 from edgekv.engine.sequence import Status
@@ -241,14 +241,14 @@ def test_requests_that_outlive_a_fault_finish_exactly_as_without_it(setups, monk
     fault = Fault(ValueError, 2 if stage in ("copy_blocks", "detok", "postprocess") else 1,
                   counts=bool if stage == "copy_blocks" and name != "offload" else None)
     inject(monkeypatch, llm, stage, fault)
-    while not all(llm_module._done(s) for s in seqs):
+    while not all(outputs.request_done(s) for s in seqs):
         try:
             eng.step()
         except ValueError as e:
             assert str(e) == "injected fault"
             eng.check_integrity()
     assert fault.fired
-    assert completions([llm_module._request_output(s) for s in seqs]) == want["workload"]
+    assert completions([outputs.request_output(s) for s in seqs]) == want["workload"]
     eng.check_integrity()
     assert llm.kv_stats()["blocks_used"] == 0
 

@@ -125,3 +125,13 @@ def _stores(name: str, head_dim: int) -> bool:
     except ValueError:
         return False
     return True
+
+
+def checkpoint_key(model_dir: Path) -> str:
+    """The model's identity hash (config and the ends of each shard) and each shard's size
+    and modification time: a checkpoint edited in place is probed again."""
+    from edgekv.session.io import model_identity
+
+    shards = sorted(model_dir.glob("*.safetensors"))
+    stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in shards]
+    return ";".join([model_identity(model_dir), *stamps])

@@ -21,10 +21,12 @@ from edgekv.engine.detokenizer import IncrementalDetokenizer
 from edgekv.engine.guard import EngineGuard
 from edgekv.engine.integrity import check_engine
 from edgekv.engine.model_runner import ModelRunner
+from edgekv.engine.requests import check_request
 from edgekv.engine.rollback import StepUndo
 from edgekv.engine.sampling import SamplingParams, request_seed, sample, token_logprobs
 from edgekv.engine.scheduler import Scheduler
 from edgekv.engine.sequence import Sequence, Status
+from edgekv.engine.stats import kv_stats
 from edgekv.engine.stop_strings import cut_at_stop_string, emit_text
 from edgekv.eviction import EvictionConfig, Evictor
 from edgekv.models import ModelConfig
@@ -124,23 +126,7 @@ class Engine:
                  keep_cache: bool = False) -> None:
         """Raise ValueError if a request of these prompt tokens cannot be queued. Changes
         nothing: callers check every prompt of a batch before they queue any."""
-        if not token_ids:
-            raise ValueError("a prompt must have at least one token")
-        max_len = self.model_config.max_position
-        if self.evictor is None and len(token_ids) >= max_len:
-            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit the model's "
-                             f"context of {max_len} tokens (an eviction policy reads "
-                             f"past it)")
-        pool = self.cache_config.num_blocks * self.cache_config.block_size
-        if self.evictor is None and len(token_ids) >= pool:
-            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit the KV pool of "
-                             f"{pool} tokens: raise kv_memory or use an eviction policy")
-        vocab = self.model_config.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab}), got "
-                             f"{min(token_ids)}..{max(token_ids)}")
-        if keep_cache and (params.n > 1 or params.beam_width is not None):
-            raise ValueError("a chat turn takes n=1 and no beam_width")
+        check_request(self, token_ids, params, keep_cache)
 
     def add(self, seq: Sequence, params: SamplingParams | None = None) -> None:
         """Queue ``seq`` to generate after its current tokens (its prompt, this turn); it
@@ -402,19 +388,4 @@ class Engine:
 
     # ---- accounting --------------------------------------------------------------------
     def kv_stats(self) -> dict:
-        s = self.cache.stats(self.manager)
-        sch = self.scheduler
-        s["preemptions"] = sch.num_preemptions
-        s["prefix_caching"] = sch.prefix_salt is not None
-        s["prefix_query_tokens"] = sch.prefix_query_tokens
-        s["prefix_hit_tokens"] = sch.prefix_hit_tokens
-        s["prefix_hit_rate"] = sch.prefix_hit_tokens / max(sch.prefix_query_tokens, 1)
-        s.update(self.offloader.stats() if self.offloader is not None else {"offload": None})
-        s.update(self.evictor.stats() if self.evictor is not None else {"eviction": None})
-        if self.shifter is not None:
-            s.update(self.shifter.stats())
-        if self.demoter is not None:
-            s.update(self.demoter.stats())
-        s.update(self.residual.stats() if self.residual is not None else
-                 {"residual_tokens": 0})
-        return s
+        return kv_stats(self)
