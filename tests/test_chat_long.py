@@ -24,7 +24,7 @@ def messages(count=40, words=40):
 
 
 def chat(args, lines):
-    return subprocess.run([sys.executable, "-m", "edgekv.cli.main", "chat", "--kv-memory", "16MiB",
+    return subprocess.run([sys.executable, "-m", "edgekv.cli", "chat", "--kv-memory", "16MiB",
                            "--max-tokens", "100", "--temperature", "0", *args],
                           input="\n".join(lines) + "\n", capture_output=True, text=True,
                           timeout=600)

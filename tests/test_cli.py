@@ -8,7 +8,7 @@ import pytest
 
 
 def run_cli(args, stdin="", timeout=300):
-    return subprocess.run([sys.executable, "-m", "edgekv.cli.main", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "edgekv.cli", *args], input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -20,7 +20,7 @@ FAST = ["--kv-memory", "16MiB", "--max-tokens", "8", "--temperature", "0"]
 
 
 def run_cli(args, stdin=b"", timeout=300):
-    return subprocess.run([sys.executable, "-m", "edgekv.cli.main", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "edgekv.cli", *args], input=stdin,
                           capture_output=True, timeout=timeout)
 
 
@@ -172,7 +172,7 @@ class Terminal:
     def __init__(self, args):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the terminal is its controlling tty
-            os.execv(sys.executable, [sys.executable, "-m", "edgekv.cli.main", *args])
+            os.execv(sys.executable, [sys.executable, "-m", "edgekv.cli", *args])
         self.pending, self.code = "", None
 
     def read_until(self, needle: str, timeout: float = 60) -> str:
@@ -249,7 +249,7 @@ def test_eval_checks_its_options_before_it_loads_the_model(args, message, broken
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     (broken["root"] / "latin1.txt").write_bytes(b"caf\xe9 " * 500)
-    r = subprocess.run([sys.executable, "-m", "edgekv.cli.main", "eval", "--model",
+    r = subprocess.run([sys.executable, "-m", "edgekv.cli", "eval", "--model",
                         str(broken["truncated"]), "--peers", "none", *args],
                        capture_output=True, timeout=300, cwd=broken["root"])
     assert message in one_line_error(r)

@@ -338,7 +338,7 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads():
         s.listen()
         port = s.getsockname()[1]
         t = time.time()
-        r = subprocess.run([sys.executable, "-m", "edgekv.cli.main", "serve", "--port", str(port)],
+        r = subprocess.run([sys.executable, "-m", "edgekv.cli", "serve", "--port", str(port)],
                            capture_output=True, timeout=120)
     err = [ln for ln in r.stderr.decode().splitlines() if ln.strip()]
     assert r.returncode == 2 and len(err) == 1, r.stderr

@@ -42,7 +42,7 @@ class Served:
         self.out = tempfile.TemporaryFile("w+")  # files: nothing waits on a full pipe
         self.err = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgekv.cli.main", "serve", "--port", str(self.port),
+            [sys.executable, "-m", "edgekv.cli", "serve", "--port", str(self.port),
              "--api-key", KEY, "--served-model-name", NAME, *OPTS, *extra],
             stdout=self.out, stderr=self.err, text=True, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -256,7 +256,7 @@ def test_a_dead_engine_is_a_503_and_the_server_still_answers():
 
 
 def test_a_bad_model_path_is_one_line_and_exit_code_2():
-    r = subprocess.run([sys.executable, "-m", "edgekv.cli.main", "serve", "--port",
+    r = subprocess.run([sys.executable, "-m", "edgekv.cli", "serve", "--port",
                         str(_free_port()), "--model", "/nonexistent/model"],
                        capture_output=True, text=True, timeout=120)
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]

@@ -410,7 +410,7 @@ CLI_ARGS = ["--kv-memory", "16MiB", "--max-tokens", "8", "--temperature", "0"]
 
 def run_chat(stdin: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "edgekv.cli.main", "chat", *CLI_ARGS], input=stdin,
+    return subprocess.run([sys.executable, "-m", "edgekv.cli", "chat", *CLI_ARGS], input=stdin,
                           capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -35,7 +35,7 @@ def test_parsing_every_subcommand_imports_no_torch(args):
 
 
 def test_a_bad_choice_is_one_line_and_exit_2():
-    r = subprocess.run([sys.executable, "-m", "edgekv.cli.main", "chat", "--kv", "int3"],
+    r = subprocess.run([sys.executable, "-m", "edgekv.cli", "chat", "--kv", "int3"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "'int3' is not one of" in r.stderr and "'int8'" in r.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from edgekv.quant import get_format
+from edgekv.quant import get_format, stores
 
 from . import store
 from .assign import Assignment, check_budget, choose
@@ -76,7 +76,7 @@ def resolve_auto(model: torch.nn.Module, mc, model_identity: str, ids: list[int]
     else DEFAULT_BITS), from the probe of ``ids``, stored per model and re-used."""
     from edgekv import __version__
 
-    fmts = tuple(f for f in dict.fromkeys((REFERENCE, *candidates)) if _stores(f, mc.head_dim))
+    fmts = tuple(f for f in dict.fromkeys((REFERENCE, *candidates)) if stores(f, mc.head_dim))
     values = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim  # K and V, per token
     if spec.bits is not None or budget_bytes is None:
         budget_bytes = math.floor((spec.bits or DEFAULT_BITS) * values / 8)
@@ -118,13 +118,6 @@ def decide_target(probe: ProbeResult, mc, kv_memory: int, target_context: int,
                          f"{most:,}): give more memory, or use eviction")
     return d
 
-
-def _stores(name: str, head_dim: int) -> bool:
-    try:
-        get_format(name).check_head_dim(head_dim)
-    except ValueError:
-        return False
-    return True
 
 
 def checkpoint_key(model_dir: Path) -> str:

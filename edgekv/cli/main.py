@@ -303,7 +303,3 @@ main.add_command(plan)
 from edgekv.eval.cli import eval_command  # noqa: E402
 
 main.add_command(eval_command)
-
-
-if __name__ == "__main__":
-    main()

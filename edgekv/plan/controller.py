@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from edgekv.auto.quality import QualityModel, delta_ppl, tier_bands, uniform_bands
 from edgekv.config import join_formats, kv_bytes_per_token
-from edgekv.quant import get_format
+from edgekv.quant import get_format, stores
 from edgekv.tiers.spec import TierSpec, tier_blocks
 
 EXACT_WINDOWS = (0, 128)
@@ -104,13 +104,6 @@ def _size(n: int) -> str:
             return f"{n // b}{unit}"
     return str(n)
 
-
-def _stores(fmt: str, head_dim: int) -> bool:
-    try:
-        get_format(fmt).check_head_dim(head_dim)
-    except ValueError:
-        return False
-    return True
 
 
 class Controller:
@@ -227,13 +220,13 @@ class Controller:
 
     def decide(self) -> Decision:
         hd = self.shape[2]
-        cands = [self.uniform(f) for f in self.formats if _stores(f, hd)]
+        cands = [self.uniform(f) for f in self.formats if stores(f, hd)]
         layered = self.layers()
         if layered is not None:
             cands.append(layered)
         for e in EXACT_WINDOWS if self.allow_tiers else ():
             for last in LAST:
-                if _stores(last, hd) and _stores(MIDDLE, hd):
+                if stores(last, hd) and stores(MIDDLE, hd):
                     c = self.best_tiers(e, last)
                     if c is not None:
                         cands.append(c)

@@ -70,8 +70,17 @@ def get_format(name: str | KVFormat) -> KVFormat:
         ) from None
 
 
+def stores(name: str, head_dim: int) -> bool:
+    """Whether format ``name`` can store heads of ``head_dim`` (groups, packing)."""
+    try:
+        get_format(name).check_head_dim(head_dim)
+    except ValueError:
+        return False
+    return True
+
+
 __all__ = [
-    "FORMATS", "VARIANTS", "KVFormat", "QuantizedKV", "get_format", "register",
+    "FORMATS", "VARIANTS", "KVFormat", "QuantizedKV", "get_format", "register", "stores",
     "CodebookFormat", "FloatFormat", "Fp8Format", "IntFormat", "pack_int4", "unpack_int4",
     "SCALE_DTYPE", "MIN_SCALE",
 ]
