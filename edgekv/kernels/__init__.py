@@ -12,6 +12,7 @@ product path.
     cpu_jit.py        the compiled kernels' set-up (numba, lazily) and calls; its loops:
       cpu_jit_loops.py  decode attention over the blocks as stored; a decode layer's RoPE,
                         rotation, quantize-and-write and attention in one call
+      cpu_jit_write.py  RoPE, rotation and quantize-and-write of one head-vector
       cpu_jit_layer.py  one sequence's whole decoder layer; small-batch linears
       cpu_jit_rows.py   RMSNorm
     cpu_codes.py      how the CPU torch path reads each format's stored codes and scales

@@ -200,10 +200,12 @@ def write_codebook_rows(x: np.ndarray, groups: int, table: np.ndarray, threads: 
     """x (N, D) fp32 contiguous, in the storage basis; ``groups`` per row, even -> (N, D / 2)
     uint8 codes (split halves) and (N, groups) uint8 e4m3 scales, as the codebook format
     writes them (table: cpu_compiled.codebook_table); None: compiling failed."""
+    from . import cpu_jit_write  # importable wherever _jit() succeeded
+
     N, D = x.shape
     data = np.empty((N, 1, 1, D // 2), np.uint8)
     scale = np.empty((N, 1, groups // 2), np.uint16)
-    fn = _parallel(_jit()[1].write_codebook_rows, threads)
+    fn = _parallel(cpu_jit_write.write_codebook_rows, threads)
     if _run(fn, x, data, scale, table) is _FAILED:
         return None
     return data.reshape(N, D // 2), scale.view(np.uint8).reshape(N, groups)
