@@ -19,6 +19,8 @@ A block moves between tiers by ``transcode``: read from its codes, quantized aga
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from edgekv.cache.block_manager import BlockManager
@@ -82,6 +84,17 @@ class PagedKVCache:
         write_kv(k_store, v_store, k.to(self.device), v.to(self.device),
                  slots.to(device=self.device, dtype=torch.long), self.formats[layer])
 
+    def stored_tensors(self, tier: int = 0) -> Iterator[tuple[int, int, str, torch.Tensor]]:
+        """(layer, kv, part, tensor) for every tensor of every layer's K (kv 0) and V (kv 1)
+        storage in ``tier``: "data", then "scale" and "zero" where the format has them.
+        The one loop over the storage: copies, swaps and session files walk it."""
+        for i, layer in enumerate(self.tier_layers[tier]):
+            for kv, store in enumerate(layer):
+                for part in ("data", "scale", "zero"):
+                    x = getattr(store, part)
+                    if x is not None:  # (blocks, num_kv_heads, block_size, packed | groups)
+                        yield i, kv, part, x
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer, codes and scales together (a pair
         across age tiers is transcoded)."""
@@ -92,11 +105,8 @@ class PagedKVCache:
             mine = [(s - off, d - off) for s, d in same if self.tier_of(s) == t]
             src = torch.tensor([s for s, _ in mine], device=self.device)
             dst = torch.tensor([d for _, d in mine], device=self.device)
-            for layer in self.tier_layers[t]:
-                for store in layer:
-                    for x in (store.data, store.scale, store.zero):
-                        if x is not None:
-                            x[dst] = x[src]
+            for _, _, _, x in self.stored_tensors(t):
+                x[dst] = x[src]
 
     # ---- age tiers ---------------------------------------------------------------------
     def tier_of(self, block: int) -> int:
@@ -126,9 +136,8 @@ class PagedKVCache:
     # ---- accounting --------------------------------------------------------------------
     def storage_bytes(self) -> int:
         """Bytes actually allocated by the storage tensors (equals config.bytes_total)."""
-        return sum(t.numel() * t.element_size() for tier in self.tier_layers
-                   for layer in tier for s in layer
-                   for t in (s.data, s.scale, s.zero) if t is not None)
+        return sum(x.numel() * x.element_size() for t in range(len(self.tier_layers))
+                   for *_, x in self.stored_tensors(t))
 
     def stats(self, manager: BlockManager) -> dict:
         """What the cache costs now: blocks, bytes, live tokens, utilisation.

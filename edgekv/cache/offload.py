@@ -26,13 +26,8 @@ def copy_blocks_between(src: PagedKVCache, dst: PagedKVCache,
         return
     s_idx = torch.tensor([s for s, _ in pairs], device=src.device)
     d_idx = torch.tensor([d for _, d in pairs], device=dst.device)
-    for s_layer, d_layer in zip(src.layers, dst.layers, strict=True):
-        for s_store, d_store in zip(s_layer, d_layer, strict=True):
-            for s_t, d_t in ((s_store.data, d_store.data), (s_store.scale, d_store.scale),
-                             (s_store.zero, d_store.zero)):
-                if s_t is not None:
-                    # (n, num_kv_heads, block_size, packed_dim | groups)
-                    d_t[d_idx] = s_t[s_idx].to(dst.device)
+    for (*_, s_t), (*_, d_t) in zip(src.stored_tensors(), dst.stored_tensors(), strict=True):
+        d_t[d_idx] = s_t[s_idx].to(dst.device)  # (n, num_kv_heads, block_size, ...)
 
 
 class Offloader:

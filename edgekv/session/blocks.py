@@ -1,5 +1,6 @@
-"""Which tensors of a session file hold a conversation's KV blocks: one loop over every
-layer's K and V storage, shared by saving (io.py) and checking (check.py).
+"""Which tensors of a session file hold a conversation's KV blocks, named after the
+cache's own walk over its storage (``PagedKVCache.stored_tensors``), shared by saving
+(io.py) and checking (check.py).
 
     one storage:  L{i}.{k|v}.{data|scale|zero}      (num_blocks, Hkv, B, ...) table order
     age tiers:    T{t}.L{i}.{k|v}.{data|scale|zero}  (blocks in tier t, Hkv, B, ...) the
@@ -39,17 +40,13 @@ def block_tensors(cache, entry_tiers: list[int]) -> Iterator[BlockTensor]:
     """Every block tensor a table of entries in ``entry_tiers`` (each entry's tier) needs,
     skipping tiers it has no entry in."""
     tiered = cache.config.tiers is not None
-    for t, layers in enumerate(cache.tier_layers):
+    for t in range(len(cache.tier_layers)):
         rows = tuple(r for r, x in enumerate(entry_tiers) if x == t)
         if not rows:
             continue
-        for i, layer in enumerate(layers):
-            for kv, name in enumerate("kv"):
-                for part in ("data", "scale", "zero"):
-                    store = getattr(layer[kv], part)
-                    if store is not None:
-                        key = f"{f'T{t}.' if tiered else ''}L{i}.{name}.{part}"
-                        yield BlockTensor(key, t, i, kv, part, store, rows)
+        for i, kv, part, store in cache.stored_tensors(t):
+            key = f"{f'T{t}.' if tiered else ''}L{i}.{'kv'[kv]}.{part}"
+            yield BlockTensor(key, t, i, kv, part, store, rows)
 
 
 def signed_scale(cache_config, key: str) -> bool:
