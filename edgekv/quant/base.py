@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hadamard
+
 # Scales are stored as fp16 and never fall below fp16's smallest normal number, so a zero or
 # constant vector gets a finite scale (its codes are all zero) and never divides by zero.
 SCALE_DTYPE = torch.float16
@@ -130,3 +132,25 @@ def _itemsize(dtype: torch.dtype) -> int:
 def fp16_scale(raw: torch.Tensor) -> torch.Tensor:
     """Round a float32 scale to its stored fp16 value, clamped away from zero."""
     return raw.clamp(min=MIN_SCALE, max=torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE)
+
+
+class GroupedFormat(KVFormat):
+    """A format with a scale per ``group_size`` values (None: one per token-head), stored
+    optionally Hadamard-rotated (``rotate``): the shape and basis rules the integer and
+    codebook formats share. Subclasses define ``quantize_storage`` and ``decode``."""
+
+    group_size: int | None = None
+
+    def num_groups(self, head_dim: int) -> int:
+        self.check_head_dim(head_dim)
+        return head_dim // self.group_size if self.group_size else 1
+
+    def to_storage_basis(self, x: torch.Tensor) -> torch.Tensor:
+        return hadamard.rotate(x).to(x.dtype) if self.rotate else x
+
+    def from_storage_basis(self, x: torch.Tensor) -> torch.Tensor:
+        return hadamard.rotate(x).to(x.dtype) if self.rotate else x
+
+    def quantize(self, x: torch.Tensor) -> QuantizedKV:
+        self._check_input(x)
+        return self.quantize_storage(self.to_storage_basis(x.float()))

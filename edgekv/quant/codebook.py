@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from . import hadamard
-from .base import MIN_SCALE, SCALE_DTYPE, KVFormat, QuantizedKV
+from .base import MIN_SCALE, SCALE_DTYPE, GroupedFormat, QuantizedKV
 from .packing import pack_int4, unpack_int4
 
 # The 16 levels: POLY[0] u + POLY[1] u^2 + ... + POLY[4] u^5 at u = code - ZERO_CODE, a
@@ -52,7 +51,7 @@ SCALE_DTYPES = {  # stored scale dtype -> magnitude range it is clamped to
 }
 
 
-class CodebookFormat(KVFormat):
+class CodebookFormat(GroupedFormat):
     """Codes through the 16 levels of ``poly`` (``levels``, increasing), a signed scale of
     ``scale_dtype`` (e4m3 or fp16) per ``group_size`` values (None: one per token-head),
     optionally rotated."""
@@ -97,22 +96,7 @@ class CodebookFormat(KVFormat):
         self.check_head_dim(head_dim)
         return head_dim // 2
 
-    def num_groups(self, head_dim: int) -> int:
-        self.check_head_dim(head_dim)
-        return head_dim // self.group_size if self.group_size else 1
-
-    # ---- basis -------------------------------------------------------------------------
-    def to_storage_basis(self, x: torch.Tensor) -> torch.Tensor:
-        return hadamard.rotate(x).to(x.dtype) if self.rotate else x
-
-    def from_storage_basis(self, x: torch.Tensor) -> torch.Tensor:
-        return hadamard.rotate(x).to(x.dtype) if self.rotate else x
-
-    # ---- quantize / decode -------------------------------------------------------------
-    def quantize(self, x: torch.Tensor) -> QuantizedKV:
-        self._check_input(x)
-        return self.quantize_storage(self.to_storage_basis(x.float()))
-
+    # ---- quantize / decode (num_groups, the basis, quantize: GroupedFormat) ------------
     def quantize_storage(self, xf: torch.Tensor) -> QuantizedKV:
         d = xf.shape[-1]
         g = self.num_groups(d)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from . import hadamard
-from .base import KVFormat, QuantizedKV, fp16_scale
+from .base import GroupedFormat, QuantizedKV, fp16_scale
 from .packing import pack_int4, unpack_int4
 
 
-class IntFormat(KVFormat):
+class IntFormat(GroupedFormat):
     def __init__(
         self,
         name: str,
@@ -55,22 +54,7 @@ class IntFormat(KVFormat):
         self.check_head_dim(head_dim)
         return head_dim // 2 if self.bits == 4 else head_dim
 
-    def num_groups(self, head_dim: int) -> int:
-        self.check_head_dim(head_dim)
-        return head_dim // self.group_size if self.group_size else 1
-
-    # ---- basis -------------------------------------------------------------------------
-    def to_storage_basis(self, x: torch.Tensor) -> torch.Tensor:
-        return hadamard.rotate(x).to(x.dtype) if self.rotate else x
-
-    def from_storage_basis(self, x: torch.Tensor) -> torch.Tensor:
-        return hadamard.rotate(x).to(x.dtype) if self.rotate else x
-
-    # ---- quantize / decode -------------------------------------------------------------
-    def quantize(self, x: torch.Tensor) -> QuantizedKV:
-        self._check_input(x)
-        return self.quantize_storage(self.to_storage_basis(x.float()))
-
+    # ---- quantize / decode (num_groups, the basis, quantize: GroupedFormat) ------------
     def quantize_storage(self, xf: torch.Tensor) -> QuantizedKV:
         d = xf.shape[-1]
         g = self.num_groups(d)
