@@ -141,6 +141,12 @@ class GroupedFormat(KVFormat):
 
     group_size: int | None = None
 
+    def check_head_dim(self, head_dim: int) -> None:
+        super().check_head_dim(head_dim)
+        if self.group_size and head_dim % self.group_size:
+            raise ValueError(f"{self.name}: head_dim {head_dim} is not divisible by the "
+                             f"scale group size {self.group_size}")
+
     def num_groups(self, head_dim: int) -> int:
         self.check_head_dim(head_dim)
         return head_dim // self.group_size if self.group_size else 1

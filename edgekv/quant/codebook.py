@@ -88,9 +88,6 @@ class CodebookFormat(GroupedFormat):
         if head_dim % 2:
             raise ValueError(f"{self.name}: head_dim must be even to pack two 4-bit codes "
                              f"per byte, got {head_dim}")
-        if self.group_size and head_dim % self.group_size:
-            raise ValueError(f"{self.name}: head_dim {head_dim} is not divisible by the "
-                             f"scale group size {self.group_size}")
 
     def packed_dim(self, head_dim: int) -> int:
         self.check_head_dim(head_dim)

@@ -46,9 +46,6 @@ class IntFormat(GroupedFormat):
         if self.bits == 4 and head_dim % 2:
             raise ValueError(f"{self.name}: head_dim must be even to pack two int4 codes "
                              f"per byte, got {head_dim}")
-        if self.group_size and head_dim % self.group_size:
-            raise ValueError(f"{self.name}: head_dim {head_dim} is not divisible by the "
-                             f"scale group size {self.group_size}")
 
     def packed_dim(self, head_dim: int) -> int:
         self.check_head_dim(head_dim)
