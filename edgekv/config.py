@@ -87,7 +87,7 @@ def describe_kv(stats: dict) -> str:
     tiers = stats.get("tiers")
     if not tiers:
         return describe_formats(stats["kv_format"])
-    parts = [f"fp16:{stats['residual_tokens']}"] if stats.get("residual_tokens") else []
+    parts = [f"fp16:{stats['exact_window_tokens']}"] if stats.get("exact_window_tokens") else []
     parts += [t["format"] if t["tokens_max"] is None else f"{t['format']}:{t['tokens_max']}"
               for t in tiers]
     return "tiers " + ",".join(parts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from edgekv.auto import parse_auto
+from edgekv.cache.exact_window import check_exact_window
 from edgekv.cache.memory import auto_kv_plan
 from edgekv.config import CacheConfig, format_names, join_formats, parse_memory
 from edgekv.device import resolve_device
@@ -48,8 +50,8 @@ class LLM:
     ``offload_memory``: bytes or "1GiB" of host memory for KV blocks swapped out of the
     device pool when it runs short (pinned on CUDA); 0 (default): off, preempted
     sequences are recomputed instead.
-    ``kv_residual``: the newest N tokens of each sequence are also kept in fp16 and
-    attention reads them exact (``edgekv/cache/residual.py``); they cost N x the fp16 bytes per
+    ``exact_window``: the newest N tokens of each sequence are also kept in fp16 and
+    attention reads them exact (``edgekv/cache/exact_window.py``); they cost N x the fp16 bytes per
     token per running sequence, on top of ``kv_memory``. 0 (default): off. For quantized
     formats; not with eviction.
     ``kv_format`` may also name one format per layer (a list, or "int8,int4,int4,int4"),
@@ -62,12 +64,12 @@ class LLM:
     must hold (ValueError where it cannot); with ``kv_format="auto"`` the budget controller
     (``edgekv/plan/controller.py``) picks the storage with the least predicted KL that holds
     it: one format, one per layer, or age tiers (``llm.kv_decision`` says which, with the
-    other candidates; tiers only where eviction, offload and kv_residual are not given).
+    other candidates; tiers only where eviction, offload and exact_window are not given).
     ``kv_tiers``: age tiers instead of one format, e.g. "fp16:128,int8:2048,int4": each
     sequence's newest 128 tokens also exact, the next 2,048 in int8 blocks, older ones in
     int4 blocks, demoted from their codes as they age (``edgekv/tiers``); pools per tier
     out of the one ``kv_memory``. Sets the format and the exact window (leave
-    ``kv_format`` and ``kv_residual`` out); not yet with eviction or offload.
+    ``kv_format`` and ``exact_window`` out); not yet with eviction or offload.
 
     Threads: one LLM is driven by one thread at a time. ``generate``, ``score``, each
     ``next()`` of a ``stream`` and each step of a chat turn hold the engine; a call from a
@@ -86,14 +88,18 @@ class LLM:
                  device: str | torch.device | None = None, dtype=None, seed: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  prefix_caching: bool = True, offload_memory: int | str = 0,
-                 kv_residual: int = 0, target_context: int | None = None,
+                 exact_window: int = 0, target_context: int | None = None,
                  kv_calibration: str | Path | Seq[int] | None = None,
-                 kv_tiers: str | None = None):
+                 kv_tiers: str | None = None, kv_residual: int | None = None):
+        if kv_residual is not None:  # the old name of exact_window
+            warnings.warn("LLM(kv_residual=) is now LLM(exact_window=)", DeprecationWarning,
+                          stacklevel=2)
+            exact_window = exact_window or kv_residual
         device = resolve_device(device)  # fail fast on bad input, before loading anything
         tiers = None
         if kv_tiers is not None:
             tiers = parse_tiers(kv_tiers)
-            kv_format, kv_residual = _check_tiers(tiers, kv_format, kv_residual, eviction,
+            kv_format, exact_window = _check_tiers(tiers, kv_format, exact_window, eviction,
                                                   offload_memory)
         auto = parse_auto(kv_format)
         if auto is None:
@@ -101,7 +107,7 @@ class LLM:
         eviction = _eviction_config(eviction, max_kv_tokens)
         _check_target(target_context, kv_memory)
         if auto is None:
-            _check_residual(kv_residual, kv_format, eviction)
+            check_exact_window(exact_window, kv_format, eviction)
         if model is None:
             model = DEMO_MODEL_DIR
             if not (model / "config.json").is_file():
@@ -127,25 +133,25 @@ class LLM:
             kv_format = self._resolve_auto(auto, kv_memory, target_context, kv_calibration,
                                            block_size)
             if target_context is not None and auto.bits is None:
-                allow = eviction is None and not offload_memory and not kv_residual and \
+                allow = eviction is None and not offload_memory and not exact_window and \
                     get_backend() != "triton"
                 kv_format, tiers = self._decide_target(kv_memory, target_context, block_size,
-                                                       chunk, allow, quantized=kv_residual > 0)
+                                                       chunk, allow, quantized=exact_window > 0)
                 if tiers is not None:
-                    kv_format, kv_residual = _check_tiers(tiers, kv_format, kv_residual,
+                    kv_format, exact_window = _check_tiers(tiers, kv_format, exact_window,
                                                           eviction, offload_memory)
-            _check_residual(kv_residual, kv_format, eviction)
+            check_exact_window(exact_window, kv_format, eviction)
         if kv_memory is None or kv_memory == "auto":
             self.kv_plan = auto_kv_plan(self.device, mc, kv_format, block_size, max_num_seqs,
                                         max_num_batched_tokens, weights)
             log.log(logging.INFO if kv_memory == "auto" else logging.DEBUG, "%s",
                     self.kv_plan.summary())
             budget = self.kv_plan.kv_bytes
-            if kv_residual:  # the rings come out of the same free memory
-                ring = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2 * kv_residual
+            if exact_window:  # the rings come out of the same free memory
+                ring = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2 * exact_window
                 reserve = min(budget // 2, max_num_seqs * ring)
-                log.info("kv_residual=%d: %.2f GiB of the KV budget kept for the rings",
-                         kv_residual, reserve / 2**30)
+                log.info("exact_window=%d: %.2f GiB of the KV budget kept for the rings",
+                         exact_window, reserve / 2**30)
                 budget -= reserve
         elif self.kv_decision is not None:  # the pools chosen for target_context
             budget = self.kv_decision.choice.kv_memory
@@ -174,7 +180,7 @@ class LLM:
                              seed=seed, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=chunk,
                              eviction=eviction, prefix_caching=prefix_caching,
-                             num_host_blocks=host_blocks, residual_tokens=kv_residual)
+                             num_host_blocks=host_blocks, exact_window_tokens=exact_window)
 
     def _resolve_auto(self, auto, kv_memory, target_context, calibration, block_size) -> str:
         """kv_format="auto": probe (or read the stored probe), choose, log one line."""
@@ -208,7 +214,7 @@ class LLM:
                        allow_tiers, quantized) -> tuple[str, object]:
         """kv_format="auto" with target_context: the budget controller's choice among
         uniform, per-layer and tiered storage (edgekv/plan/controller.py), scored by the
-        probe (``quantized``: no uniform fp16, for kv_residual). Returns (kv_format,
+        probe (``quantized``: no uniform fp16, for exact_window). Returns (kv_format,
         TierSpec or None); logs one line."""
         from edgekv.auto.resolve import decide_target
 
@@ -328,33 +334,20 @@ def _check_target(target_context, kv_memory) -> None:
         raise ValueError("target_context needs kv_memory: the bytes to hold it in")
 
 
-def _check_tiers(tiers, kv_format, kv_residual, eviction, offload_memory) -> tuple[str, int]:
+def _check_tiers(tiers, kv_format, exact_window, eviction, offload_memory) -> tuple[str, int]:
     """kv_tiers sets the format new tokens are written in and the exact window: kv_format
-    and kv_residual may only repeat them. Returns (kv_format, kv_residual)."""
+    and exact_window may only repeat them. Returns (kv_format, exact_window)."""
     if kv_format not in ("int8", tiers.formats[0]):
         raise ValueError(f"kv_tiers sets the formats ({tiers}): leave kv_format out")
-    if kv_residual not in (0, tiers.exact):
-        raise ValueError(f"kv_tiers sets the exact window ({tiers}): leave kv_residual out, "
-                         f"or write it as the first tier, fp16:{kv_residual}")
+    if exact_window not in (0, tiers.exact):
+        raise ValueError(f"kv_tiers sets the exact window ({tiers}): leave exact_window out, "
+                         f"or write it as the first tier, fp16:{exact_window}")
     if eviction is not None or offload_memory:
         raise ValueError("kv_tiers cannot be combined with eviction or offload yet")
     if tiers.exact and get_backend() == "triton":
         raise ValueError("kv_tiers with an exact window needs the torch prefill path, which "
                          "the forced 'triton' attention backend forbids")
     return tiers.formats[0], tiers.exact
-
-
-def _check_residual(tokens, kv_format: str, eviction: EvictionConfig | None) -> None:
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(f"kv_residual must be a number of tokens >= 0, got {tokens!r}")
-    if tokens and all(n in ("fp16", "bf16", "fp32") for n in kv_format.split(",")):
-        raise ValueError(f"kv_residual keeps the newest tokens unquantized; {kv_format} is "
-                         f"not quantized")
-    if tokens and eviction is not None:
-        raise ValueError("kv_residual cannot be combined with eviction yet")
-    if tokens and get_backend() == "triton":
-        raise ValueError("kv_residual needs the torch prefill path, which the forced "
-                         "'triton' attention backend forbids: use 'auto' or 'torch'")
 
 
 def _eviction_config(eviction, max_kv_tokens: int | None) -> EvictionConfig | None:

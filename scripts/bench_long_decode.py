@@ -87,8 +87,8 @@ def _edgekv(a, model_dir: str, fmt: str):
                 if t is not None:
                     t.copy_((torch.rand(t.shape, generator=g) * 0.02 + 0.01).to(t.dtype))
     stats = llm.kv_stats()
-    kv_used = stats["bytes_used"] + (S * stats["residual_bytes"] // max(
-        1, eng.residual.num_slots) if eng.residual is not None else 0)
+    kv_used = stats["bytes_used"] + (S * stats["exact_window_bytes"] // max(
+        1, eng.exact_window.num_slots) if eng.exact_window is not None else 0)
     tokens = torch.full((S,), 5)
 
     def step():

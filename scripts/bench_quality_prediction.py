@@ -10,7 +10,7 @@ every chunk).
     python scripts/bench_quality_prediction.py [--windows 2] [--start 1024]
                                                [--rows int4 int8:192,int4 ...]
 
-Rows: ``int4`` (a format), ``int4+r128`` (the newest 128 also exact), ``int8:192,int4``
+Rows: ``int4`` (a format), ``int4+w128`` (the newest 128 also exact), ``int8:192,int4``
 (age tiers; ``fp16:N,...`` an exact window first).
 """
 
@@ -26,7 +26,7 @@ from edgekv.auto.quality import measure_demo, tier_bands, uniform_bands
 from edgekv.llm import DEMO_MODEL_DIR
 from edgekv.tiers import parse_tiers
 
-ROWS = ("int8", "int4_nl", "int4", "int4+r128", "int4_nl+r128", "int8:192,int4",
+ROWS = ("int8", "int4_nl", "int4", "int4+w128", "int4_nl+w128", "int8:192,int4",
         "int8:128,int4_nl", "fp16:64,int8:256,int4", "fp16:96,int8:128,int4",
         "fp16:32,int8:128,int4_nl")
 WINDOW = 1024
@@ -34,9 +34,9 @@ WINDOW = 1024
 
 def configure(row: str) -> tuple[dict, list]:
     """(LLM keyword arguments, the quality model's bands) of a row."""
-    if "+r" in row:
-        fmt, r = row.split("+r")
-        return dict(kv_format=fmt, kv_residual=int(r)), uniform_bands(fmt, int(r))
+    if "+w" in row:
+        fmt, r = row.split("+w")
+        return dict(kv_format=fmt, exact_window=int(r)), uniform_bands(fmt, int(r))
     if ":" in row:
         s = parse_tiers(row)
         return (dict(kv_tiers=row, max_num_batched_tokens=64),

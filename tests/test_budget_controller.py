@@ -287,10 +287,10 @@ def test_target_context_chooses_tiers_that_hold_it(tmp_path, monkeypatch):
     # an exact window asked for by hand: tiers are not offered (they would set it), nor
     # uniform fp16 (nothing to keep exact)
     plain = LLM(path, kv_format="auto", kv_memory=budget, target_context=target,
-                kv_calibration=list(range(3, 300)), kv_residual=16, dtype="float32")
+                kv_calibration=list(range(3, 300)), exact_window=16, dtype="float32")
     assert plain.kv_decision.choice.kind != "tiers" and plain.cache_config.tiers is None
     roomy = LLM(path, kv_format="auto", kv_memory="64MiB", target_context=target,
-                kv_calibration=list(range(3, 300)), kv_residual=16, dtype="float32")
+                kv_calibration=list(range(3, 300)), exact_window=16, dtype="float32")
     assert roomy.kv_decision.choice.kv_format != "fp16"
     with pytest.raises(ValueError, match="target_context=5000 is beyond the model's context "
                                          "of 4096"):

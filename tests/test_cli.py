@@ -107,8 +107,8 @@ def test_bad_eviction_options_exit_with_code_2():
     assert r.returncode == 2 and "budget is 4 blocks" in r.stderr
 
 
-def test_chat_with_a_residual_window_shows_what_it_costs(model_args):
-    r = run_cli(["chat", *model_args, "--kv", "int4", "--kv-residual", "32"], "Hello there\n")
+def test_chat_with_an_exact_window_shows_what_it_costs(model_args):
+    r = run_cli(["chat", *model_args, "--kv", "int4", "--exact-window", "32"], "Hello there\n")
     assert r.returncode == 0, r.stderr
     (status,) = status_lines(r.stdout)
     assert re.search(r"newest 32 fp16: [\d.]+ \w+\]", status), status

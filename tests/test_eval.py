@@ -157,22 +157,22 @@ def test_eviction_rows_are_token_by_token(llama_dir, text_file):
     assert ev["kl"] > 0  # 64 tokens through a 32-token budget lose something
 
 
-def test_residual_rows_measure_each_quantized_format_with_its_window(llama_dir, text_file):
-    rows = tiny(llama_dir, text_file, formats=("fp16", "int4"), kv_residual=(0, 48),
+def test_exact_window_rows_measure_each_quantized_format_with_its_window(llama_dir, text_file):
+    rows = tiny(llama_dir, text_file, formats=("fp16", "int4"), exact_window=(0, 48),
                 peers="none", prompts=0, layer_tokens=0)
-    assert [(r["format"], r["kv_residual"]) for r in rows] == [
+    assert [(r["format"], r["exact_window"]) for r in rows] == [
         ("fp16", 0), ("int4", 0), ("int4", 48)]  # fp16 has nothing to keep unquantized
     _, plain, windowed = rows
     assert windowed["kl"] < 1e-5 < plain["kl"]  # a 48-token window holds all 48 tokens
-    assert "int4 +r48" in report.table_line(windowed)
+    assert "int4 +w48" in report.table_line(windowed)
 
 
 def test_tier_rows_are_token_by_token_and_count_each_tier_at_its_bytes(llama_dir,
                                                                        text_file):
-    rows = tiny(llama_dir, text_file, formats=("fp16", "int4", "int8"), kv_residual=(0, 8),
+    rows = tiny(llama_dir, text_file, formats=("fp16", "int4", "int8"), exact_window=(0, 8),
                 tiers=("fp16:8,int8:16,int4",), peers="none", prompts=0, layer_tokens=0,
                 window=64)
-    by = {(r["format"], r["kv_residual"]): r for r in rows}
+    by = {(r["format"], r["exact_window"]): r for r in rows}
     tier = by[("tiers fp16:8,int8:16,int4", 0)]
     assert tier["ppl_mode"] == "decode" and "token by token" in tier["notes"]
     # bytes over the 64-token window: 8 exact fp16 tokens, the int8 tier's one block

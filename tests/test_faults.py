@@ -38,7 +38,7 @@ CONFIGS = {
                 ([HEADER + "The quick brown", HEADER * 2 + "Ünïcödé", "Hello! " * 12],
                  SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))),
     # each sequence's newest tokens also kept exact in rings, forks copying them
-    "residual": (dict(kv_memory=64 * BLOCK, kv_residual=8),
+    "exact_window": (dict(kv_memory=64 * BLOCK, exact_window=8),
                  ([HEADER + "The quick", "Hello! How are you today?"],
                   SamplingParams(n=3, max_tokens=8, temperature=0.8, seed=5,
                                  ignore_eos=True))),

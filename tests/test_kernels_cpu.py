@@ -3,8 +3,8 @@ quantized blocks.
 
 Full cross product formats x GQA ratio x block size x head_dim, every case holding the
 ragged lengths 1, B-1, B and 3B+5 with NaN-poisoned unowned slots (kernel_cases.py): decode
-with its block mass, decode reading a residual window's exact tail, prefill / append, the
-same with the exact tail, and the prefill block mass, with key tiles forced small so that
+with its block mass, decode reading an exact window, prefill / append, the
+same with the exact window, and the prefill block mass, with key tiles forced small so that
 every long sequence spans several tiles.
 """
 
@@ -17,13 +17,13 @@ from edgekv.kernels.cpu_decode import paged_decode_attention_cpu
 from edgekv.kernels.cpu_plan import plan_decode, plan_step, slot_rows
 from edgekv.kernels.cpu_prefill import paged_prefill_attention_cpu, prefill_block_mass_cpu
 from edgekv.kernels.cpu_write import write_kv_cpu
-from edgekv.kernels.exact_tail import ExactTail
 from edgekv.kernels.reference import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     prefill_block_mass_ref,
     write_kv_ref,
 )
+from edgekv.kernels.window_attention import ExactWindowKV
 from edgekv.quant import get_format
 
 HKV = 2
@@ -34,11 +34,11 @@ MASS_TOL = dict(atol=1e-5, rtol=1e-4)
 TILE_SCORES = cpu_prefill.TILE_SCORES  # the default, before the fixture shrinks it
 
 
-def _tail(S, R, D, starts, T=0, seed=1):
+def _window(S, R, D, starts, T=0, seed=1):
     g = torch.Generator().manual_seed(seed)
     ring = [(torch.randn(S, R, HKV, D, generator=g) * 2).half() for _ in range(2)]
     new = [torch.randn(T, HKV, D, generator=g) * 2 for _ in range(2)] if T else [None, None]
-    return ExactTail(ring[0], ring[1], torch.arange(S).flip(0), torch.tensor(starts), *new)
+    return ExactWindowKV(ring[0], ring[1], torch.arange(S).flip(0), torch.tensor(starts), *new)
 
 
 @pytest.fixture(autouse=True)
@@ -64,12 +64,12 @@ def test_cpu_path_matches_oracle(name, G, B, D):
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel_err(out, ref) < TOL
     torch.testing.assert_close(mass, ref_mass, **MASS_TOL)
-    # decode with a residual window: all-exact, none, and partial tails
-    tail = _tail(len(lens), 12, D, [0, lens[1], 4, lens[3] - 7])
+    # decode with an exact window: all-exact, none, and partial tails
+    window = _window(len(lens), 12, D, [0, lens[1], 4, lens[3] - 7])
     ref, ref_mass = paged_decode_attention_ref(q, k, v, bt, sl, fmt, return_block_mass=True,
-                                               exact=tail)
+                                               exact=window)
     out, mass = paged_decode_attention_cpu(q, k, v, bt, sl, fmt, return_block_mass=True,
-                                           exact=tail)
+                                           exact=window)
     assert rel_err(out, ref) < TOL
     torch.testing.assert_close(mass, ref_mass, **MASS_TOL)
     # prefill / append: a 1-token prompt, a whole prompt, a short append, a long chunk
@@ -85,9 +85,9 @@ def test_cpu_path_matches_oracle(name, G, B, D):
     torch.testing.assert_close(prefill_block_mass_cpu(q, k, bt, sl, cu, fmt, last_n=4),
                                prefill_block_mass_ref(q, k, bt, sl, cu, fmt, last_n=4),
                                **MASS_TOL)
-    tail = _tail(len(lens), 8, D, [0, 9, 0, 20, 5], T=int(cu[-1]))
-    ref = paged_prefill_attention_ref(q, k, v, bt, sl, cu, fmt, exact=tail)
-    out = paged_prefill_attention_cpu(q, k, v, bt, sl, cu, fmt, exact=tail)
+    window = _window(len(lens), 8, D, [0, 9, 0, 20, 5], T=int(cu[-1]))
+    ref = paged_prefill_attention_ref(q, k, v, bt, sl, cu, fmt, exact=window)
+    out = paged_prefill_attention_cpu(q, k, v, bt, sl, cu, fmt, exact=window)
     assert rel_err(out, ref) < TOL
 
 
@@ -210,7 +210,7 @@ def test_prefill_memory_grows_with_the_tile_not_the_history(monkeypatch):
 @pytest.mark.parametrize("flash", [True, False])
 @pytest.mark.parametrize("name", ["int8", "int4", "fp16"])
 def test_prefill_reads_the_history_in_bounded_segments(monkeypatch, name, flash):
-    """Without a residual window, prefill runs torch's fused flash attention over segments
+    """Without an exact window, prefill runs torch's fused flash attention over segments
     of at most SEGMENT_BYTES of K + V (here two blocks), merged by log-sum-exp; without
     that op (older torch), the key tiles. Either equals the oracle."""
     B, D, G = 16, 64, 4

@@ -10,7 +10,6 @@ from edgekv.cache.block_manager import BlockManager
 from edgekv.cache.kv_cache import PagedKVCache
 from edgekv.config import CacheConfig
 from edgekv.kernels.dispatch import set_backend
-from edgekv.kernels.exact_tail import ExactTail
 from edgekv.kernels.tiered import (
     plan_tiers,
     read_blocks,
@@ -19,6 +18,7 @@ from edgekv.kernels.tiered import (
     tiered_prefill_attention,
     tiered_prefill_attention_ref,
 )
+from edgekv.kernels.window_attention import ExactWindowKV
 from edgekv.tiers import TierLayout, parse_tiers, tier_blocks
 from edgekv.tiers.demote import Demoter
 
@@ -104,8 +104,8 @@ def exact_tail(lens, R, seed=1, new=None):
     start = torch.tensor([max(0, n - R) for n in lens])
     slots = torch.arange(len(lens))
     if new is None:
-        return ExactTail(k, v, slots, start)
-    return ExactTail(k, v, slots, start, *new)
+        return ExactWindowKV(k, v, slots, start)
+    return ExactWindowKV(k, v, slots, start, *new)
 
 
 def test_reading_blocks_into_16_bits_in_chunks_equals_the_fp32_read(monkeypatch):
@@ -361,7 +361,7 @@ def test_a_failed_demotion_leaves_the_engine_as_it_was(llama_dir, monkeypatch):
 
 @pytest.mark.parametrize("kw, why", [
     ({"kv_format": "int4"}, "leave kv_format out"),
-    ({"kv_residual": 16}, "leave kv_residual out"),
+    ({"exact_window": 16}, "leave exact_window out"),
     ({"eviction": "h2o", "max_kv_tokens": 64}, "eviction or offload"),
     ({"offload_memory": "1MiB"}, "eviction or offload"),
     ({"kv_tiers": "int8:32"}, "one stored tier"),

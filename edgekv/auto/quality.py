@@ -127,7 +127,7 @@ def measure_demo() -> QualityModel:
 
 
 def uniform_bands(fmt: str, exact: int = 0) -> list[Band]:
-    """One format, the newest ``exact`` tokens read exact (kv_residual)."""
+    """One format, the newest ``exact`` tokens read exact (exact_window)."""
     return [(0, exact, EXACT), (exact, math.inf, fmt)] if exact else [(0, math.inf, fmt)]
 
 

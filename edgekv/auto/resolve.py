@@ -100,7 +100,7 @@ def decide_target(probe: ProbeResult, mc, kv_memory: int, target_context: int,
     """``LLM(kv_format="auto", kv_memory=M, target_context=N)``: the budget controller's
     storage for one sequence of N tokens in M bytes (edgekv/plan/controller.py), scored
     by this model's probe: a uniform format, one per layer, or age tiers (``allow_tiers``
-    False: not tiers; ``quantized``: no uniform unquantized format, as kv_residual needs).
+    False: not tiers; ``quantized``: no uniform unquantized format, as exact_window needs).
     Returns the Decision; ValueError (one line) if nothing holds N."""
     from edgekv.plan.controller import Controller
 

@@ -4,7 +4,7 @@
     block_manager.py  per-sequence block tables, fork, copy-on-write
     prefix_cache.py   prefix hashes: full blocks found again by their tokens
     kv_cache.py       per-layer quantized block storage, writes, accounting
-    residual.py       the exact window: each sequence's newest tokens kept in fp16
+    exact_window.py   the exact window: each sequence's newest tokens kept in fp16
     offload.py        a host pool for blocks swapped out of the device
     memory.py         the pool's size when none is given (kv_memory=None | "auto")
     context_shift.py  positions moved back inside the model's context (eviction)

@@ -43,7 +43,7 @@ def status_line(stats: dict, tok_per_s: float, prompt_tokens: int, gen_tokens: i
             f"KV {human_bytes(stats['bytes_used'])} / {human_bytes(stats['bytes_total'])} "
             f"{describe_kv(stats)}, {stats['bytes_per_token']:,} B/token | "
             f"blocks {stats['blocks_used']}/{stats['blocks_total']} | "
-            f"util {stats['utilization']:.0%}{eviction_note(stats)}{residual_note(stats)}"
+            f"util {stats['utilization']:.0%}{eviction_note(stats)}{exact_window_note(stats)}"
             f"{tier_note(stats)}]")
 
 
@@ -60,11 +60,11 @@ def dtype_note(stats: dict) -> str:
     return f", {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
 
 
-def residual_note(stats: dict) -> str:
-    if not stats.get("residual_tokens"):
+def exact_window_note(stats: dict) -> str:
+    if not stats.get("exact_window_tokens"):
         return ""
-    return (f" | newest {stats['residual_tokens']} fp16: "
-            f"{human_bytes(stats['residual_bytes'])}")
+    return (f" | newest {stats['exact_window_tokens']} fp16: "
+            f"{human_bytes(stats['exact_window_bytes'])}")
 
 
 def eviction_note(stats: dict) -> str:

@@ -45,9 +45,11 @@ def model_options(fn):
                      "(default: sized from free memory)."),
         click.option("--block-size", type=click.IntRange(1), default=16, show_default=True,
                      help="Tokens per KV block."),
-        click.option("--kv-residual", type=click.IntRange(0), default=0, show_default=True,
+        click.option("--exact-window", type=click.IntRange(0), default=0, show_default=True,
                      help="Newest tokens of each sequence also kept in fp16 and read "
                      "exact (quantized formats, no eviction)."),
+        click.option("--kv-residual", "kv_residual", type=click.IntRange(0), default=None,
+                     hidden=True),  # the old name of --exact-window, still accepted
         click.option("--kv-tiers", default=None, callback=_kv_tiers,
                      help="Age tiers instead of one --kv format, newest first, e.g. "
                      "fp16:128,int8:2048,int4: each sequence's newest 128 tokens also exact, "
@@ -145,7 +147,8 @@ def build(opts: dict, **llm_options):
             llm = LLM(opts["model"], kv_format=opts["kv_format"],
                       kv_memory=opts["kv_memory"], eviction=eviction,
                       weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
-                      seed=opts["seed"], kv_residual=opts["kv_residual"],
+                      seed=opts["seed"],
+                      exact_window=opts["exact_window"] or opts["kv_residual"] or 0,
                       offload_memory=offload, target_context=opts["target_context"],
                       kv_calibration=opts["calibration"], kv_tiers=opts["kv_tiers"],
                       block_size=opts.get("block_size", 16), **llm_options)

@@ -11,10 +11,10 @@ import torch
 
 from edgekv.cache.block_manager import BlockManager
 from edgekv.cache.context_shift import ContextShift
+from edgekv.cache.exact_window import ExactWindow
 from edgekv.cache.kv_cache import PagedKVCache
 from edgekv.cache.offload import Offloader
 from edgekv.cache.prefix_cache import cache_salt
-from edgekv.cache.residual import ResidualWindow
 from edgekv.config import CacheConfig
 from edgekv.engine.beam_search import BeamSearch
 from edgekv.engine.detokenizer import IncrementalDetokenizer
@@ -45,8 +45,8 @@ class Engine:
 
     ``prefix_caching``: reuse cached blocks of matching prompt prefixes. ``num_host_blocks``
     > 0: a host pool of that many blocks for offload (swap instead of recompute).
-    ``residual_tokens`` > 0: each sequence's newest tokens are also kept exact and read
-    from there (residual.py); not with eviction.
+    ``exact_window_tokens`` > 0: each sequence's newest tokens are also kept exact and read
+    from there (cache/exact_window.py); not with eviction.
 
     Transactions: ``step`` either completes or, whatever stage raised (schedule, a block
     copy, a swap, the model run, sampling, detokenizing, postprocessing), rolls back what
@@ -61,7 +61,7 @@ class Engine:
                  cache_config: CacheConfig, tokenizer, device: torch.device, seed: int = 0,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  eviction: EvictionConfig | None = None, prefix_caching: bool = True,
-                 num_host_blocks: int = 0, residual_tokens: int = 0):
+                 num_host_blocks: int = 0, exact_window_tokens: int = 0):
         tiers = cache_config.tiers
         if tiers is not None and (eviction is not None or num_host_blocks):
             raise ValueError("kv_tiers cannot be combined with eviction or offload yet")
@@ -72,7 +72,7 @@ class Engine:
         self.cache = PagedKVCache(cache_config, device)
         # age tiers: blocks demoted as they age (edgekv/tiers/demote.py)
         self.demoter = None if tiers is None else Demoter(tiers, self.manager, self.cache,
-                                                          residual_tokens)
+                                                          exact_window_tokens)
         self.offloader = None
         if num_host_blocks:
             host_cfg = dataclasses.replace(cache_config, num_blocks=num_host_blocks)
@@ -86,12 +86,12 @@ class Engine:
                                    mass_norm=model_config.num_layers * model_config.num_heads)
             self.shifter = ContextShift(self.manager, self.cache, rope_inv_freq(model_config),
                                         model_config.max_position)
-        self.residual = None
-        if residual_tokens:
-            assert eviction is None, "a residual window needs cache indices = positions"
+        self.exact_window = None
+        if exact_window_tokens:
+            assert eviction is None, "an exact window needs cache indices = positions"
             # forks (n > 1, beams) run past max_num_seqs: room for them before taking rings
-            self.residual = ResidualWindow(model_config.num_layers, model_config.num_kv_heads,
-                                           model_config.head_dim, residual_tokens, device,
+            self.exact_window = ExactWindow(model_config.num_layers, model_config.num_kv_heads,
+                                           model_config.head_dim, exact_window_tokens, device,
                                            max_slots=4 * max_num_seqs,
                                            alive=lambda s: s in self.manager.tables)
         salt = cache_salt(cache_config.kv_format, cache_config.block_size)
@@ -99,10 +99,10 @@ class Engine:
                                    lambda pairs: self.cache.copy_blocks(pairs),
                                    self.evictor, self.offloader,
                                    salt if prefix_caching else None,
-                                   self.residual.forget if self.residual else None,
+                                   self.exact_window.forget if self.exact_window else None,
                                    self.shifter, self.demoter)
         self.runner = ModelRunner(model, self.cache, self.manager, device, self.evictor,
-                                  self.residual)
+                                  self.exact_window)
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -345,8 +345,8 @@ class Engine:
             self.manager.fork(parent.seq_id, child.seq_id)
             if self.evictor is not None and parent.seq_id in self.evictor.scores:
                 self.evictor.scores[child.seq_id] = self.evictor.scores[parent.seq_id].clone()
-            if self.residual is not None:
-                self.residual.fork(parent.seq_id, child.seq_id)
+            if self.exact_window is not None:
+                self.exact_window.fork(parent.seq_id, child.seq_id)
             child.status = Status.RUNNING
             self.scheduler.running.append(child)
         else:  # the parent has no resident blocks: the child recomputes (prefix cache hits)

@@ -4,7 +4,7 @@ Beyond the block manager's own (free + used == total, ref counts == holders): ev
 table belongs to a sequence the scheduler knows (running, waiting or parked) and holds
 exactly its cached tokens (``seq.num_cached``), so nothing leaks and no table runs ahead;
 no sequence is queued twice; every queued sequence belongs to a live request; eviction
-scores and residual rings only exist for sequences with blocks.
+scores and exact-window rings only exist for sequences with blocks.
 """
 
 from __future__ import annotations
@@ -39,6 +39,6 @@ def check_engine(engine) -> None:
         for sid, scores in engine.evictor.scores.items():
             assert sid in tables, f"eviction scores of sequence {sid}, which has no blocks"
             assert len(scores) <= len(tables[sid].block_ids), f"scores of {sid} too long"
-    if engine.residual is not None:
-        for sid in engine.residual.rings:
-            assert sid in tables, f"residual ring of sequence {sid}, which has no blocks"
+    if engine.exact_window is not None:
+        for sid in engine.exact_window.rings:
+            assert sid in tables, f"exact-window ring of sequence {sid}, which has no blocks"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from edgekv.cache.block_manager import BlockManager
+from edgekv.cache.exact_window import ExactWindow
 from edgekv.cache.kv_cache import PagedKVCache
-from edgekv.cache.residual import ResidualWindow
 from edgekv.engine.scheduler import ScheduledBatch
 from edgekv.eviction import Evictor
 from edgekv.kernels.cpu_compiled import step_compiled
@@ -21,10 +21,10 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, manager: BlockManager,
                  device: torch.device, evictor: Evictor | None = None,
-                 residual: ResidualWindow | None = None):
+                 exact_window: ExactWindow | None = None):
         self.model, self.cache, self.manager, self.device = model, cache, manager, device
         self.evictor = evictor  # gets each step's block mass when its policy reads it
-        self.residual = residual  # exact rings of the newest tokens (kv_residual)
+        self.exact_window = exact_window  # each sequence's newest tokens, exact
         layers = getattr(getattr(model, "model", None), "layers", None)
         if device.type == "cpu" and layers is not None:
             transpose_for_cpu(layers)  # a small model's: torch's GEMM reads them faster
@@ -73,11 +73,11 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             kv_cache=self.cache,
         )
-        if self.residual is not None:  # no eviction here: cache indices are positions
+        if self.exact_window is not None:  # no eviction here: cache indices are positions
             starts = [s.num_computed for s in batch.seqs]
             ends = [a + n for a, n in zip(starts, batch.num_new, strict=True)]
-            step = self.residual.step([s.seq_id for s in batch.seqs], starts, ends)
-            meta.residual = (self.residual, step)
+            step = self.exact_window.step([s.seq_id for s in batch.seqs], starts, ends)
+            meta.exact_window = (self.exact_window, step)
         if self.cache.config.tiers is not None:  # age tiers: each table split by tier
             meta.tiers = plan_tiers(tables, seq_lens, self.cache.offsets,
                                     self.manager.block_size, dev)
@@ -87,9 +87,9 @@ class ModelRunner:
             meta.mass_window = ev.budget.obs_window
         if dev.type == "cpu":  # every layer's rows and decode buckets, planned once
             num_exact = None
-            if meta.residual is not None and meta.max_query_len == 1:
-                num_exact = exact_counts(meta.seq_lens, meta.residual[1].start,
-                                         self.residual.tokens)
+            if meta.exact_window is not None and meta.max_query_len == 1:
+                num_exact = exact_counts(meta.seq_lens, meta.exact_window[1].start,
+                                         self.exact_window.tokens)
             c = self.cache.config
             compiled = (meta.block_mass is None and meta.max_query_len == 1
                         and meta.tiers is None

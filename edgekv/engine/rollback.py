@@ -12,7 +12,7 @@ happened:
                              it forked this step are dropped (forked again)
     sampled and committed:   kept (it simply finished its step)
     every block table:       cut back to ``seq.num_cached`` (slots reserved for nothing)
-    residual rings:          cut back to the cache
+    exact-window rings:      cut back to the cache
 
 What schedule itself committed (evictions, preemptions, swaps, prefix hits) stays: each is
 a consistent state on its own, and moves bytes before the tables that point at them.
@@ -25,7 +25,7 @@ from edgekv.engine.sequence import Sequence, Status
 
 class StepUndo:
     """Per step: ``begin``, ``save`` the sequences before they change, then ``end`` or
-    ``roll_back``. ``engine``: the Engine whose scheduler, manager, evictor and residual
+    ``roll_back``. ``engine``: the Engine whose scheduler, manager, evictor and exact window
     window it mends."""
 
     def __init__(self, engine):
@@ -55,7 +55,7 @@ class StepUndo:
     def roll_back(self) -> None:
         """After the step raised: see the module docstring."""
         eng = self.engine
-        sch, mgr, evictor, residual = eng.scheduler, eng.manager, eng.evictor, eng.residual
+        sch, mgr, evictor, window = eng.scheduler, eng.manager, eng.evictor, eng.exact_window
         for seq in list(sch.running):
             if seq.samples and unsampled(seq) and all(
                     c.seq_id >= self.first_new_id for c in seq.samples[1:]):
@@ -81,7 +81,7 @@ class StepUndo:
                 mgr.truncate(sid, seq.num_cached)
             if evictor is not None and sid in mgr.tables:
                 evictor.truncated(sid)
-            ring = residual.rings.get(sid) if residual is not None else None
+            ring = window.rings.get(sid) if window is not None else None
             if ring is not None:
                 ring.end = min(ring.end, seq.num_cached)
                 ring.start = min(ring.start, ring.end)

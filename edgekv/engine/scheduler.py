@@ -63,7 +63,7 @@ class Scheduler:
         self.manager, self.evictor, self.offloader = manager, evictor, offloader
         self.demoter = demoter  # age tiers: moves old blocks out of the newest tier early
         self.copy_blocks = copy_blocks
-        self.forget = forget  # told when a sequence's blocks are freed (residual rings)
+        self.forget = forget  # told when a sequence's blocks are freed (exact-window rings)
         self.shifter = shifter  # with eviction: keeps rotary positions inside the context
         self.prefix_salt = prefix_salt  # None: prefix caching off
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -57,6 +57,6 @@ def score(engine: Engine, token_ids: list[int], chunk_size: int | None = None) -
             engine.manager.free(seq.seq_id)
         if engine.evictor is not None:
             engine.evictor.forget(seq.seq_id)
-        if engine.residual is not None:
-            engine.residual.forget(seq.seq_id)
+        if engine.exact_window is not None:
+            engine.exact_window.forget(seq.seq_id)
     return torch.cat(out)

@@ -18,6 +18,6 @@ def kv_stats(engine) -> dict:
         s.update(engine.shifter.stats())
     if engine.demoter is not None:
         s.update(engine.demoter.stats())
-    s.update(engine.residual.stats() if engine.residual is not None else
-             {"residual_tokens": 0})
+    s.update(engine.exact_window.stats() if engine.exact_window is not None else
+             {"exact_window_tokens": 0})
     return s

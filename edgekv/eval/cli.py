@@ -51,9 +51,10 @@ def _numbers(value: str, kind, what: str) -> tuple:
               "measured for every format and budget (see --eviction-chunk).")
 @click.option("--budgets", default="0.125,0.25,0.5", show_default=True,
               help="KV budgets per sequence: fractions (<= 1) of the window, or tokens.")
-@click.option("--kv-residual", "kv_residual", default="0", show_default=True,
-              help="Comma-separated residual windows: each quantized format is also "
-              "measured with its newest N tokens read unquantized (LLM(kv_residual=N)).")
+@click.option("--exact-window", "exact_window", default="0", show_default=True,
+              help="Comma-separated exact windows: each quantized format is also "
+              "measured with its newest N tokens read unquantized (LLM(exact_window=N)).")
+@click.option("--kv-residual", "kv_residual", default=None, hidden=True)  # old name
 @click.option("--tiers", "tiers", multiple=True, help="Age tiers to measure as one more row "
               "each (repeat the option), e.g. --tiers fp16:128,int8:256,int4.")
 @click.option("--eviction-chunk", type=click.IntRange(1), default=1, show_default=True,
@@ -95,7 +96,7 @@ def _numbers(value: str, kind, what: str) -> tuple:
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")
 def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str,
-                 kv_residual: str, tiers: tuple[str, ...],
+                 exact_window: str, kv_residual: str | None, tiers: tuple[str, ...],
                  peers: str, json_out, csv_out, md_out, plot_out, progress, **opts) -> None:
     """Measure what each KV format (and eviction policy) costs in accuracy, against the
     fp16 cache on the same model and tokens: perplexity, KL and top-1 agreement, greedy
@@ -112,7 +113,8 @@ def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str
         cfg = EvalConfig(formats=names, eviction=_names(eviction),
                          budgets=_numbers(budgets, float, "--budgets"),
                          passkey_lengths=_numbers(passkey_lengths, int, "--passkey-lengths"),
-                         kv_residual=_numbers(kv_residual, int, "--kv-residual"),
+                         exact_window=_numbers(kv_residual or exact_window, int,
+                                               "--exact-window"),
                          tiers=tuple(tiers), peers=peer_sel, **opts)
         for path, option in ((json_out, "--json"), (csv_out, "--csv"), (md_out, "--markdown"),
                              (plot_out, "--plot")):

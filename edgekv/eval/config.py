@@ -31,7 +31,7 @@ class EvalConfig:
     max_windows:    use only the first N perplexity windows (None: all that fit)
     decode_windows: the first N windows are also scored token by token, each token reading
                     its history from the cache as decode does: KL, top-1, decode perplexity
-    kv_residual:    residual windows (``LLM(kv_residual=R)``: the newest R tokens read
+    exact_window:    exact windows (``LLM(exact_window=R)``: the newest R tokens read
                     unquantized) to measure each quantized format with; 0 = none
     tiers:          age-tier specs (``LLM(kv_tiers=...)``), each measured as one more row
                     (token by token: a prefill does not demote until it ends)
@@ -52,7 +52,7 @@ class EvalConfig:
     eviction: tuple[str, ...] = ()
     budgets: tuple[float, ...] = (0.125, 0.25, 0.5)
     eviction_chunk: int = 1
-    kv_residual: tuple[int, ...] = (0,)
+    exact_window: tuple[int, ...] = (0,)
     tiers: tuple[str, ...] = ()
     text: str | None = None
     window: int | None = None
@@ -108,9 +108,9 @@ class EvalConfig:
                              f"({self.window})")
         if self.peer_residual is not None and self.peer_residual < 0:
             raise ValueError(f"peer_residual must be >= 0, got {self.peer_residual}")
-        if not self.kv_residual or any(
-                isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.kv_residual):
-            raise ValueError(f"kv_residual takes token counts >= 0, got {self.kv_residual!r}")
+        if not self.exact_window or any(
+                isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.exact_window):
+            raise ValueError(f"exact_window takes token counts >= 0, got {self.exact_window!r}")
         from edgekv.tiers import parse_tiers
 
         for spec in self.tiers:
@@ -148,11 +148,11 @@ class EvalConfig:
         if any(not 0 <= d <= 1 for d in self.passkey_depths):
             raise ValueError("passkey depths are fractions in [0, 1]")
 
-    def residuals(self, fmt: str) -> tuple[int, ...]:
-        """The residual windows ``fmt`` is measured with (unquantized formats: 0 only)."""
+    def exact_windows(self, fmt: str) -> tuple[int, ...]:
+        """The exact windows ``fmt`` is measured with (unquantized formats: 0 only)."""
         if fmt in ("fp16", "bf16", "fp32"):
             return (0,)
-        return tuple(dict.fromkeys(self.kv_residual))
+        return tuple(dict.fromkeys(self.exact_window))
 
     @property
     def measured_formats(self) -> tuple[str, ...]:

@@ -78,7 +78,7 @@ class HFSubject(Subject):
         backend, bits, _ = _SPECS[name]
         self.model, self.name, self._backend, self._bits = model, name, backend, bits
         self._residual = residual_length if backend is not None else None
-        self.kv_residual = None if backend is None else (
+        self.exact_window = None if backend is None else (
             128 if residual_length is None else residual_length)
         if backend is not None:
             self.note = f"residual_length={128 if residual_length is None else residual_length}"

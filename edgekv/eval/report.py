@@ -10,7 +10,7 @@ import csv
 import json
 from pathlib import Path
 
-COLUMNS = ("format", "backend", "eviction", "kv_budget", "kv_residual", "kv_budget_frac",
+COLUMNS = ("format", "backend", "eviction", "kv_budget", "exact_window", "kv_budget_frac",
            "ppl", "ppl_mode",
            "ppl_tokens", "delta_ppl_pct", "ppl_decode", "delta_ppl_decode_pct", "kl", "top1",
            "greedy_match", "greedy_full", "attn_rel_err", "attn_rel_err_layers",
@@ -18,8 +18,8 @@ COLUMNS = ("format", "backend", "eviction", "kv_budget", "kv_residual", "kv_budg
 
 # (header, width, how to show a row) for the console and Markdown tables
 _TABLE = (
-    ("format", 17, lambda r: r["format"] + (f" +r{r['kv_residual']}"
-                                            if r.get("kv_residual") else "")),
+    ("format", 17, lambda r: r["format"] + (f" +w{r['exact_window']}"
+                                            if r.get("exact_window") else "")),
     ("backend", 12, lambda r: r["backend"]),
     ("eviction", 16, lambda r: f"{r['eviction']}@{r['kv_budget']}" if r["eviction"] else "-"),
     ("KV vs fp16", 10, lambda r: _num(r["kv_vs_fp16"], "{:.3f}x")),

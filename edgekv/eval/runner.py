@@ -76,7 +76,7 @@ def run(config: EvalConfig | None = None, *, progress: Progress | None = None,
     plan.notes.extend(peer_notes)
     evict = [(f, p, b) for f in cfg.measured_formats for p in cfg.eviction
              for b in cfg.budget_tokens(len(plan.windows[0].inputs))]
-    configs = sum(len(cfg.residuals(f)) for f in cfg.measured_formats)
+    configs = sum(len(cfg.exact_windows(f)) for f in cfg.measured_formats)
     counter = _Counter(progress, _total_units(plan, configs, len(evict) + len(cfg.tiers),
                                               peers))
     rows: list[dict] = []
@@ -96,8 +96,8 @@ def run(config: EvalConfig | None = None, *, progress: Progress | None = None,
             ref.close()
         counter.tick()
     for fmt in cfg.measured_formats:
-        for r in cfg.residuals(fmt):
-            emit(_measure(_edgekv(plan, fmt, residual=r), plan, base, counter))
+        for r in cfg.exact_windows(fmt):
+            emit(_measure(_edgekv(plan, fmt, exact=r), plan, base, counter))
     for spec in cfg.tiers:
         emit(_measure(_edgekv(plan, "fp16", tiers=spec), plan, base, counter))
     for fmt, policy, budget in evict:
@@ -176,7 +176,7 @@ def make_plan(cfg: EvalConfig) -> Plan:
 
 
 def _edgekv(plan: Plan, fmt: str, policy: str | None = None,
-            budget: int | None = None, residual: int = 0,
+            budget: int | None = None, exact: int = 0,
             tiers: str | None = None) -> EdgeKVSubject:
     cfg, mc = plan.cfg, plan.model_config
     widest = BASELINE if parse_auto(fmt) is not None else fmt  # auto: at most fp16's bytes
@@ -187,7 +187,7 @@ def _edgekv(plan: Plan, fmt: str, policy: str | None = None,
                          kv_budget=budget, block_size=cfg.block_size, dtype=cfg.dtype,
                          device=cfg.device, seed=cfg.seed, max_num_seqs=seqs,
                          decode_chunk=cfg.eviction_chunk if policy is not None else 1,
-                         kv_residual=residual, kv_tiers=tiers,
+                         exact_window=exact, kv_tiers=tiers,
                          window=len(plan.windows[0].inputs))
 
 
@@ -219,9 +219,9 @@ def _run_peers(peers: list[str], plan: Plan, base: Baseline, counter, emit) -> N
 def _measure(subject: Subject, plan: Plan, base: Baseline, counter: _Counter) -> dict:
     """All metrics of one configuration; the fp16 baseline run fills ``base`` first."""
     is_base = subject.name == BASELINE and subject.backend == "edgekv" and \
-        subject.eviction is None and not subject.kv_residual and subject.tiers is None
+        subject.eviction is None and not subject.exact_window and subject.tiers is None
     label = subject.name + (f" {subject.eviction}@{subject.kv_budget}" if subject.eviction
-                            else "") + (f" +r{subject.kv_residual}" if subject.kv_residual
+                            else "") + (f" +w{subject.exact_window}" if subject.exact_window
                                         and subject.backend == "edgekv" else "")
     prefill, decode = Tally(), Tally()
     layers, passkey = None, None
@@ -284,7 +284,7 @@ def _row(subject: Subject, plan: Plan, base: Baseline, prefill: Tally, decode: T
     window = len(plan.windows[0].inputs)
     row = {
         "format": subject.name, "backend": subject.backend, "eviction": subject.eviction,
-        "kv_budget": subject.kv_budget, "kv_residual": subject.kv_residual,
+        "kv_budget": subject.kv_budget, "exact_window": subject.exact_window,
         "kv_budget_frac": subject.kv_budget / window if subject.kv_budget else None,
         "ppl": tally.ppl, "ppl_mode": "prefill" if use_prefill else "decode",
         "ppl_tokens": tally.tokens, "delta_ppl_pct": delta_pct(tally.ppl, base_ppl),

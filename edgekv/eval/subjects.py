@@ -31,7 +31,7 @@ class Subject(ABC):
     backend: str = "edgekv"
     eviction: str | None = None
     kv_budget: int | None = None  # tokens one sequence may keep cached
-    kv_residual: int | None = 0  # newest tokens kept unquantized (None: not applicable)
+    exact_window: int | None = 0  # newest tokens kept unquantized (None: not applicable)
     tiers: str | None = None  # age tiers (LLM(kv_tiers=...)), or None
     prefill_reflects_cache: bool = True
     bytes_per_token: int | None = None  # KV bytes of one token, all layers (None: unknown)
@@ -71,7 +71,7 @@ class EdgeKVSubject(Subject):
     def __init__(self, model, kv_format: str, kv_memory: int, *, eviction: str | None = None,
                  kv_budget: int | None = None, block_size: int = 16, dtype: str = "float32",
                  device: str | None = None, seed: int = 0, max_num_seqs: int = 64,
-                 decode_chunk: int = 1, kv_residual: int = 0, kv_tiers: str | None = None,
+                 decode_chunk: int = 1, exact_window: int = 0, kv_tiers: str | None = None,
                  window: int | None = None):
         """``kv_tiers``: age tiers instead of ``kv_format`` (the row is named by them);
         ``window``: the tokens a decode window holds, over which the bytes of the exact
@@ -81,8 +81,8 @@ class EdgeKVSubject(Subject):
         kwargs = {}
         if eviction is not None:  # the eviction contract: LLM(eviction=NAME, max_kv_tokens=N)
             kwargs = {"eviction": eviction, "max_kv_tokens": kv_budget}
-        if kv_residual:
-            kwargs["kv_residual"] = kv_residual
+        if exact_window:
+            kwargs["exact_window"] = exact_window
         if kv_tiers is not None:  # the newest tier holds a prefill chunk: one window's
             kwargs.update(kv_tiers=kv_tiers, max_num_batched_tokens=window)
             kv_format = "int8"  # the default: the tiers name the formats
@@ -91,7 +91,7 @@ class EdgeKVSubject(Subject):
                        device=device, dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
                        **kwargs)
         self.name, self.eviction, self.kv_budget = kv_format, eviction, kv_budget
-        self.kv_residual = kv_residual
+        self.exact_window = exact_window
         self.tiers = kv_tiers
         # a prefill reads its own chunk's blocks before any is demoted: tiers and eviction
         # only show token by token
@@ -99,12 +99,12 @@ class EdgeKVSubject(Subject):
         self.decode_chunk = decode_chunk  # tokens per step of logits(decode=True)
         cc = self.llm.cache_config
         self.bytes_per_token = cc.bytes_per_token
-        if window and (kv_residual or kv_tiers):  # what a window's cache holds, per token
-            exact = self.llm.engine.residual.tokens if self.llm.engine.residual else 0
+        if window and (exact_window or kv_tiers):  # what a window's cache holds, per token
+            exact = self.llm.engine.exact_window.tokens if self.llm.engine.exact_window else 0
             self.bytes_per_token = window_bytes(cc, window, exact) // window
         if kv_tiers is not None:
             self.name = f"tiers {kv_tiers}"
-            self.kv_residual = 0  # in the name
+            self.exact_window = 0  # in the name
         auto = self.llm.kv_auto
         if auto is not None:  # what the probe chose and predicted
             self.note = (f"{self.llm.cache_config.kv_format}; predicted KL "

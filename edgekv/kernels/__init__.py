@@ -19,6 +19,9 @@ product path.
     cpu_decode.py     CPU decode attention over the blocks as stored (compiled, or torch)
     cpu_prefill.py    CPU prefill / append attention and block mass in key tiles
     cpu_write.py      CPU quantize-and-write, one index_copy_ per stored tensor
+    window_attention.py  attention over each sequence's exact window (its newest tokens,
+                      kept exact by cache/exact_window.py) and its merge with the blocks'
+    tiered.py         attention over age tiers: one pass per tier, merged by log-sum-exp
 
     kv_tiles.py       format constants for the kernels; shared dequantize-in-registers tiles
     paged_decode.py   split-KV (flash-decoding) GQA decode kernel + launcher

@@ -3,7 +3,7 @@
 The compiled kernel reads int8, int4 (per token-head scales), fp8, fp16 and the 4-bit
 codebook (scales per group) storage; the plain-torch path (cpu_decode.py) keeps everything
 else (bf16, fp32, grouped integer scales), the
-block mass and the exact residual window. ``EDGEKV_CPU_JIT=0`` switches the kernel off.
+block mass and the exact window. ``EDGEKV_CPU_JIT=0`` switches the kernel off.
 Where numba is missing or fails, cpu_jit logs one warning and this returns None.
 """
 

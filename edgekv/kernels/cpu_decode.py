@@ -30,7 +30,7 @@ from edgekv.quant import KVFormat, QuantizedKV
 from .cpu_codes import CodeReader, reader_for
 from .cpu_compiled import compiled_decode
 from .cpu_plan import DecodeBucket, exact_counts, plan_decode
-from .exact_tail import LOG2E, ExactTail
+from .window_attention import LOG2E, ExactWindowKV
 
 
 def paged_decode_attention_cpu(
@@ -42,7 +42,7 @@ def paged_decode_attention_cpu(
     fmt: KVFormat,
     sm_scale: float | None = None,
     return_block_mass: bool = False,
-    exact: ExactTail | None = None,
+    exact: ExactWindowKV | None = None,
     buckets: tuple[DecodeBucket, ...] | None = None,
     q_storage: torch.Tensor | None = None,
     return_lse: bool = False,
@@ -51,7 +51,7 @@ def paged_decode_attention_cpu(
     cpu_plan.plan_decode (made here when None, with ``exact``'s counts). ``q_storage``:
     q already in the storage basis, fp32 (the caller rotated it with k and v); the output
     is in the original basis either way. ``return_lse``: also (S, Hq) fp32 log2-sum-exp of
-    the scores, to merge with attention over other keys (exact_tail.merge_attention; not
+    the scores, to merge with attention over other keys (window_attention.merge_attention; not
     with ``exact`` or the block mass; every seq_len > 0). Does not mutate the caches."""
     S, Hq, D = q.shape
     Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
@@ -76,7 +76,7 @@ def paged_decode_attention_cpu(
     if buckets is None:  # the torch path's plan (the compiled kernel needs none)
         num_exact = None
         if exact is not None:
-            num_exact = exact_counts(seq_lens, exact.start.to(q.device), exact.window)
+            num_exact = exact_counts(seq_lens, exact.start.to(q.device), exact.size)
         buckets = plan_decode(block_tables, seq_lens, B, Hkv, num_exact)
     ring = None if exact is None else _ExactKeys.of(q, exact, seq_lens, sm, B)
     mass = torch.zeros(S, width, dtype=torch.float32, device=q.device) \
@@ -92,7 +92,7 @@ def paged_decode_attention_cpu(
             nb = min(buckets[0].length // B, width)
             mass[:, :nb] = p.view(S, Hq, -1, B).sum((1, 3))[:, :nb]
     else:
-        assert ring is None, "a residual window plans one bucket"
+        assert ring is None, "an exact window plans one bucket"
         out = torch.empty(S, Hkv, G, D, dtype=torch.float32, device=q.device)
         q4 = qs.view(S, Hkv, G, D)
         for b in buckets:
@@ -157,7 +157,7 @@ def _attend(qs: torch.Tensor, k: QuantizedKV, v: QuantizedKV, b: DecodeBucket,
 
 
 class _ExactKeys(NamedTuple):
-    """A decode step's exact keys (kernels/exact_tail.py), original basis.
+    """A decode step's exact keys (kernels/window_attention.py), original basis.
 
     scores: (S*Hkv, G, R) fp32, -inf where a ring entry is not read
     v:      (S, R, Hkv, D) fp32 ring values
@@ -169,19 +169,19 @@ class _ExactKeys(NamedTuple):
     block: torch.Tensor
 
     @staticmethod
-    def of(q: torch.Tensor, tail: ExactTail, seq_lens: torch.Tensor, sm: float,
+    def of(q: torch.Tensor, window: ExactWindowKV, seq_lens: torch.Tensor, sm: float,
            block_size: int) -> _ExactKeys:
         S, Hq, D = q.shape
-        R, Hkv = tail.window, tail.k.shape[2]
+        R, Hkv = window.size, window.k.shape[2]
         dev = q.device
         lens = seq_lens.to(device=dev, dtype=torch.long)
-        n_exact = exact_counts(seq_lens, tail.start.to(dev), R)
+        n_exact = exact_counts(seq_lens, window.start.to(dev), R)
         j = torch.arange(R, device=dev)
         valid = j[None, :] >= (R - n_exact)[:, None]  # (S, R)
         pos = (lens[:, None] - R + j[None, :]).clamp(min=0)  # (S, R) cache index
-        slots = tail.slots.to(dev).long()[:, None]
-        k = tail.k[slots, pos % R].float()  # (S, R, Hkv, D)
-        v = tail.v[slots, pos % R].float()
+        slots = window.slots.to(dev).long()[:, None]
+        k = window.k[slots, pos % R].float()  # (S, R, Hkv, D)
+        v = window.v[slots, pos % R].float()
         scores = torch.einsum("shgd,srhd->shgr", q.float().view(S, Hkv, Hq // Hkv, D), k)
         scores = (scores * sm).masked_fill(~valid[:, None, None, :], float("-inf"))
         return _ExactKeys(scores.reshape(S * Hkv, Hq // Hkv, R), v, pos // block_size)

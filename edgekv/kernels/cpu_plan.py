@@ -135,7 +135,7 @@ class StepPlan:
     """What one step's layers share. ``write_rows``: (Hkv * T,) int64 storage rows of the
     new tokens (head-major, as a (Hkv, T, D) K or V lies); ``buckets``: the decode buckets
     (empty for a prefill step); ``num_exact``: (S,) tokens each decode query reads from its
-    exact ring (None: no residual window); ``jit``: the step for the compiled decode layer
+    exact ring (None: no exact window); ``jit``: the step for the compiled decode layer
     (None: the layers run the torch path, or ``attend`` over ``buckets``)."""
 
     block_size: int
@@ -180,7 +180,7 @@ def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: 
                 num_kv_heads: int, num_exact: torch.Tensor | None = None
                 ) -> tuple[DecodeBucket, ...]:
     """Buckets of a decode step. ``num_exact`` (S,): newest tokens of each sequence read
-    from its exact ring instead (kernels/exact_tail.py); a residual window keeps one
+    from its exact ring instead (kernels/window_attention.py); an exact window keeps one
     bucket (its ring part is attended for the whole batch at once)."""
     dev = block_tables.device
     lens = seq_lens.detach().cpu().numpy().astype(np.int64)
@@ -215,7 +215,7 @@ def _length_groups(lens: list[int], B: int) -> list[list[int]]:
 
 
 def exact_counts(seq_lens: torch.Tensor, start: torch.Tensor, window: int) -> torch.Tensor:
-    """(S,) tokens a decode query reads exact: as ExactTail.num_exact."""
+    """(S,) tokens a decode query reads exact: as ExactWindowKV.num_exact."""
     lens = seq_lens.to(device=start.device, dtype=torch.long)
     return (lens - torch.maximum(start, lens - window)).clamp(min=0)
 

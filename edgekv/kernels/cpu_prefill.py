@@ -1,6 +1,6 @@
 """Prefill / append attention on the CPU in key tiles: memory bounded by chunk x tile.
 
-Without a residual window each sequence's keys go through torch's fused CPU flash
+Without an exact window each sequence's keys go through torch's fused CPU flash
 attention a segment at a time (``_flash_segments``), merged by log-sum-exp: the same
 bounded memory, measured 3-4x faster than the torch tiles below, which keep the residual
 window's exact keys and the block mass.
@@ -10,7 +10,7 @@ Same contracts as ``reference.paged_prefill_attention_ref`` and ``prefill_block_
 are read ``tile`` tokens at a time from its blocks (only the rows it owns) and folded into
 an online softmax (running max m, sum l, accumulator acc), so no (n x L) score matrix and
 no (Hkv, L, D) history is ever held: peak memory grows with the chunk and the tile, never
-with the history. A residual window's exact keys (exact_tail.py) replace the blocks' in
+with the history. An exact window's keys (window_attention.py) replace the blocks' in
 the tiles they fall in, per (query, key) pair as the oracle's ``use`` mask says.
 
 Block mass (eviction) takes two tiled passes over the observation window's queries: their
@@ -25,7 +25,7 @@ import torch
 from edgekv.quant import KVFormat, QuantizedKV
 
 from .cpu_plan import prefix_groups
-from .exact_tail import ExactTail
+from .window_attention import ExactWindowKV
 
 # Scores held per tile: Hq x n x tile fp32. 4 Mi elements (16 MiB; a tile step holds a few
 # such temporaries) whatever the history.
@@ -55,23 +55,23 @@ def _read(store: QuantizedKV, table: torch.Tensor, t0: int, t1: int, fmt: KVForm
 
 class _Exact:
     """One sequence's exact K/V (Hkv, L - e0, D) for positions [e0, L), storage basis,
-    and the rule of which (query, key) pairs read them (as exact_tail.prefill_exact)."""
+    and the rule of which (query, key) pairs read them (as window_attention.prefill_exact)."""
 
-    def __init__(self, tail: ExactTail, s: int, L: int, new: slice, fmt: KVFormat):
-        R, n = tail.window, new.stop - new.start
+    def __init__(self, window: ExactWindowKV, s: int, L: int, new: slice, fmt: KVFormat):
+        R, n = window.size, new.stop - new.start
         a = L - n
-        self.start, self.R, self.a = int(tail.start[s]), R, a
+        self.start, self.R, self.a = int(window.start[s]), R, a
         self.e0 = min(max(self.start, a - R + 1, 0), L)
         parts_k, parts_v = [], []
         if self.e0 < a:  # from the ring, as it was before this step's writes
-            pos = torch.arange(self.e0, a, device=tail.k.device)
-            slot = int(tail.slots[s])
-            parts_k.append(tail.k[slot, pos % R])
-            parts_v.append(tail.v[slot, pos % R])
+            pos = torch.arange(self.e0, a, device=window.k.device)
+            slot = int(window.slots[s])
+            parts_k.append(window.k[slot, pos % R])
+            parts_v.append(window.v[slot, pos % R])
         if max(self.e0, a) < L:  # the chunk's own tokens, rounded as the ring holds them
             lo = new.start + max(self.e0, a) - a
-            parts_k.append(tail.new_k[lo:new.stop].to(tail.k.dtype))
-            parts_v.append(tail.new_v[lo:new.stop].to(tail.k.dtype))
+            parts_k.append(window.new_k[lo:new.stop].to(window.k.dtype))
+            parts_v.append(window.new_v[lo:new.stop].to(window.k.dtype))
         cat = (lambda xs: fmt.to_storage_basis(torch.cat(xs).float()).transpose(0, 1)) \
             if parts_k else (lambda xs: None)
         self.k, self.v = cat(parts_k), cat(parts_v)  # (Hkv, L - e0, D)
@@ -177,7 +177,7 @@ def paged_prefill_attention_cpu(
     cu_seqlens_q: torch.Tensor,  # (S + 1,)
     fmt: KVFormat,
     sm_scale: float | None = None,
-    exact: ExactTail | None = None,
+    exact: ExactWindowKV | None = None,
 ) -> torch.Tensor:               # (T, Hq, D) in q's dtype
     """Causal attention of each sequence's new tokens over its paged history, in key
     tiles with an online softmax. Does not mutate the caches."""

@@ -39,19 +39,19 @@ from .cpu_decode import paged_decode_attention_cpu
 from .cpu_plan import StepPlan
 from .cpu_prefill import paged_prefill_attention_cpu, prefill_block_mass_cpu
 from .cpu_write import write_kv_cpu
-from .exact_tail import ExactTail, exact_decode_attention, merge_attention
 from .reference import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     prefill_block_mass_ref,
     write_kv_ref,
 )
+from .window_attention import ExactWindowKV, exact_decode_attention, merge_attention
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-_NO_EXACT = "the prefill kernel does not read the exact residual window (kv_residual) yet"
-_NO_EXACT_MASS = "block mass with the exact residual window (kv_residual)"
+_NO_EXACT = "the prefill kernel does not read the exact window (exact_window) yet"
+_NO_EXACT_MASS = "block mass with the exact window (exact_window)"
 ENV_VAR = "EDGEKV_ATTENTION_BACKEND"
 _forced: str | None = None
 _warned: set[str] = set()
@@ -141,14 +141,14 @@ def _run(kernel, fallback, reason: str):
 def paged_decode_attention(
     q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, fmt: KVFormat | str, sm_scale: float | None = None, *,
-    return_block_mass: bool = False, exact: ExactTail | None = None,
+    return_block_mass: bool = False, exact: ExactWindowKV | None = None,
     plan: StepPlan | None = None, q_storage_basis: bool = False, return_lse: bool = False,
     **kernel_options,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention, (S, Hq, D) -> (S, Hq, D); see paged_decode.py for the contract and
     for ``kernel_options`` (num_splits, block_n, ...; the torch path ignores them).
     With ``return_block_mass`` also returns (S, max_blocks) fp32 block mass (rows sum to Hq).
-    ``exact``: each sequence's newest tokens read exact (exact_tail.py). ``plan``: this
+    ``exact``: each sequence's newest tokens read exact (window_attention.py). ``plan``: this
     step's plan (cpu_plan.plan_step, with ``exact``'s counts), read by the torch path.
     ``q_storage_basis``: q is fp32 in the format's storage basis (rotated with k and v in
     one matmul); the output is in the original basis either way. ``return_lse``: also the
@@ -189,8 +189,8 @@ def paged_decode_attention(
                        _NO_EXACT_MASS if exact is not None and return_block_mass else None):
         return torch_path()
     run = _kernels("paged_decode").paged_decode_attention
-    if exact is not None:  # the blocks up to each exact tail in the kernel, the tail here
-        def with_tail():
+    if exact is not None:  # the blocks up to each exact window in the kernel, the window here
+        def with_window():
             scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
             blocks = seq_lens - exact.num_exact(seq_lens).to(seq_lens)
             o1, l1 = run(q, k_cache, v_cache, block_tables, blocks, fmt, sm_scale,
@@ -198,7 +198,7 @@ def paged_decode_attention(
             o2, l2 = exact_decode_attention(q, exact, seq_lens, scale)
             return merge_attention(o1, l1, o2, l2).to(q.dtype)
 
-        return _run(with_tail, torch_path, f"decode kernel for {fmt.name}")
+        return _run(with_window, torch_path, f"decode kernel for {fmt.name}")
     return _run(lambda: run(q, k_cache, v_cache, block_tables, seq_lens, fmt, sm_scale,
                             return_block_mass=return_block_mass, **kernel_options),
                 torch_path, f"decode kernel for {fmt.name}")
@@ -207,10 +207,10 @@ def paged_decode_attention(
 def paged_prefill_attention(
     q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, fmt: KVFormat | str,
-    sm_scale: float | None = None, exact: ExactTail | None = None, **kernel_options,
+    sm_scale: float | None = None, exact: ExactWindowKV | None = None, **kernel_options,
 ) -> torch.Tensor:
     """Causal prefill / append attention, (T, Hq, D) -> (T, Hq, D); see paged_prefill.py.
-    ``exact``: each sequence's newest tokens read exact (exact_tail.py)."""
+    ``exact``: each sequence's newest tokens read exact (window_attention.py)."""
     fmt = get_format(fmt)
 
     def torch_path():

@@ -180,7 +180,7 @@ def paged_decode_attention(
     row sums to Hq (every head's probabilities sum to 1); entries past ``ceil(L_s / B)``
     are 0. With ``return_lse`` (not with mass) also ``lse2`` (S, Hq) fp32: log2 of the sum
     of ``2 ** (score * log2(e))`` over the sequence's tokens, -inf for an empty one (whose
-    output is 0), so that another part of the history can be merged in (exact_tail.py).
+    output is 0), so that another part of the history can be merged in (window_attention.py).
     Reads the caches; writes nothing but its outputs.
     """
     assert not (return_lse and return_block_mass), "return_lse or return_block_mass"

@@ -21,7 +21,7 @@ import torch
 
 from edgekv.quant import KVFormat, QuantizedKV
 
-from .exact_tail import ExactTail, overlay_decode, prefill_exact
+from .window_attention import ExactWindowKV
 
 
 def gather_blocks(cache: QuantizedKV, block_ids: torch.Tensor, length: int,
@@ -53,10 +53,10 @@ def paged_prefill_attention_ref(
     cu_seqlens_q: torch.Tensor,  # (S + 1,) query offsets into T
     fmt: KVFormat,
     sm_scale: float | None = None,
-    exact: ExactTail | None = None,
+    exact: ExactWindowKV | None = None,
 ) -> torch.Tensor:               # (T, Hq, D) in q's dtype
     """Causal attention of each sequence's query tokens over its paged, quantized history
-    (its newest tokens read from ``exact`` when given: exact_tail.py)."""
+    (its newest tokens read from ``exact`` when given: window_attention.py)."""
     T, Hq, D = q.shape
     Hkv = k_cache.data.shape[1]
     if Hq % Hkv:
@@ -76,7 +76,7 @@ def paged_prefill_attention_ref(
         v = gather_blocks(v_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
         qh = qs[q0:q1].reshape(n, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, n, D)
         scores = torch.einsum("hgnd,hld->hgnl", qh, k) * sm_scale  # (Hkv, G, n, L)
-        if exact is not None:  # each query's newest keys exact (exact_tail.py)
+        if exact is not None:  # each query's newest keys exact (window_attention.py)
             ke, ve, use = prefill_exact(k, v, exact, s, L, slice(q0, q1), fmt)  # use: (n, L)
             scores = torch.where(use, torch.einsum("hgnd,hld->hgnl", qh, ke) * sm_scale,
                                  scores)
@@ -102,14 +102,14 @@ def paged_decode_attention_ref(
     fmt: KVFormat,
     sm_scale: float | None = None,
     return_block_mass: bool = False,
-    exact: ExactTail | None = None,
+    exact: ExactWindowKV | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # (S, Hq, D) [, (S, max_blocks)]
     """Attention of one new token per sequence over its whole paged history.
 
     Batched over sequences (the CPU decode path): every sequence's blocks are gathered up
     to the longest one, and slots past a sequence's length are masked out of the scores
     and zeroed in V, whatever they hold. With ``exact``, each sequence's newest tokens are
-    read from its exact ring instead of its blocks (exact_tail.py). With
+    read from its exact ring instead of its blocks (window_attention.py). With
     ``return_block_mass`` also returns the block mass of ``decode_block_mass_ref``, taken
     from the same probabilities (no second pass over the history).
     """
@@ -138,7 +138,7 @@ def paged_decode_attention_ref(
 
     pad = torch.arange(nb * B, device=q.device)[None, :] >= seq_lens.to(q.device)[:, None]
     k, v = gather(k_cache), gather(v_cache)
-    if exact is not None:  # the newest tokens from the exact ring (exact_tail.py)
+    if exact is not None:  # the newest tokens from the exact ring (window_attention.py)
         k = overlay_decode(k, exact.k, exact, seq_lens, fmt)
         v = overlay_decode(v, exact.v, exact, seq_lens, fmt)
     v = v.masked_fill(pad[:, None, :, None], 0.0)  # unwritten slots may hold anything
@@ -239,3 +239,57 @@ def write_kv_ref(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v:
             store.scale[blk, :, off] = q.scale
         if q.zero is not None:
             store.zero[blk, :, off] = q.zero
+
+
+# ---- the exact window, read as the oracle reads it (window_attention.py) ----------
+def overlay_decode(x: torch.Tensor, ring: torch.Tensor, window: ExactWindowKV,
+                   seq_lens: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
+    """Decode: replace the exact tokens of each row of ``x`` with the ring's (the ring
+    already holds this step's token).
+
+    x:    (S, Hkv, Lx, D) fp32 K or V gathered from the blocks, storage basis, row s
+          holding cache indices [0, L_s) (Lx >= max L_s)
+    ring: ``window.k`` or ``window.v``
+    Mutates and returns ``x``.
+    """
+    R, dev = window.size, x.device
+    lens = seq_lens.to(device=dev, dtype=torch.long)  # (S,)
+    r = window.num_exact(seq_lens).to(dev)  # (S,)
+    j = torch.arange(R, device=dev)
+    s_idx, j_idx = (j[None, :] >= (R - r)[:, None]).nonzero(as_tuple=True)  # (N,), (N,)
+    if s_idx.numel() == 0:
+        return x
+    c = lens[s_idx] - R + j_idx  # (N,) cache indices, >= 0 since num_exact <= L
+    rows = ring[window.slots.to(dev).long()[s_idx], c % R]  # (N, Hkv, D)
+    x[s_idx, :, c] = fmt.to_storage_basis(rows.float())
+    return x
+
+
+def prefill_exact(k: torch.Tensor, v: torch.Tensor, window: ExactWindowKV, s: int, L: int,
+                  new: slice, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill, sequence ``s``: its K/V with exact values wherever a query may read them,
+    and which (query, key) pairs do.
+
+    k, v: (Hkv, L, D) fp32 from the blocks, storage basis; ``new``: the rows of this
+    sequence's n new tokens (positions [L - n, L)) in ``window.new_k``.
+    Returns exact K, exact V (Hkv, L, D) and ``use`` (n, L) bool.
+    """
+    R, dev = window.size, k.device
+    n = new.stop - new.start
+    a = L - n
+    start = int(window.start[s])
+    ke, ve = k.clone(), v.clone()
+    lo = max(start, a - R + 1, 0)  # the oldest key any query of the chunk reads exact
+    if lo < a:  # from the ring, as it was before this step's writes
+        pos = torch.arange(lo, a, device=dev)
+        slot = int(window.slots[s])
+        ke[:, lo:a] = fmt.to_storage_basis(window.k[slot, pos % R].float()).transpose(0, 1)
+        ve[:, lo:a] = fmt.to_storage_basis(window.v[slot, pos % R].float()).transpose(0, 1)
+    if start < L:  # the chunk's own tokens, rounded as the ring will hold them
+        dt = window.k.dtype
+        ke[:, a:] = fmt.to_storage_basis(window.new_k[new].to(dt).float()).transpose(0, 1)
+        ve[:, a:] = fmt.to_storage_basis(window.new_v[new].to(dt).float()).transpose(0, 1)
+    qpos = torch.arange(a, L, device=dev)[:, None]  # (n, 1)
+    kpos = torch.arange(L, device=dev)[None, :]  # (1, L)
+    use = (kpos >= start) & (kpos > qpos - R) & (kpos <= qpos)  # (n, L)
+    return ke, ve, use

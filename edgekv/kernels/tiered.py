@@ -9,7 +9,7 @@ table mixes them (older blocks in cheaper tiers)::
 
 Decode: one paged-decode call per tier over that tier's blocks alone (``plan_tiers``
 splits the tables once per step; order inside a tier does not matter to one query, and
-only a sequence's last block is partial), the exact window (kernels/exact_tail.py) as one
+only a sequence's last block is partial), the exact window (kernels/window_attention.py) as one
 more part, merged by log-sum-exp: the history is never rebuilt.
 Prefill: every block the step's tables hold is read once into one scratch storage (fp16
 on a GPU, fp32 on a CPU; ids renumbered), then the single-format prefill attends over it
@@ -28,8 +28,8 @@ import torch
 from edgekv.quant import KVFormat, QuantizedKV, get_format
 
 from .dispatch import get_backend, paged_decode_attention, paged_prefill_attention
-from .exact_tail import ExactTail, exact_decode_attention, merge_attention
 from .reference import paged_decode_attention_ref, paged_prefill_attention_ref
+from .window_attention import ExactWindowKV, exact_decode_attention, merge_attention
 
 
 class TierStore(NamedTuple):
@@ -121,7 +121,7 @@ def _dense(stores: list[TierStore], block_tables: torch.Tensor, fmt: KVFormat
 def tiered_decode_attention(q: torch.Tensor, stores: list[TierStore],
                             block_tables: torch.Tensor, tiers: TierTables,
                             seq_lens: torch.Tensor, sm_scale: float,
-                            exact: ExactTail | None = None) -> torch.Tensor:
+                            exact: ExactWindowKV | None = None) -> torch.Tensor:
     """Decode, (S, Hq, D) -> (S, Hq, D): each tier's blocks (``tiers``, split from the
     global ``block_tables``) in their own call, the exact window apart, merged by
     log-sum-exp. The exact tokens are the newest of tier 0 (the demoter keeps them there),
@@ -158,7 +158,7 @@ def _merged_lse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def tiered_prefill_attention(q: torch.Tensor, stores: list[TierStore],
                              block_tables: torch.Tensor, seq_lens: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, sm_scale: float,
-                             exact: ExactTail | None = None, **kernel_options) -> torch.Tensor:
+                             exact: ExactWindowKV | None = None, **kernel_options) -> torch.Tensor:
     """Causal prefill over tiered blocks, (T, Hq, D) -> (T, Hq, D): the step's blocks read
     into one storage (fp16 on a GPU, where the prefill kernel reads it; fp32 on a CPU),
     then the single-format prefill (any backend)."""

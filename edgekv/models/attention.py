@@ -42,9 +42,9 @@ class AttentionMetadata:
     block_mass:    (S, max_blocks) fp32 or None: when set, every layer adds the attention
                    mass each block receives (decode: from the step's query; prefill: from
                    each sequence's last ``mass_window`` queries); eviction policies read it
-    residual:      (edgekv.cache.residual.ResidualWindow, ResidualStep) or None: each layer also
+    exact_window:  (edgekv.cache.exact_window.ExactWindow, ExactWindowStep) or None: each layer also
                    writes the new K/V to the sequences' exact rings and reads their newest
-                   tokens from there (``LLM(kv_residual=...)``)
+                   tokens from there (``LLM(exact_window=...)``)
     plan:          kernels.cpu_plan.StepPlan or None: the step's storage rows and decode
                    buckets, planned once (the runner makes one on CPU)
     rope:          (cos, signed sin), each (T, 1, D), or None: set by the model once per
@@ -62,7 +62,7 @@ class AttentionMetadata:
     kv_cache: object  # edgekv.cache.kv_cache.PagedKVCache
     block_mass: torch.Tensor | None = None
     mass_window: int = 32
-    residual: tuple | None = None
+    exact_window: tuple | None = None
     plan: StepPlan | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     tiers: TierTables | None = None
@@ -151,13 +151,13 @@ class PagedAttention(nn.Module):
         else:
             cache.write(self.layer_idx, k, v, meta.slot_mapping)
         exact = window = None
-        if meta.residual is not None:  # exact newest tokens (edgekv/cache/residual.py)
-            window, step = meta.residual
+        if meta.exact_window is not None:  # exact newest tokens (edgekv/cache/exact_window.py)
+            window, step = meta.exact_window
             if meta.max_query_len == 1:  # decode reads the ring with its new token in it
                 window.write(self.layer_idx, k, v, step)
-                exact = window.tail(self.layer_idx, step)
+                exact = window.kv(self.layer_idx, step)
             else:  # prefill reads the ring as it was, and its own new K/V
-                exact = window.tail(self.layer_idx, step, k, v)
+                exact = window.kv(self.layer_idx, step, k, v)
         mass = meta.block_mass
         if meta.tiers is not None:  # age tiers: blocks in several storages
             o = self._tiered(q, meta, exact)

@@ -31,7 +31,7 @@ from .spec import TierLayout
 
 
 class Demoter:
-    """``exact``: the newest tokens of each sequence also kept exact (kv_residual); blocks
+    """``exact``: the newest tokens of each sequence also kept exact (exact_window); blocks
     holding any of them stay in the newest tier, where decode reads around them."""
 
     def __init__(self, layout: TierLayout, manager: BlockManager, cache: PagedKVCache,

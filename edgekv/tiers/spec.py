@@ -5,8 +5,8 @@
     kv_tiers = "fp16:128,int8:2048,int4"
                  |        |         '-- everything older: INT4 blocks (the last tier has no size)
                  |        '------------ the next 2,048 tokens: INT8 blocks
-                 '--------------------- the newest 128 tokens also exact (the residual
-                                        window, residual.py; optional)
+                 '--------------------- the newest 128 tokens also exact (the exact
+                                        window, cache/exact_window.py; optional)
 
 Sizes are in tokens and count from the newest token back. A block belongs to the first
 tier whose reach holds its newest token, so a bounded tier of N tokens holds at most
@@ -62,7 +62,7 @@ def parse_tiers(text: str) -> TierSpec:
                              f"{', '.join(names)}")
     if len(entries) < 2:
         raise ValueError(f"kv_tiers {text!r} has one stored tier: give at least two (e.g. "
-                         f"'int8:2048,int4'), or use kv_format and kv_residual")
+                         f"'int8:2048,int4'), or use kv_format and exact_window")
     if any(n is None for _, n in entries[:-1]) or entries[-1][1] is not None:
         raise ValueError(f"kv_tiers {text!r}: every tier but the last needs a size in "
                          f"tokens (name:N), and the last none (it holds everything older)")

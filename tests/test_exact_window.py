@@ -1,4 +1,4 @@
-"""The residual window (LLM(kv_residual=R)): each sequence's newest tokens kept exact in an
+"""The exact window (LLM(exact_window=R)): each sequence's newest tokens kept exact in an
 fp16 ring beside the quantized blocks, and read from there by attention."""
 
 import pytest
@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from test_reference_attention import HKV, D, build
 
 from edgekv import LLM, SamplingParams
-from edgekv.cache.residual import ResidualWindow
+from edgekv.cache.exact_window import ExactWindow
 from edgekv.cli.main import main
 from edgekv.kernels import paged_decode_attention_ref, paged_prefill_attention_ref
 from edgekv.kernels.dispatch import (
@@ -15,12 +15,12 @@ from edgekv.kernels.dispatch import (
     paged_prefill_attention,
     set_backend,
 )
-from edgekv.kernels.exact_tail import ExactTail
+from edgekv.kernels.window_attention import ExactWindowKV
 
 
 # ---- the ring's bookkeeping ------------------------------------------------------------
 def window(R=8, slots=4, alive=lambda s: True):
-    return ResidualWindow(1, HKV, D, R, "cpu", max_slots=slots, alive=alive)
+    return ExactWindow(1, HKV, D, R, "cpu", max_slots=slots, alive=alive)
 
 
 def test_ring_continues_keeps_the_last_R_and_restarts_on_a_jump():
@@ -75,7 +75,7 @@ def test_fork_copies_the_parents_ring():
 
 
 # ---- attention reads the ring ----------------------------------------------------------
-def ring_tail(kvs, R, held, new=None):
+def ring_window(kvs, R, held, new=None):
     """Rings (slot = sequence) holding positions held[s] = (start, end) of each sequence's
     K/V in fp16; ``new``: (a, L) per sequence, the prefill chunk's own K/V."""
     k = torch.zeros(len(kvs), R, HKV, D, dtype=torch.float16)
@@ -87,7 +87,7 @@ def ring_tail(kvs, R, held, new=None):
     if new is not None:
         new_k = torch.cat([ks[a:L] for (ks, _), (a, L) in zip(kvs, new, strict=True)])
         new_v = torch.cat([vs[a:L] for (_, vs), (a, L) in zip(kvs, new, strict=True)])
-    return ExactTail(k, v, torch.arange(len(kvs)), torch.tensor([lo for lo, _ in held]),
+    return ExactWindowKV(k, v, torch.arange(len(kvs)), torch.tensor([lo for lo, _ in held]),
                      new_k, new_v)
 
 
@@ -114,12 +114,12 @@ def test_decode_reads_each_sequences_window_from_the_ring(kv_format):
     R, lens = 12, [1, 5, 16, 37, 50]
     starts = [0, 5, 4, 30, 50]  # whole window, none (a ring restarted at the end), parts
     cfg, cache, tables, kvs = build(kv_format, 16, lens, seed=3)
-    tail = ring_tail(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
-    tail = tail._replace(start=torch.tensor(starts))
+    window = ring_window(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
+    window = window._replace(start=torch.tensor(starts))
     k_cache, v_cache = cache.layers[0]
     q = torch.randn(len(lens), HKV * 2, D)
     out = paged_decode_attention_ref(q, k_cache, v_cache, tables, torch.tensor(lens),
-                                     cfg.format, exact=tail)
+                                     cfg.format, exact=window)
     for s, (k, v) in enumerate(kvs):
         want = windowed_dense(q[s : s + 1], k, v, cfg.format, R, starts[s], lens[s] - 1)
         assert (out[s : s + 1] - want).abs().max() <= 1e-5
@@ -135,12 +135,12 @@ def test_prefill_gives_every_query_its_own_window(kv_format):
     chunks = [(L - n, L) for L, n in zip(lens, q_lens, strict=True)]
     held = [(max(st, a - R), a) if st < L else (L, L)
             for st, (a, L) in zip(starts, chunks, strict=True)]
-    tail = ring_tail(kvs, R, held, new=chunks)._replace(start=torch.tensor(starts))
+    window = ring_window(kvs, R, held, new=chunks)._replace(start=torch.tensor(starts))
     cu = torch.tensor([0] + q_lens).cumsum(0)
     q = torch.randn(sum(q_lens), HKV * 2, D)
     k_cache, v_cache = cache.layers[0]
     out = paged_prefill_attention_ref(q, k_cache, v_cache, tables, torch.tensor(lens), cu,
-                                      cfg.format, exact=tail)
+                                      cfg.format, exact=window)
     for s, (k, v) in enumerate(kvs):
         want = windowed_dense(q[cu[s] : cu[s + 1]], k, v, cfg.format, R, starts[s],
                               lens[s] - q_lens[s])
@@ -150,26 +150,26 @@ def test_prefill_gives_every_query_its_own_window(kv_format):
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("kv_format", ["int8", "int4"])
 def test_decode_kernel_merges_the_ring_like_the_reference(kv_format, num_splits):
-    """The fused kernel attends over each sequence's blocks up to its exact tail and
-    returns its log-sum-exp; the tail is attended apart and merged (Triton's interpreter
+    """The fused kernel attends over each sequence's blocks up to its exact window and
+    returns its log-sum-exp; the window is attended apart and merged (Triton's interpreter
     on CPU)."""
     R, lens, starts = 12, [1, 5, 16, 37, 50], [0, 5, 4, 0, 43]  # incl. all-exact and none
     cfg, cache, tables, kvs = build(kv_format, 16, lens, seed=4)
     tables = tables.clamp(min=0)
-    tail = ring_tail(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
-    tail = tail._replace(start=torch.tensor(starts))
+    window = ring_window(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
+    window = window._replace(start=torch.tensor(starts))
     k_cache, v_cache = cache.layers[0]
     q = torch.randn(len(lens), HKV * 4, D)
     sl = torch.tensor(lens, dtype=torch.int32)
-    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, sl, cfg.format, exact=tail)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, sl, cfg.format, exact=window)
     set_backend("triton")
     try:
-        out = paged_decode_attention(q, k_cache, v_cache, tables, sl, cfg.format, exact=tail,
+        out = paged_decode_attention(q, k_cache, v_cache, tables, sl, cfg.format, exact=window,
                                      num_splits=num_splits)
-        with pytest.raises(ValueError, match="kv_residual"):  # refused, never ignored
+        with pytest.raises(ValueError, match="exact_window"):  # refused, never ignored
             paged_prefill_attention(q, k_cache, v_cache, tables, sl,
                                     torch.arange(len(lens) + 1, dtype=torch.int32),
-                                    cfg.format, exact=tail)
+                                    cfg.format, exact=window)
     finally:
         set_backend(None)
     assert (out - ref).abs().max() / ref.abs().max() < 2e-5
@@ -189,10 +189,10 @@ def make(llama_dir, fmt, **kw):
 def test_a_window_longer_than_every_sequence_gives_the_fp16_cache_output(llama_dir):
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     want = [o.token_ids for o in make(llama_dir, "fp16").generate(prompts(), params)]
-    llm = make(llama_dir, "int4", kv_residual=128)
+    llm = make(llama_dir, "int4", exact_window=128)
     assert [o.token_ids for o in llm.generate(prompts(), params)] == want
     s = llm.kv_stats()
-    assert s["residual_tokens"] == 128 and s["residual_bytes"] > 0
+    assert s["exact_window_tokens"] == 128 and s["exact_window_bytes"] > 0
     assert make(llama_dir, "int4").generate(prompts(), params)[2].token_ids != want[2]
 
 
@@ -201,7 +201,7 @@ def test_a_wider_window_means_a_smaller_divergence(llama_dir):
     ref = torch.log_softmax(make(llama_dir, "fp16").score(ids, chunk_size=1), -1)
 
     def kl(R):
-        got = torch.log_softmax(make(llama_dir, "int4", kv_residual=R).score(ids, 1), -1)
+        got = torch.log_softmax(make(llama_dir, "int4", exact_window=R).score(ids, 1), -1)
         return (ref.exp() * (ref - got)).sum(-1).mean().item()
 
     kls = [kl(R) for R in (0, 8, 32)]
@@ -212,7 +212,7 @@ def test_what_a_token_reads_does_not_depend_on_how_the_text_was_chunked(llama_di
     """Token by token (decode) and one prefill read the same exact windows, so their
     logits agree to float rounding, far below int4's own error."""
     ids = prompts()[2] + prompts()[1]  # 130 tokens
-    llm = make(llama_dir, "int4", kv_residual=16)
+    llm = make(llama_dir, "int4", exact_window=16)
     by_token, at_once = llm.score(ids, chunk_size=1), llm.score(ids)
     in_chunks = llm.score(ids, chunk_size=37)
     assert (by_token - at_once).abs().max() < 1e-3
@@ -225,43 +225,53 @@ def test_what_a_token_reads_does_not_depend_on_how_the_text_was_chunked(llama_di
 def test_samples_forked_with_their_rings_equal_separate_requests(llama_dir):
     p = prompts()[1]
     params = SamplingParams(max_tokens=10, temperature=1.0, seed=3, ignore_eos=True)
-    llm = make(llama_dir, "int4", kv_residual=16)
+    llm = make(llama_dir, "int4", exact_window=16)
     out = llm.generate([p], SamplingParams(**{**params.__dict__, "n": 3}))[0]
-    alone = [make(llama_dir, "int4", kv_residual=16).generate(
+    alone = [make(llama_dir, "int4", exact_window=16).generate(
         [p], SamplingParams(**{**params.__dict__, "seed": 3 + j}))[0] for j in range(3)]
     assert [o.token_ids for o in out.outputs] == [o.token_ids for o in alone]
 
 
-def test_bad_residual_settings_are_clear_errors(llama_dir):
+def test_bad_exact_window_settings_are_clear_errors(llama_dir):
     with pytest.raises(ValueError, match="fp16 is not quantized"):
-        make(llama_dir, "fp16", kv_residual=16)
+        make(llama_dir, "fp16", exact_window=16)
     with pytest.raises(ValueError, match="cannot be combined with eviction"):
-        make(llama_dir, "int4", kv_residual=16, eviction="streaming")
-    with pytest.raises(ValueError, match="kv_residual must be"):
-        make(llama_dir, "int4", kv_residual=-1)
+        make(llama_dir, "int4", exact_window=16, eviction="streaming")
+    with pytest.raises(ValueError, match="exact_window must be"):
+        make(llama_dir, "int4", exact_window=-1)
     r = CliRunner().invoke(main, ["generate", "--model", str(llama_dir), "--kv", "fp16",
-                                  "--kv-residual", "8", "hi"])
+                                  "--exact-window", "8", "hi"])
     assert r.exit_code == 2 and "not quantized" in r.output
 
 
 def test_a_released_sequence_loses_its_ring(llama_dir):
     """A parked chat given up under pool pressure must not keep its ring: its next turn
     may rewrite those positions with other tokens (prefix-cache hits land inside)."""
-    llm = make(llama_dir, "int4", kv_residual=16)
+    llm = make(llama_dir, "int4", exact_window=16)
     chat = llm.chat()
     chat.send("Hello there, how are you?", SamplingParams(max_tokens=4, temperature=0.0))
     sid = chat.seq.seq_id
-    assert sid in llm.engine.residual.rings
+    assert sid in llm.engine.exact_window.rings
     llm.engine.scheduler.release(chat.seq)
-    assert sid not in llm.engine.residual.rings
+    assert sid not in llm.engine.exact_window.rings
 
 
 def test_more_samples_than_max_num_seqs_keep_their_rings(llama_dir):
     params = SamplingParams(max_tokens=8, temperature=0.0, n=4, ignore_eos=True)
     ps = prompts()[:2]
     want = make(llama_dir, "fp16", max_num_seqs=2).generate(ps, params)
-    llm = make(llama_dir, "int4", kv_residual=256, max_num_seqs=2)
+    llm = make(llama_dir, "int4", exact_window=256, max_num_seqs=2)
     got = llm.generate(ps, params)
     assert [[o.token_ids for o in r.outputs] for r in got] == \
         [[o.token_ids for o in r.outputs] for r in want]
-    assert llm.engine.residual.reclaimed == 0
+    assert llm.engine.exact_window.reclaimed == 0
+
+
+def test_the_old_name_kv_residual_still_sets_the_exact_window(llama_dir):
+    """Scripts written for kv_residual= / --kv-residual keep working (with a warning)."""
+    with pytest.warns(DeprecationWarning, match="exact_window"):
+        llm = make(llama_dir, "int4", kv_residual=16)
+    assert llm.engine.exact_window.tokens == 16
+    r = CliRunner().invoke(main, ["generate", "--model", str(llama_dir), "--kv", "fp16",
+                                  "--kv-residual", "8", "hi"])
+    assert r.exit_code == 2 and "not quantized" in r.output

@@ -1,16 +1,16 @@
-"""Residual window: each sequence's newest tokens kept exact beside the quantized blocks.
+"""Exact window: each sequence's newest tokens kept exact beside the quantized blocks.
 
 Quantization error hurts most where attention looks most: the newest tokens. With
-``LLM(kv_residual=R)`` every new K/V is written to its quantized block as always, and also,
+``LLM(exact_window=R)`` every new K/V is written to its quantized block as always, and also,
 in fp16, to a ring of R entries that belongs to its sequence (cache index c at ring index
 ``c % R``). The query at position p reads its R newest keys (p - R < j <= p) exact and
-older ones from the blocks (``kernels/exact_tail.py``). Nothing is ever re-quantized: a
+older ones from the blocks (``kernels/window_attention.py``). Nothing is ever re-quantized: a
 token leaves the window simply by being overwritten in the ring.
 
 ::
 
     keys:       0 ........................ p-R+1 ...... p          (query at position p)
-    read from:  quantized blocks           | exact (fp16) |          R = kv_residual
+    read from:  quantized blocks           | exact (fp16) |          R = exact_window
 
 A ring holds positions [start, end). A write of positions [a, b) continues the ring if it
 starts inside it (a chat that rewinds writes again from a < end: the overwritten entries
@@ -35,7 +35,23 @@ from dataclasses import dataclass
 
 import torch
 
-from edgekv.kernels.exact_tail import ExactTail
+from edgekv.kernels import get_backend
+from edgekv.kernels.window_attention import ExactWindowKV
+
+
+def check_exact_window(tokens, kv_format: str, eviction) -> None:
+    """``LLM(exact_window=tokens)``'s settings: a count >= 0, a quantized ``kv_format``, no
+    eviction (``eviction`` None) and a torch prefill path; ValueError (one line)."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"exact_window must be a number of tokens >= 0, got {tokens!r}")
+    if tokens and all(n in ("fp16", "bf16", "fp32") for n in kv_format.split(",")):
+        raise ValueError(f"exact_window keeps the newest tokens unquantized; {kv_format} is "
+                         f"not quantized")
+    if tokens and eviction is not None:
+        raise ValueError("exact_window cannot be combined with eviction yet")
+    if tokens and get_backend() == "triton":
+        raise ValueError("exact_window needs the torch prefill path, which the forced "
+                         "'triton' attention backend forbids: use 'auto' or 'torch'")
 
 
 @dataclass
@@ -47,7 +63,7 @@ class _Ring:
 
 
 @dataclass(frozen=True)
-class ResidualStep:
+class ExactWindowStep:
     """One step's rings: where each new token goes, what each sequence reads exact.
 
     src, dst:    (W,) int64 the new tokens that enter a ring (indices into this step's T
@@ -72,7 +88,7 @@ class ResidualStep:
         return out
 
 
-class ResidualWindow:
+class ExactWindow:
     """``alive(seq_id)``: whether a sequence still holds cache blocks; the rings of those
     that do not are handed out again before the storage grows."""
 
@@ -97,7 +113,7 @@ class ResidualWindow:
         return self.layers[0][0].shape[0] if self.layers else 0
 
     # ---- per step ----------------------------------------------------------------------
-    def step(self, seq_ids: list[int], starts: list[int], ends: list[int]) -> ResidualStep:
+    def step(self, seq_ids: list[int], starts: list[int], ends: list[int]) -> ExactWindowStep:
         """Plan a step in which sequence ``seq_ids[i]`` writes positions
         [starts[i], ends[i]) (its cache indices; every sequence of the batch, in order).
         Hands out, continues or restarts rings; the ring bytes are written per layer by
@@ -125,20 +141,20 @@ class ResidualWindow:
             src.extend(range(t + first - a, t + b - a))
             dst.extend(ring.slot * R + p % R for p in range(first, b))
         dev = self.device
-        return ResidualStep(*(torch.tensor(x, dtype=torch.long, device=dev)
+        return ExactWindowStep(*(torch.tensor(x, dtype=torch.long, device=dev)
                               for x in (src, dst, slots, first_exact)), num_tokens=num_tokens)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: ResidualStep) -> None:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: ExactWindowStep) -> None:
         """Store this step's new K/V (T, Hkv, D), original basis, in their rings."""
         for ring, x in zip(self.layers[layer], (k, v), strict=True):
             ring.view(-1, *self.shape[1:])[step.dst] = x[step.src].to(ring.dtype)
 
-    def tail(self, layer: int, step: ResidualStep, new_k: torch.Tensor | None = None,
-             new_v: torch.Tensor | None = None) -> ExactTail:
+    def kv(self, layer: int, step: ExactWindowStep, new_k: torch.Tensor | None = None,
+             new_v: torch.Tensor | None = None) -> ExactWindowKV:
         """What attention reads exact. Decode: after ``write`` (the ring holds the new
         token). Prefill: before ``write``, with the chunk's own K/V as ``new_k``/``new_v``."""
         k, v = self.layers[layer]
-        return ExactTail(k, v, step.slots, step.start, new_k, new_v)
+        return ExactWindowKV(k, v, step.slots, step.start, new_k, new_v)
 
     # ---- sequences ---------------------------------------------------------------------
     @torch.inference_mode()  # the rings may have been made under inference mode
@@ -163,8 +179,8 @@ class ResidualWindow:
 
     def stats(self) -> dict:
         per_ring = 2 * len(self.layers) * self.tokens * self.shape[1] * self.shape[2] * 2
-        return {"residual_tokens": self.tokens, "residual_rings": len(self.rings),
-                "residual_bytes": self.num_slots * per_ring}
+        return {"exact_window_tokens": self.tokens, "exact_window_rings": len(self.rings),
+                "exact_window_bytes": self.num_slots * per_ring}
 
     def _acquire(self, sid: int, start: int, busy: set[int]) -> _Ring | None:
         if not self._free:  # rings of finished or freed sequences first
