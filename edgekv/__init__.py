@@ -20,33 +20,18 @@ Map of the package:
 
 from __future__ import annotations
 
-import importlib
+import lazy_loader
 
 __version__ = "0.1.0"
 
-# Public name -> the module that defines it. Imported on first use (PEP 562), so that
-# ``import edgekv`` and ``edgekv --help`` do not pay for torch and transformers.
-_LAZY = {
-    "LLM": ".llm", "RequestOutput": ".engine.outputs", "SamplingParams": ".engine.sampling",
-    "BlockManager": ".cache.block_manager", "BlockTable": ".cache.block_manager",
-    "NoFreeBlocks": ".cache.block_manager", "BlockPool": ".cache.block_pool",
-    "CacheConfig": ".config", "parse_memory": ".config", "PagedKVCache": ".cache.kv_cache",
-}
-
-__all__ = [
-    "LLM", "SamplingParams", "RequestOutput",
-    "BlockManager", "BlockPool", "BlockTable", "CacheConfig", "NoFreeBlocks",
-    "PagedKVCache", "parse_memory", "__version__",
-]
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'edgekv' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+# Imported on first use, so that ``import edgekv`` and ``edgekv --help`` do not pay for
+# torch and transformers (``dir(edgekv)`` lists them all the same).
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "llm": ["LLM"],
+    "engine.outputs": ["RequestOutput"],
+    "engine.sampling": ["SamplingParams"],
+    "cache.block_manager": ["BlockManager", "BlockTable", "NoFreeBlocks"],
+    "cache.block_pool": ["BlockPool"],
+    "cache.kv_cache": ["PagedKVCache"],
+    "config": ["CacheConfig", "parse_memory"],
+})

@@ -1,5 +1,5 @@
 """The README is a front door: short, every link resolves, its API example runs as written;
-docs/results.md names a command for every measurement."""
+docs/results.md names a command, a machine and a date for every measurement."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_every_link_resolves(page):
                 f"{page.name}: [{label}]({target}): no heading #{anchor} in {dest.name}"
 
 
-def test_every_result_names_its_command():
+def test_every_result_names_its_command_machine_and_date():
     rows = [line for line in (ROOT / "docs" / "results.md").read_text().splitlines()
             if line.startswith("| ") and not line.startswith(("| measurement", "|---"))]
     assert len(rows) >= 15
@@ -56,6 +56,8 @@ def test_every_result_names_its_command():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert re.search(r"`(python scripts/\S+|edgekv \w+|OMP_NUM_THREADS=\d edgekv \w+)",
                          cells[1]), row
+        assert re.search(r"^(CPU|GPU|arithmetic)", cells[2]), row  # the machine
+        assert re.search(r"\b20\d\d-\d\d-\d\d\b", cells[2]), row  # the date
 
 
 def test_the_readme_api_example_runs(tmp_path, monkeypatch):

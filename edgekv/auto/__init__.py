@@ -5,23 +5,11 @@ torch, so the command line parses ``--kv`` without it; the rest loads on first u
 
 from __future__ import annotations
 
-import importlib
+import lazy_loader
 
-_LAZY = {
-    "Assignment": ".assign", "choose": ".assign", "check_budget": ".assign",
-    "BudgetTooSmall": ".assign",
-    "REFERENCE": ".probe", "ProbeResult": ".probe", "measure": ".probe",
-    "calibration_ids": ".resolve", "resolve_auto": ".resolve",
-    "CANDIDATES": ".spec", "DEFAULT_BITS": ".spec", "AutoSpec": ".spec",
-    "parse_auto": ".spec",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'edgekv.auto' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "assign": ["Assignment", "BudgetTooSmall", "check_budget", "choose"],
+    "probe": ["REFERENCE", "ProbeResult", "measure"],
+    "resolve": ["calibration_ids", "resolve_auto"],
+    "spec": ["CANDIDATES", "DEFAULT_BITS", "AutoSpec", "parse_auto"],
+})

@@ -1,6 +1,6 @@
 """Paged KV storage: per-layer tensors of quantized blocks, and writes into their slots.
 
-Layout of one layer (DESIGN.md, "The KV block"), for K and for V alike::
+Layout of one layer (docs/design.md, "The KV block"), for K and for V alike::
 
     data  : (num_blocks, num_kv_heads, block_size, packed_dim)   format's storage dtype
     scale : (num_blocks, num_kv_heads, block_size, num_groups)   fp16   (quantized formats)

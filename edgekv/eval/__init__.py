@@ -18,18 +18,11 @@
 
 from __future__ import annotations
 
-import importlib
+import lazy_loader
 
-# Imported on first use (PEP 562): ``edgekv eval --help`` loads cli.py alone, not torch.
-_LAZY = {"BASELINE": ".config", "PEERS": ".config", "EvalConfig": ".config",
-         "COLUMNS": ".report", "run": ".runner"}
-
-__all__ = ["BASELINE", "COLUMNS", "PEERS", "EvalConfig", "run"]
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'edgekv.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+# Imported on first use: ``edgekv eval --help`` loads cli.py alone, not torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "config": ["BASELINE", "PEERS", "EvalConfig"],
+    "report": ["COLUMNS"],
+    "runner": ["run"],
+})

@@ -30,6 +30,7 @@ from edgekv.quant import KVFormat, QuantizedKV
 from .cpu_codes import CodeReader, reader_for
 from .cpu_compiled import compiled_decode
 from .cpu_plan import DecodeBucket, exact_counts, plan_decode
+from .launch_checks import attention_dims
 from .window_attention import LOG2E, ExactWindowKV
 
 
@@ -53,12 +54,7 @@ def paged_decode_attention_cpu(
     is in the original basis either way. ``return_lse``: also (S, Hq) fp32 log2-sum-exp of
     the scores, to merge with attention over other keys (window_attention.merge_attention; not
     with ``exact`` or the block mass; every seq_len > 0). Does not mutate the caches."""
-    S, Hq, D = q.shape
-    Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    G = Hq // Hkv
-    sm = D**-0.5 if sm_scale is None else sm_scale
+    S, Hq, D, Hkv, B, G, sm = attention_dims(q, k_cache, sm_scale)
     width = block_tables.shape[1]
     if S == 0:
         out = torch.empty_like(q)

@@ -25,6 +25,8 @@ import torch
 from edgekv.quant import KVFormat, QuantizedKV
 
 from .cpu_plan import prefix_groups
+from .launch_checks import attention_dims
+from .reference import query_rows
 from .window_attention import ExactWindowKV
 
 # Scores held per tile: Hq x n x tile fp32. 4 Mi elements (16 MiB; a tile step holds a few
@@ -181,24 +183,15 @@ def paged_prefill_attention_cpu(
 ) -> torch.Tensor:               # (T, Hq, D) in q's dtype
     """Causal attention of each sequence's new tokens over its paged history, in key
     tiles with an online softmax. Does not mutate the caches."""
-    T, Hq, D = q.shape
-    Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    G = Hq // Hkv
-    sm = D**-0.5 if sm_scale is None else sm_scale
+    T, Hq, D, Hkv, B, G, sm = attention_dims(q, k_cache, sm_scale)
     out = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
     qs = fmt.to_storage_basis(q.float())  # (T, Hq, D)
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     shared = _shared_parts(qs, k_cache, v_cache, block_tables, lens, cu, fmt, sm) \
         if exact is None and _FLASH is not None and len(lens) > 1 else {}
-    for s, L in enumerate(lens):
-        q0, q1 = cu[s], cu[s + 1]
+    for s, L, q0, q1 in query_rows(seq_lens, cu_seqlens_q):
         n = q1 - q0
-        if n == 0:
-            continue
-        assert 0 < n <= L, f"sequence {s}: {n} queries over {L} KV tokens"
         if exact is None and _FLASH is not None:
             start, prior = shared.get(s, (0, None))
             out[q0:q1] = _flash_segments(qs[q0:q1], k_cache, v_cache, block_tables[s], L,
@@ -245,18 +238,12 @@ def prefill_block_mass_cpu(
 ) -> torch.Tensor:               # (S, max_blocks) fp32
     """Block mass of each sequence's last ``last_n`` new queries (prefill_block_mass_ref's
     contract), in two tiled passes: the window's log-sum-exp, then its mass per block."""
-    T, Hq, D = q.shape
-    Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
-    G = Hq // Hkv
-    sm = D**-0.5 if sm_scale is None else sm_scale
+    T, Hq, D, Hkv, B, G, sm = attention_dims(q, k_cache, sm_scale)
     mass = torch.zeros(len(seq_lens), block_tables.shape[1], dtype=torch.float32,
                        device=q.device)
-    cu = cu_seqlens_q.tolist()
-    for s, L in enumerate(seq_lens.tolist()):
-        n = min(last_n, cu[s + 1] - cu[s])
-        if n <= 0:
-            continue
-        qs = fmt.to_storage_basis(q[cu[s + 1] - n : cu[s + 1]].float())  # (n, Hq, D)
+    for s, L, q0, q1 in query_rows(seq_lens, cu_seqlens_q, last_n):
+        n = q1 - q0
+        qs = fmt.to_storage_basis(q[q0:q1].float())  # (n, Hq, D)
         qh = qs.view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * n, D)
         qpos = torch.arange(L - n, L, device=q.device)
         tile = _tile_len(Hq, n, B)

@@ -99,3 +99,15 @@ def check_paged_inputs(q: torch.Tensor, k_cache: QuantizedKV, v_cache: Quantized
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     return Hkv, B
+
+
+def attention_dims(q: torch.Tensor, cache: QuantizedKV,
+                   sm_scale: float | None) -> tuple[int, int, int, int, int, int, float]:
+    """(N, Hq, D, Hkv, B, G, sm_scale) of attention of ``q`` (N, Hq, D) over one layer's
+    paged storage (data (num_blocks, Hkv, B, P)): G = Hq / Hkv query heads per KV head,
+    sm_scale D**-0.5 unless given. ValueError when Hq is not a multiple of Hkv."""
+    N, Hq, D = q.shape
+    Hkv, B = cache.data.shape[1], cache.data.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    return N, Hq, D, Hkv, B, Hq // Hkv, D**-0.5 if sm_scale is None else sm_scale

@@ -17,10 +17,13 @@ This equals attention over the dequantized K/V because the rotation is orthogona
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from edgekv.quant import KVFormat, QuantizedKV
 
+from .launch_checks import attention_dims
 from .window_attention import ExactWindowKV
 
 
@@ -57,21 +60,11 @@ def paged_prefill_attention_ref(
 ) -> torch.Tensor:               # (T, Hq, D) in q's dtype
     """Causal attention of each sequence's query tokens over its paged, quantized history
     (its newest tokens read from ``exact`` when given: window_attention.py)."""
-    T, Hq, D = q.shape
-    Hkv = k_cache.data.shape[1]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    G = Hq // Hkv
-    sm_scale = D**-0.5 if sm_scale is None else sm_scale
+    T, Hq, D, Hkv, B, G, sm_scale = attention_dims(q, k_cache, sm_scale)
     out = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
     qs = fmt.to_storage_basis(q.float())  # (T, Hq, D)
-    seq_lens_l, cu = seq_lens.tolist(), cu_seqlens_q.tolist()
-    for s, L in enumerate(seq_lens_l):
-        q0, q1 = cu[s], cu[s + 1]
+    for s, L, q0, q1 in query_rows(seq_lens, cu_seqlens_q):
         n = q1 - q0
-        if n == 0:
-            continue
-        assert 0 < n <= L, f"sequence {s}: {n} queries over {L} KV tokens"
         k = gather_blocks(k_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
         v = gather_blocks(v_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
         qh = qs[q0:q1].reshape(n, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, n, D)
@@ -113,12 +106,7 @@ def paged_decode_attention_ref(
     ``return_block_mass`` also returns the block mass of ``decode_block_mass_ref``, taken
     from the same probabilities (no second pass over the history).
     """
-    S, Hq, D = q.shape
-    Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    G = Hq // Hkv
-    sm_scale = D**-0.5 if sm_scale is None else sm_scale
+    S, Hq, D, Hkv, B, G, sm_scale = attention_dims(q, k_cache, sm_scale)
     if S == 0:
         out = torch.empty_like(q)
         if return_block_mass:
@@ -168,10 +156,7 @@ def decode_block_mass_ref(
     ``mass[s, b]`` covers the tokens in ``block_tables[s, b]``; each row sums to Hq and is 0
     past ``ceil(L_s / B)``. Same scores as paged_decode_attention_ref.
     """
-    S, Hq, D = q.shape
-    Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
-    G = Hq // Hkv
-    sm_scale = D**-0.5 if sm_scale is None else sm_scale
+    S, Hq, D, Hkv, B, G, sm_scale = attention_dims(q, k_cache, sm_scale)
     mass = torch.zeros(S, block_tables.shape[1], dtype=torch.float32, device=q.device)
     qs = fmt.to_storage_basis(q.float())  # (S, Hq, D)
     for s, L in enumerate(seq_lens.tolist()):
@@ -200,18 +185,12 @@ def prefill_block_mass_ref(
     heads: row s sums to ``min(last_n, q_len_s) * Hq``. Same scores as
     paged_prefill_attention_ref. Only the window's scores are computed, so this costs
     ``last_n`` rows of attention per sequence, not the chunk's."""
-    T, Hq, D = q.shape
-    Hkv, B = k_cache.data.shape[1], k_cache.data.shape[2]
-    G = Hq // Hkv
-    sm_scale = D**-0.5 if sm_scale is None else sm_scale
+    T, Hq, D, Hkv, B, G, sm_scale = attention_dims(q, k_cache, sm_scale)
     mass = torch.zeros(len(seq_lens), block_tables.shape[1], dtype=torch.float32,
                        device=q.device)
-    cu = cu_seqlens_q.tolist()
-    for s, L in enumerate(seq_lens.tolist()):
-        n = min(last_n, cu[s + 1] - cu[s])
-        if n <= 0:
-            continue
-        qs = fmt.to_storage_basis(q[cu[s + 1] - n : cu[s + 1]].float())  # (n, Hq, D)
+    for s, L, q0, q1 in query_rows(seq_lens, cu_seqlens_q, last_n):
+        n = q1 - q0
+        qs = fmt.to_storage_basis(q[q0:q1].float())  # (n, Hq, D)
         k = gather_blocks(k_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
         qh = qs.reshape(n, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, n, D)
         scores = torch.einsum("hgnd,hld->hgnl", qh, k) * sm_scale  # (Hkv, G, n, L)
@@ -222,6 +201,20 @@ def prefill_block_mass_ref(
         nb = -(-L // B)
         mass[s, :nb] = torch.nn.functional.pad(p, (0, nb * B - L)).reshape(nb, B).sum(1)
     return mass
+
+
+def query_rows(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               last_n: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """(s, L_s, q0, q1) for each sequence with new tokens: rows [q0, q1) of the step's T
+    queries are its newest (its last ``last_n`` when given), at positions
+    [L_s - (q1 - q0), L_s)."""
+    cu = cu_seqlens_q.tolist()
+    for s, L in enumerate(seq_lens.tolist()):
+        q0, q1 = cu[s], cu[s + 1]
+        if q1 == q0:
+            continue
+        assert 0 < q1 - q0 <= L, f"sequence {s}: {q1 - q0} queries over {L} KV tokens"
+        yield s, L, (q0 if last_n is None else max(q0, q1 - last_n)), q1
 
 
 def write_kv_ref(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v: torch.Tensor,
