@@ -77,6 +77,7 @@ def _resources(cubin: bytes) -> str:
 def record_launches(fmt_name: str, head_dim: int) -> list:
     """Call every launcher once (decode direct and split + mass, prefill, write)."""
     import edgekv.kernels.kv_tiles as kt
+    import edgekv.kernels.launch as lc
     import edgekv.kernels.lse_merge as lm
     import edgekv.kernels.paged_decode as pd
     import edgekv.kernels.paged_prefill as pp
@@ -89,7 +90,7 @@ def record_launches(fmt_name: str, head_dim: int) -> list:
         kernel = kernel.fn if isinstance(kernel, Recorder) else kernel  # called before
         setattr(mod, name, Recorder(kernel, launches))
     cuda = torch.device("cuda")
-    pd.dot_dtype = pp.dot_dtype = lambda f, _dev: kt.dot_dtype(f, cuda)  # GPU dot dtypes
+    lc.dot_dtype = lambda f, _dev: kt.dot_dtype(f, cuda)  # GPU dot dtypes (attention_launch)
 
     fmt, hkv, B, D = get_format(fmt_name), 2, 16, head_dim
     shape = (8, hkv, B)

@@ -23,13 +23,14 @@ product path.
                       kept exact by cache/exact_window.py) and its merge with the blocks'
     tiered.py         attention over age tiers: one pass per tier, merged by log-sum-exp
 
-    kv_tiles.py       format constants for the kernels; shared dequantize-in-registers tiles
+    kv_tiles.py       format constants for the kernels; shared tiles and online-softmax steps
     paged_decode.py   split-KV (flash-decoding) GQA decode kernel + launcher
     lse_merge.py      log-sum-exp merge of the decode kernel's split partials
     paged_prefill.py  causal prefill / append kernel + launcher
     quant_write.py    fused quantize-and-scatter of new K/V + launcher
     fp8_bits.py       fp8 <-> fp32 by bit operations (Triton helpers and torch twins)
-    launch_checks.py  shape / dtype / stride checks shared by the launchers
+    launch_checks.py  shape / dtype / stride checks shared by the launchers (no Triton)
+    launch.py         the arguments the Triton attention launchers pass alike
 
 Importing this package imports neither Triton nor numba; they load on first use.
 """

@@ -2,8 +2,8 @@
 
 ``kernel_format(fmt, head_dim)`` turns a :class:`~edgekv.quant.KVFormat` into the constants
 the kernels are specialised on, or raises :class:`UnsupportedFormat`. The ``@triton.jit``
-helpers below load one tile of stored K or V and dequantize it in registers; the decode and
-the prefill kernels call them, nothing else does.
+helpers below load one tile of stored K or V and dequantize it in registers, and (the last
+four) make the steps both attention kernels take; those two kernels alone call them.
 
 Head-dim halves. Every kernel works on head_dim as two halves of ``HALF = D / 2`` channels,
 because INT4 packs dims ``[0, D/2)`` in the low nibbles and ``[D/2, D)`` in the high nibbles
@@ -329,3 +329,69 @@ def pv_tile(p, v_ptr, vs_ptr, vz_ptr, table_ptr, rows, srows, d, HALF, t_mask, d
         o_lo += z[:, None]
         o_hi += z[:, None]
     return o_lo, o_hi
+
+
+# ---- the attention kernels' shared steps (paged_decode.py, paged_prefill.py) -----------
+@triton.jit
+def load_query(q_ptr, q_off, q_mask, HALF, DOT: tl.constexpr, PRECISE: tl.constexpr):
+    """M query rows as ``qk_tile`` takes them: (q_lo, q_lo2, q_hi, q_hi2, q_sum).
+
+    q_off: (M, HALF_P) offsets of the first half's channels (the second half is HALF on);
+    q_mask: (M, HALF_P), masked rows and padded channels read as 0. The halves are in DOT
+    with their residuals (``split_operand``), q_sum (M,) fp32 is ``query_sum``.
+    """
+    q_lo = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)
+    q_hi = tl.load(q_ptr + q_off + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    q_lo, q_lo2 = split_operand(q_lo, DOT, PRECISE)  # fp32 -> DOT (+ residual)
+    q_hi, q_hi2 = split_operand(q_hi, DOT, PRECISE)
+    return q_lo, q_lo2, q_hi, q_hi2, query_sum(q_lo, q_lo2, q_hi, q_hi2, PRECISE)
+
+
+@triton.jit
+def softmax_init(M: tl.constexpr, HALF_P: tl.constexpr):
+    """The empty online-softmax state of M rows, (m_i, l_i, acc_lo, acc_hi): running max
+    (M,) -inf, running sum (M,) 0 and the two (M, HALF_P) output halves 0, all fp32."""
+    m_i = tl.full((M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((M,), tl.float32)
+    return m_i, l_i, tl.zeros((M, HALF_P), tl.float32), tl.zeros((M, HALF_P), tl.float32)
+
+
+@triton.jit
+def kv_rows(bt_row, t, t_mask, hk, kd_b, kd_h, kd_t, ks_b, ks_h, ks_t, vd_b, vd_h, vd_t,
+            vs_b, vs_h, vs_t, BLOCK_SIZE: tl.constexpr):
+    """(k_rows, k_srows, v_rows, v_srows): (N,) int64 offsets of KV positions t of KV head
+    hk in the K and V data and scale tensors (``store_args`` strides), through the block
+    table row ``bt_row``. Masked positions read block 0 (their loads are masked too)."""
+    blk = tl.load(bt_row + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)  # (N,)
+    off = (t % BLOCK_SIZE).to(tl.int64)
+    return (blk * kd_b + hk * kd_h + off * kd_t, blk * ks_b + hk * ks_h + off * ks_t,
+            blk * vd_b + hk * vd_h + off * vd_t, blk * vs_b + hk * vs_h + off * vs_t)
+
+
+@triton.jit
+def attend_tile(m_i, l_i, acc_lo, acc_hi, seen, sm_scale_log2, q_lo, q_lo2, q_hi, q_hi2,
+                q_sum, k_ptr, ks_ptr, kz_ptr, k_rows, k_srows, v_ptr, vs_ptr, vz_ptr, v_rows,
+                v_srows, table_ptr, d, HALF, t_mask, d_mask, KIND: tl.constexpr,
+                OFFSET: tl.constexpr, GROUP: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_ZERO: tl.constexpr, DOT: tl.constexpr, PRECISE: tl.constexpr,
+                WSCALE: tl.constexpr):
+    """One online-softmax step over a tile of N stored tokens, in log2 units: the state
+    ``softmax_init`` made, updated, (m_i, l_i, acc_lo, acc_hi), then p (M, N) fp32, the
+    tile's weights ``2 ** (score - m_i)`` against the new max m_i.
+
+    seen: bool, (M, N) or (1, N), the caller's mask of the scores that count (masked tokens
+    must be out of it); the others weigh 0. A row must see a token in its first tile (its
+    max would stay -inf). sm_scale_log2 = softmax scale * log2(e).
+    """
+    sc = qk_tile(q_lo, q_lo2, q_hi, q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, table_ptr, k_rows,
+                 k_srows, d, HALF, t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE, HAS_ZERO,
+                 DOT, PRECISE)
+    sc = tl.where(seen, sc * sm_scale_log2, float("-inf"))  # (M, N)
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(sc - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    o_lo, o_hi = pv_tile(p, v_ptr, vs_ptr, vz_ptr, table_ptr, v_rows, v_srows, d, HALF,
+                         t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE, HAS_ZERO, DOT,
+                         PRECISE, WSCALE)
+    return m_new, l_i, acc_lo * alpha[:, None] + o_lo, acc_hi * alpha[:, None] + o_hi, p

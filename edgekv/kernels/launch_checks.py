@@ -1,4 +1,6 @@
-"""Input checks shared by the kernel launchers: shapes, dtypes, devices and strides.
+"""Input checks shared by the kernel launchers: shapes, dtypes, devices and strides; and
+the dimensions of an attention call (``attention_dims``, also read by the CPU paths and the
+oracle: this module imports no Triton).
 
 User-facing mistakes (a wrong shape or dtype) raise ``ValueError`` with the expected form;
 the kernels' own layout needs (unit stride along the last dim, zero strides equal to scale

@@ -32,20 +32,10 @@ import triton.language as tl
 
 from edgekv.quant import KVFormat, QuantizedKV
 
-from .kv_tiles import (
-    dot_dtype,
-    format_table,
-    kernel_format,
-    pad_half,
-    pv_tile,
-    qk_tile,
-    query_sum,
-    split_operand,
-)
-from .launch_checks import check_paged_inputs, store_args
+from .kv_tiles import attend_tile, kv_rows, load_query, softmax_init
+from .launch import attention_launch, from_storage
+from .launch_checks import check_paged_inputs
 from .lse_merge import lse_merge
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -54,11 +44,11 @@ def _paged_decode_kernel(
     k_ptr, ks_ptr, kz_ptr, kd_b, kd_h, kd_t, ks_b, ks_h, ks_t,  # K store (store_args)
     v_ptr, vs_ptr, vz_ptr, vd_b, vd_h, vd_t, vs_b, vs_h, vs_t,  # V store
     table_ptr,  # (format_table) fp32: a codebook's levels
-    bt_ptr, stride_bt, lens_ptr,
+    bt_ptr, stride_bt, lens_ptr, sm_scale_log2,  # (attention_launch's args end here)
     o_ptr, m_ptr, l_ptr,  # partials (NSPLIT > 1) or out / lse2 / unused (DIRECT)
     stride_os, stride_oh,
     mass_ptr, mref_ptr,   # (S, Hq, MAX_BLOCKS) fp32 (RETURN_MASS)
-    num_splits, sm_scale_log2, HQ, G, HALF, MAX_BLOCKS,
+    num_splits, HQ, G, HALF, MAX_BLOCKS,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, G_P: tl.constexpr, HALF_P: tl.constexpr,
     KIND: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, DOT: tl.constexpr, PRECISE: tl.constexpr,
@@ -79,40 +69,22 @@ def _paged_decode_kernel(
     d_mask = d < HALF
     q_mask = g_mask[:, None] & d_mask[None, :]
     q_off = s * stride_qs + heads[:, None] * stride_qh + d[None, :]  # (G_P, HALF_P)
-    q_lo = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32)
-    q_hi = tl.load(q_ptr + q_off + HALF, mask=q_mask, other=0.0).to(tl.float32)
-    q_lo, q_lo2 = split_operand(q_lo, DOT, PRECISE)  # fp32 -> DOT (+ residual)
-    q_hi, q_hi2 = split_operand(q_hi, DOT, PRECISE)
-    q_sum = query_sum(q_lo, q_lo2, q_hi, q_hi2, PRECISE)  # (G_P,)
+    q_lo, q_lo2, q_hi, q_hi2, q_sum = load_query(q_ptr, q_off, q_mask, HALF, DOT, PRECISE)
 
-    m_i = tl.full((G_P,), float("-inf"), tl.float32)
-    l_i = tl.zeros((G_P,), tl.float32)
-    acc_lo = tl.zeros((G_P, HALF_P), tl.float32)
-    acc_hi = tl.zeros((G_P, HALF_P), tl.float32)
+    m_i, l_i, acc_lo, acc_hi = softmax_init(G_P, HALF_P)
     bt_row = bt_ptr + s * stride_bt
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_mask = t < end
-        blk = tl.load(bt_row + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)  # (N,)
-        off = (t % BLOCK_SIZE).to(tl.int64)
-        k_rows = blk * kd_b + hk * kd_h + off * kd_t
-        k_srows = blk * ks_b + hk * ks_h + off * ks_t
-        sc = qk_tile(q_lo, q_lo2, q_hi, q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, table_ptr,
-                     k_rows, k_srows, d, HALF, t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE,
-                     HAS_ZERO, DOT, PRECISE)
-        sc = tl.where(t_mask[None, :], sc * sm_scale_log2, float("-inf"))  # (G_P, N)
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_rows = blk * vd_b + hk * vd_h + off * vd_t
-        v_srows = blk * vs_b + hk * vs_h + off * vs_t
-        o_lo, o_hi = pv_tile(p, v_ptr, vs_ptr, vz_ptr, table_ptr, v_rows, v_srows, d, HALF,
-                             t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE, HAS_ZERO, DOT,
-                             PRECISE, WSCALE)
-        acc_lo = acc_lo * alpha[:, None] + o_lo
-        acc_hi = acc_hi * alpha[:, None] + o_hi
-        m_i = m_new
+        k_rows, k_srows, v_rows, v_srows = kv_rows(bt_row, t, t_mask, hk, kd_b, kd_h, kd_t,
+                                                   ks_b, ks_h, ks_t, vd_b, vd_h, vd_t, vs_b,
+                                                   vs_h, vs_t, BLOCK_SIZE)
+        # decode: the one query is the last position, it sees every stored token
+        m_i, l_i, acc_lo, acc_hi, p = attend_tile(
+            m_i, l_i, acc_lo, acc_hi, t_mask[None, :], sm_scale_log2, q_lo, q_lo2, q_hi,
+            q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, k_rows, k_srows, v_ptr, vs_ptr, vz_ptr,
+            v_rows, v_srows, table_ptr, d, HALF, t_mask, d_mask, KIND, OFFSET, GROUP,
+            HAS_SCALE, HAS_ZERO, DOT, PRECISE, WSCALE)
         if RETURN_MASS:  # unnormalised mass per block, with the max it is relative to
             NBT: tl.constexpr = BLOCK_N // BLOCK_SIZE
             pb = tl.sum(tl.reshape(p, (G_P, NBT, BLOCK_SIZE)), axis=2)  # (G_P, NBT)
@@ -120,7 +92,7 @@ def _paged_decode_kernel(
             bmask = g_mask[:, None] & (bidx * BLOCK_SIZE < end)[None, :]
             moff = (s * HQ + heads)[:, None] * MAX_BLOCKS + bidx[None, :]
             tl.store(mass_ptr + moff, pb, mask=bmask)
-            tl.store(mref_ptr + moff, tl.broadcast_to(m_new[:, None], (G_P, NBT)), mask=bmask)
+            tl.store(mref_ptr + moff, tl.broadcast_to(m_i[:, None], (G_P, NBT)), mask=bmask)
 
     o_off = s * stride_os + heads[:, None] * stride_oh + split * (2 * HALF) + d[None, :]
     ml_off = (s * HQ + heads) * num_splits + split  # (G_P,)
@@ -186,9 +158,9 @@ def paged_decode_attention(
     assert not (return_lse and return_block_mass), "return_lse or return_block_mass"
     S, Hq, D = q.shape
     Hkv, B = check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, fmt)
-    kf = kernel_format(fmt, D)
+    out, args, consts = attention_launch(q, k_cache, v_cache, block_tables, seq_lens, fmt,
+                                         sm_scale, precise)
     G = Hq // Hkv
-    sm_scale = D**-0.5 if sm_scale is None else sm_scale
     dev = q.device
     if block_n is None:  # no register spills on sm_80 / sm_90 (ptxas) at 4 warps
         block_n = 32 if D > 64 else 64
@@ -202,10 +174,6 @@ def paged_decode_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
-    dot = dot_dtype(fmt, dev)
-    qs = fmt.to_storage_basis(q.float()) if fmt.rotate else q  # (S, Hq, D)
-    qs = qs if qs.stride(-1) == 1 else qs.contiguous()
-    out = torch.empty(S, Hq, D, device=dev, dtype=torch.float32 if fmt.rotate else q.dtype)
     lse2 = torch.empty(S, Hq, device=dev, dtype=torch.float32)  # log2-sum-exp per head
     if num_splits == 1:  # the kernel writes out and lse2 itself
         parts = (out, lse2, lse2, out.stride(0), out.stride(1))
@@ -220,20 +188,13 @@ def paged_decode_attention(
         mref = torch.full_like(raw, float("-inf"))
     if S > 0:
         _paged_decode_kernel[(S, Hkv, num_splits)](
-            qs, qs.stride(0), qs.stride(1), *store_args(k_cache), *store_args(v_cache),
-            format_table(fmt, dev),
-            block_tables, block_tables.stride(0), seq_lens, *parts, raw, mref,
-            num_splits, sm_scale * LOG2E, Hq, G, D // 2, max_blocks,
+            *args, *parts, raw, mref, num_splits, Hq, G, D // 2, max_blocks, **consts,
             BLOCK_SIZE=B, BLOCK_N=block_n, G_P=max(16, triton.next_power_of_2(G)),
-            HALF_P=pad_half(D), KIND=kf.kind, OFFSET=kf.offset, GROUP=kf.group,
-            HAS_SCALE=kf.has_scale, HAS_ZERO=kf.has_zero, DOT=dot, WSCALE=kf.wscale,
-            PRECISE=precise and dot != tl.float32,  # fp32 dots need no compensation
             DIRECT=num_splits == 1, RETURN_MASS=return_block_mass, num_warps=num_warps,
         )
         if num_splits > 1:
             lse_merge(parts[0], parts[1], parts[2], out, lse2)
-    if fmt.rotate:
-        out = fmt.from_storage_basis(out).to(q.dtype)
+    out = from_storage(out, q, fmt)
     if return_lse:
         return out, lse2
     if not return_block_mass:

@@ -22,19 +22,9 @@ import triton.language as tl
 
 from edgekv.quant import KVFormat, QuantizedKV
 
-from .kv_tiles import (
-    dot_dtype,
-    format_table,
-    kernel_format,
-    pad_half,
-    pv_tile,
-    qk_tile,
-    query_sum,
-    split_operand,
-)
-from .launch_checks import check_paged_inputs, store_args
-
-LOG2E = 1.4426950408889634
+from .kv_tiles import attend_tile, kv_rows, load_query, softmax_init
+from .launch import attention_launch, from_storage
+from .launch_checks import check_paged_inputs
 
 
 @triton.jit
@@ -43,9 +33,8 @@ def _paged_prefill_kernel(
     k_ptr, ks_ptr, kz_ptr, kd_b, kd_h, kd_t, ks_b, ks_h, ks_t,  # K store (store_args)
     v_ptr, vs_ptr, vz_ptr, vd_b, vd_h, vd_t, vs_b, vs_h, vs_t,  # V store
     table_ptr,  # (format_table) fp32: a codebook's levels
-    bt_ptr, stride_bt, lens_ptr, cu_ptr,
-    o_ptr, stride_ot, stride_oh,
-    sm_scale_log2, G, HALF,
+    bt_ptr, stride_bt, lens_ptr, sm_scale_log2,  # (attention_launch's args end here)
+    cu_ptr, o_ptr, stride_ot, stride_oh, G, HALF,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     G_P: tl.constexpr, HALF_P: tl.constexpr,
     KIND: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr,
@@ -72,42 +61,25 @@ def _paged_prefill_kernel(
     mask2 = row_mask[:, None] & d_mask[None, :]
     q_off = (q_start + tok)[:, None] * stride_qt + (hk * G + g)[:, None] * stride_qh \
         + d[None, :]  # (M, HALF_P)
-    q_lo = tl.load(q_ptr + q_off, mask=mask2, other=0.0).to(tl.float32)
-    q_hi = tl.load(q_ptr + q_off + HALF, mask=mask2, other=0.0).to(tl.float32)
-    q_lo, q_lo2 = split_operand(q_lo, DOT, PRECISE)  # fp32 -> DOT (+ residual)
-    q_hi, q_hi2 = split_operand(q_hi, DOT, PRECISE)
-    q_sum = query_sum(q_lo, q_lo2, q_hi, q_hi2, PRECISE)  # (M,)
+    q_lo, q_lo2, q_hi, q_hi2, q_sum = load_query(q_ptr, q_off, mask2, HALF, DOT, PRECISE)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc_lo = tl.zeros((BLOCK_M, HALF_P), tl.float32)
-    acc_hi = tl.zeros((BLOCK_M, HALF_P), tl.float32)
+    m_i, l_i, acc_lo, acc_hi = softmax_init(BLOCK_M, HALF_P)
     kv_end = L - n + tl.minimum(n, tile * BLOCK_T + BLOCK_T)  # past the tile's last query
     bt_row = bt_ptr + s * stride_bt
     for t0 in range(0, kv_end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_mask = t < kv_end
-        blk = tl.load(bt_row + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)  # (N,)
-        off = (t % BLOCK_SIZE).to(tl.int64)
-        k_rows = blk * kd_b + hk * kd_h + off * kd_t
-        k_srows = blk * ks_b + hk * ks_h + off * ks_t
-        sc = qk_tile(q_lo, q_lo2, q_hi, q_hi2, q_sum, k_ptr, ks_ptr, kz_ptr, table_ptr,
-                     k_rows, k_srows, d, HALF, t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE,
-                     HAS_ZERO, DOT, PRECISE)
-        seen = t_mask[None, :] & (t[None, :] <= qpos[:, None])  # (M, N) causal
-        sc = tl.where(seen, sc * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))  # finite: tile 0 holds position 0
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_rows = blk * vd_b + hk * vd_h + off * vd_t
-        v_srows = blk * vs_b + hk * vs_h + off * vs_t
-        o_lo, o_hi = pv_tile(p, v_ptr, vs_ptr, vz_ptr, table_ptr, v_rows, v_srows, d, HALF,
-                             t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE, HAS_ZERO, DOT,
-                             PRECISE, WSCALE)
-        acc_lo = acc_lo * alpha[:, None] + o_lo
-        acc_hi = acc_hi * alpha[:, None] + o_hi
-        m_i = m_new
+        k_rows, k_srows, v_rows, v_srows = kv_rows(bt_row, t, t_mask, hk, kd_b, kd_h, kd_t,
+                                                   ks_b, ks_h, ks_t, vd_b, vd_h, vd_t, vs_b,
+                                                   vs_h, vs_t, BLOCK_SIZE)
+        # causal: query row r sees positions <= qpos[r]; every row sees position 0, so
+        # tile 0 gives each a finite max
+        seen = t_mask[None, :] & (t[None, :] <= qpos[:, None])  # (M, N)
+        m_i, l_i, acc_lo, acc_hi, _ = attend_tile(
+            m_i, l_i, acc_lo, acc_hi, seen, sm_scale_log2, q_lo, q_lo2, q_hi, q_hi2, q_sum,
+            k_ptr, ks_ptr, kz_ptr, k_rows, k_srows, v_ptr, vs_ptr, vz_ptr, v_rows, v_srows,
+            table_ptr, d, HALF, t_mask, d_mask, KIND, OFFSET, GROUP, HAS_SCALE, HAS_ZERO,
+            DOT, PRECISE, WSCALE)
 
     inv = 1.0 / l_i
     o_off = (q_start + tok)[:, None] * stride_ot + (hk * G + g)[:, None] * stride_oh + d[None, :]
@@ -145,34 +117,23 @@ def paged_prefill_attention(
     if tuple(cu_seqlens_q.shape) != (S + 1,) or cu_seqlens_q.device != q.device:
         raise ValueError(f"cu_seqlens_q must be ({S + 1},) on {q.device}, got "
                          f"{tuple(cu_seqlens_q.shape)} on {cu_seqlens_q.device}")
-    kf = kernel_format(fmt, D)
+    out, args, consts = attention_launch(q, k_cache, v_cache, block_tables, seq_lens, fmt,
+                                         sm_scale, precise)
     G = Hq // Hkv
     G_P = triton.next_power_of_2(G)
     block_m = max(block_m, G_P, 16)
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v & (v - 1) or v < 16:
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    sm_scale = D**-0.5 if sm_scale is None else sm_scale
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if S else 0
-    qs = fmt.to_storage_basis(q.float()) if fmt.rotate else q  # (T, Hq, D)
-    qs = qs if qs.stride(-1) == 1 else qs.contiguous()
-    out = torch.empty(T, Hq, D, device=q.device,
-                      dtype=torch.float32 if fmt.rotate else q.dtype)
-    dot = dot_dtype(fmt, q.device)
     grid = (triton.cdiv(max_q_len, block_m // G_P), S, Hkv)
     if T > 0 and max_q_len > 0:
         _paged_prefill_kernel[grid](
-            qs, qs.stride(0), qs.stride(1), *store_args(k_cache), *store_args(v_cache),
-            format_table(fmt, q.device),
-            block_tables, block_tables.stride(0), seq_lens, cu_seqlens_q,
-            out, out.stride(0), out.stride(1), sm_scale * LOG2E, G, D // 2,
-            BLOCK_SIZE=B, BLOCK_M=block_m, BLOCK_N=block_n, G_P=G_P, HALF_P=pad_half(D),
-            KIND=kf.kind, OFFSET=kf.offset, GROUP=kf.group, HAS_SCALE=kf.has_scale,
-            HAS_ZERO=kf.has_zero, DOT=dot, PRECISE=precise and dot != tl.float32,
-            WSCALE=kf.wscale, num_warps=num_warps or (8 if D > 64 else 4),
-            num_stages=1 if dot == tl.float32 else 2,  # fp32 tiles: fit 99 KB of shared memory
+            *args, cu_seqlens_q, out, out.stride(0), out.stride(1), G, D // 2, **consts,
+            BLOCK_SIZE=B, BLOCK_M=block_m, BLOCK_N=block_n, G_P=G_P,
+            num_warps=num_warps or (8 if D > 64 else 4),
+            num_stages=1 if consts["DOT"] == tl.float32 else 2,  # fp32 tiles: fit 99 KB of smem
         )
-    if fmt.rotate:
-        out = fmt.from_storage_basis(out).to(q.dtype)
+    out = from_storage(out, q, fmt)
     return out
