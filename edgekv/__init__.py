@@ -2,7 +2,7 @@
 
 Map of the package:
     llm.py            LLM: the Python API;  chat.py: chat sessions kept in the cache
-    config.py         CacheConfig (frozen) and memory-size parsing
+    config.py         CacheConfig (frozen);  units.py  byte sizes parsed and printed
     names.py          format, policy and model names (no torch: the CLI parses with them)
     device.py         the device a model runs on;  text_input.py  text read from users
     engine/           requests in, tokens out: engine, scheduler, model runner, sampling
@@ -33,5 +33,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "cache.block_manager": ["BlockManager", "BlockTable", "NoFreeBlocks"],
     "cache.block_pool": ["BlockPool"],
     "cache.kv_cache": ["PagedKVCache"],
-    "config": ["CacheConfig", "parse_memory"],
+    "config": ["CacheConfig"],
+    "units": ["parse_memory"],
 })

@@ -1,43 +1,15 @@
-"""Frozen configuration of the paged KV cache, and parsing of memory sizes."""
+"""Frozen configuration of the paged KV cache (memory sizes are parsed in edgekv.units)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgekv.quant import KVFormat, get_format
 from edgekv.tiers.spec import TierLayout, TierSpec, tier_blocks
+from edgekv.units import parse_memory as parse_memory  # re-exported: edgekv.config's API
 
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-    "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
-def parse_memory(value: int | float | str) -> int:
-    """Bytes from an int or a string such as "512MiB", "2GiB", "1.5 GB", "4096"."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a memory size: {value!r}")
-    if isinstance(value, (int, float)):
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-        unit = m.group(2).lower() if m else None
-        if not m or unit not in _UNITS:
-            raise ValueError(
-                f"not a memory size: {value!r} (use a number of bytes, or a number and a "
-                f"unit: KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024), "
-                f"e.g. '512MiB', '8GiB')"
-            )
-        n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise ValueError(f"memory size must be positive, got {value!r}")
-    return n
 
 
 def format_names(kv_format: str | Sequence[str]) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from edgekv.auto import parse_auto
 from edgekv.cache.exact_window import check_exact_window
 from edgekv.cache.memory import auto_kv_plan
-from edgekv.config import CacheConfig, format_names, join_formats, parse_memory
+from edgekv.config import CacheConfig, format_names, join_formats
 from edgekv.device import resolve_device
 from edgekv.engine.engine import Engine
 from edgekv.engine.outputs import RequestOutput, request_done, request_output
@@ -26,6 +26,7 @@ from edgekv.kernels import get_backend
 from edgekv.models import load_model
 from edgekv.models.loader import resolve_dtype
 from edgekv.tiers import parse_tiers
+from edgekv.units import gib, parse_memory
 
 log = logging.getLogger("edgekv")
 
@@ -150,8 +151,8 @@ class LLM:
             if exact_window:  # the rings come out of the same free memory
                 ring = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2 * exact_window
                 reserve = min(budget // 2, max_num_seqs * ring)
-                log.info("exact_window=%d: %.2f GiB of the KV budget kept for the rings",
-                         exact_window, reserve / 2**30)
+                log.info("exact_window=%d: %s of the KV budget kept for the rings",
+                         exact_window, gib(reserve))
                 budget -= reserve
         elif self.kv_decision is not None:  # the pools chosen for target_context
             budget = self.kv_decision.choice.kv_memory

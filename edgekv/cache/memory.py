@@ -23,6 +23,7 @@ import torch
 from edgekv.config import kv_bytes_per_token
 from edgekv.models import ModelConfig
 from edgekv.plan.headroom import PREFILL_CHUNK, Headroom, headroom
+from edgekv.units import gib
 
 CPU_FRACTION = 0.25
 
@@ -57,16 +58,14 @@ class KVPlan:
         return self.num_blocks * self.block_size
 
     def summary(self) -> str:
-        gib = 2**30
         if self.headroom is not None:
-            why = (f"{self.available_bytes / gib:.2f} GiB free on {self.device} minus "
-                   f"{self.headroom.total / gib:.2f} GiB headroom")
+            why = (f"{gib(self.available_bytes)} free on {self.device} minus "
+                   f"{gib(self.headroom.total)} headroom")
         else:
-            why = (f"{CPU_FRACTION:.0%} of {self.available_bytes / gib:.2f} GiB available "
-                   f"RAM")
+            why = f"{CPU_FRACTION:.0%} of {gib(self.available_bytes)} available RAM"
         capped = " (capped at what max_num_seqs x max_position can use)" \
             if self.kv_bytes + self.bytes_per_token * self.block_size > self.cap_bytes else ""
-        return (f"KV pool {self.kv_bytes / gib:.2f} GiB = {self.tokens:,} tokens of "
+        return (f"KV pool {gib(self.kv_bytes)} = {self.tokens:,} tokens of "
                 f"{self.kv_format} ({self.num_blocks:,} blocks of {self.block_size}): "
                 f"{why}{capped}")
 

@@ -15,7 +15,9 @@ import time
 from edgekv.config import describe_kv
 from edgekv.engine.sampling import SamplingParams
 from edgekv.session.io import SessionExists, load_session, save_session
+from edgekv.tables import text_table
 from edgekv.text_input import decode_utf8, reencode, replaced_notice
+from edgekv.units import human_bytes
 
 INTERRUPTED = object()  # what stdin_lines yields for a Ctrl-C at the prompt
 
@@ -27,14 +29,6 @@ HELP = """commands:
   /save! PATH    the same, replacing PATH if it exists
   /load PATH     restore a saved conversation (same model, format and block size)
   /exit          quit (so do Ctrl-D and Ctrl-C twice; Ctrl-C stops a reply)"""
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def status_line(stats: dict, tok_per_s: float, prompt_tokens: int, gen_tokens: int) -> str:
@@ -97,10 +91,9 @@ class ChatREPL:
             stats = self.llm.kv_stats()
             stats["cached_tokens"] = self.chat.num_cached_tokens
             tiers = stats.pop("tiers", None) or []
-            width = max(len(k) for k in stats)
-            for k, v in stats.items():
-                self.say(f"  {k:<{width}}  {v:.3f}" if isinstance(v, float) else
-                         f"  {k:<{width}}  {v}")
+            for line in text_table([(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+                                    for k, v in stats.items()], indent="  "):
+                self.say(line)
             for t, tier in enumerate(tiers):  # bytes and tokens per age tier
                 n = tier["tokens_max"]
                 size = "older tokens" if n is None else \

@@ -284,19 +284,22 @@ def generate(prompt: str | None, **opts) -> None:
 def formats(layers: int, kv_heads: int, head_dim: int, variants: bool) -> None:
     """KV formats and their exact cost per token (K+V, all layers, scales included)."""
     from edgekv.quant import get_format
+    from edgekv.tables import text_table
 
     if min(layers, kv_heads, head_dim) <= 0:
         raise click.UsageError("--layers, --kv-heads and --head-dim must be positive")
     fp16 = get_format("fp16").bytes_per_token(kv_heads, head_dim) * layers
-    click.echo(f"{'format':<12}{'bytes/token':>12}{'vs fp16':>9}")
+    rows, unusable = [], []
     for name in FORMATS + (VARIANTS if variants else ()):
-        fmt = get_format(name)
         try:
-            b = fmt.bytes_per_token(kv_heads, head_dim) * layers
+            b = get_format(name).bytes_per_token(kv_heads, head_dim) * layers
         except ValueError as e:
-            click.echo(f"{name:<12}  n/a: {e}")
+            rows.append((name, "n/a", "-"))
+            unusable.append(f"{name}  n/a: {e}")
             continue
-        click.echo(f"{name:<12}{b:>12,}{b / fp16:>8.3f}x")
+        rows.append((name, f"{b:,}", f"{b / fp16:.3f}x"))
+    for line in text_table(rows, ("format", "bytes/token", "vs fp16"), align="lrr") + unusable:
+        click.echo(line)
 
 
 from edgekv.cli.plan import plan  # noqa: E402  (commands in their own modules join the group here)

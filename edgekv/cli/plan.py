@@ -10,11 +10,11 @@ import click
 
 from edgekv.cli.errors import user_errors
 from edgekv.names import KNOWN_MODELS  # no torch: parsing stays fast; edgekv.plan is heavy
+from edgekv.tables import text_table
+from edgekv.units import MiB, gib, mib, size_arg
 
 if TYPE_CHECKING:
     from edgekv.plan import MemoryPlan
-
-GiB, MiB = 2**30, 2**20
 
 
 @click.command("plan")
@@ -93,7 +93,7 @@ def render(p: MemoryPlan, model_arg: str) -> str:
 
     c, lines = p.spec.config, []
     req = f"{p.batch} x {p.context:,}"
-    lines.append(f"{p.spec.name} ({p.spec.source}) on {_gib(p.gpu_memory)}: {req} tokens, "
+    lines.append(f"{p.spec.name} ({p.spec.source}) on {gib(p.gpu_memory)}: {req} tokens, "
                  f"blocks of {p.block_size}")
     lines.append(f"  {num_params(c) / 1e9:.2f} B parameters: {c.num_layers} layers, "
                  f"{c.num_heads} query / {c.num_kv_heads} KV heads x {c.head_dim}, hidden "
@@ -101,31 +101,26 @@ def render(p: MemoryPlan, model_arg: str) -> str:
     lines.append(f"  vocab {c.vocab_size:,}{' (tied embeddings)' if c.tie_word_embeddings else ''}"
                  f", max context {c.max_position:,}")
     lines += ["", "Weights (int8/nf4 by bitsandbytes; embeddings, lm_head, norms stay 16-bit):"]
-    for m, w in p.weights.items():
-        detail = "" if not w.quantized_params else (
-            f"   {w.quantized_params / 1e9:.2f} B quantized ({_gib(w.quantized_bytes)}), "
-            f"{w.kept_params / 1e9:.2f} B kept 16-bit ({_gib(w.kept_bytes)})")
-        lines.append(f"  {m:<5} {_gib(w.total_bytes):>10}{detail}")
+    lines += text_table([(m, gib(w.total_bytes), "" if not w.quantized_params else
+                          f"{w.quantized_params / 1e9:.2f} B quantized ({gib(w.quantized_bytes)}), "
+                          f"{w.kept_params / 1e9:.2f} B kept 16-bit ({gib(w.kept_bytes)})")
+                         for m, w in p.weights.items()], align="lr", indent="  ")
     h = p.headroom.get("nf4") or next(iter(p.headroom.values()))
-    lines += ["", f"Headroom: CUDA context {_mib(h.cuda_context)}, activations "
-                  f"{_mib(h.activations)} (prefill chunk {p.chunk_tokens:,}), logits "
-                  f"{_mib(h.logits)},",
-              f"  int8/nf4 dequant buffer {_mib(h.dequant)}, allocator fragmentation "
-              f"{_mib(h.fragmentation)} ({FRAGMENTATION_SHARE:.0%})"]
+    lines += ["", f"Headroom: CUDA context {mib(h.cuda_context)}, activations "
+                  f"{mib(h.activations)} (prefill chunk {p.chunk_tokens:,}), logits "
+                  f"{mib(h.logits)},",
+              f"  int8/nf4 dequant buffer {mib(h.dequant)}, allocator fragmentation "
+              f"{mib(h.fragmentation)} ({FRAGMENTATION_SHARE:.0%})"]
     lines += ["", f"KV bytes/token ({c.num_layers} layers, K+V, scales included):",
               "  " + ", ".join(f"{f} {b:,}" for f, b in p.kv_bytes_per_token.items())]
-    head = (f"{'weights':<8} {'kv':<9} {'KV budget':>10} {'KV tokens':>10} {'max context':>12} "
-            f"{'max batch':>10}  {req}")
-    lines += ["", head, "-" * len(head)]
-    previous = None
+    rows: list[tuple | None] = []
     for r in p.rows:
-        if previous is not None and r.weights != previous:
-            lines.append("")
-        previous = r.weights
-        budget = _gib(r.kv_budget_bytes) if r.fits_weights else "-"
-        lines.append(f"{r.weights:<8} {r.kv_format:<9} {budget:>10} {r.kv_tokens:>10,} "
-                     f"{r.max_context:>12,} {r.max_batch:>10,}  {r.status}")
-    lines.append("")
+        if rows and r.weights != rows[-1][0]:
+            rows.append(None)  # a blank line between the weight modes
+        rows.append((r.weights, r.kv_format, gib(r.kv_budget_bytes) if r.fits_weights else "-",
+                     f"{r.kv_tokens:,}", f"{r.max_context:,}", f"{r.max_batch:,}", r.status))
+    head = ("weights", "kv", "KV budget", "KV tokens", "max context", "max batch", req)
+    lines += ["", *text_table(rows, head, align="llrrrrl"), ""]
     lines += _kv_choice(p, model_arg)
     lines += [textwrap.fill(f"Note: {n}.", 100, subsequent_indent="  ") for n in p.spec.notes]
     return "\n".join(lines)
@@ -138,28 +133,27 @@ def _kv_choice(p: MemoryPlan, model_arg: str) -> list[str]:
 
     rec = p.kv_choice
     if rec is None:
-        return [f"Nothing fits: even nf4 weights leave no room for KV in {_gib(p.gpu_memory)}."]
+        return [f"Nothing fits: even nf4 weights leave no room for KV in {gib(p.gpu_memory)}."]
     d = rec.decision
     budget = p.gpu_memory - p.weights[rec.weights].total_bytes - \
         p.headroom[rec.weights].total
-    lines = [f"KV storage for {rec.weights} weights ({_gib(budget)} for KV), predicted "
+    lines = [f"KV storage for {rec.weights} weights ({gib(budget)} for KV), predicted "
              f"quality at the end of {p.context:,} tokens;",
              textwrap.fill(f"quality from {d.source}.", 100, initial_indent="  ",
                            subsequent_indent="  ")]
-    head = f"  {'storage':<38} {'B/token':>8} {'tokens/seq':>11}  {'KL':>8} {'Δppl':>8}"
-    lines += [head, "  " + "-" * (len(head) - 2)]
-    for c in sorted(d.candidates, key=lambda c: (not c.fits, c.predicted_kl is None,
-                                                 c.predicted_kl or 0.0)):
-        kl = "-" if c.predicted_kl is None else f"{c.predicted_kl:.2e}"
-        dp = "-" if c.delta_ppl is None else f"{100 * c.delta_ppl:+.3f}%"
-        mark = "  <- chosen" if c == d.choice else ("" if c.fits else "  (does not fit)")
-        lines.append(f"  {c.label:<38} {round(c.bytes_per_token):>8,} "
-                     f"{c.tokens_per_seq:>11,}  {kl:>8} {dp:>8}{mark}")
+    rows = [(c.label, f"{round(c.bytes_per_token):,}", f"{c.tokens_per_seq:,}",
+             "-" if c.predicted_kl is None else f"{c.predicted_kl:.2e}",
+             "-" if c.delta_ppl is None else f"{100 * c.delta_ppl:+.3f}%",
+             "<- chosen" if c == d.choice else ("" if c.fits else "(does not fit)"))
+            for c in sorted(d.candidates, key=lambda c: (not c.fits, c.predicted_kl is None,
+                                                         c.predicted_kl or 0.0))]
+    lines += text_table(rows, ("storage", "B/token", "tokens/seq", "KL", "Δppl", ""),
+                        align="lrrrrl", indent="  ")
     c = d.choice
     lines.append("")
     if c is None:
         lines.append(f"Nothing holds {p.batch} sequence(s) of two blocks each in "
-                     f"{_gib(budget)}: give a larger card, a smaller --batch, or quantized "
+                     f"{gib(budget)}: give a larger card, a smaller --batch, or quantized "
                      f"weights.")
         return lines
     kl = "" if c.predicted_kl is None or d.needs == "eviction" else \
@@ -171,7 +165,7 @@ def _kv_choice(p: MemoryPlan, model_arg: str) -> list[str]:
         else model_arg
     weights = LLM_WEIGHTS[rec.weights]
     flag = f" --weights {weights}" if weights else ""
-    extra = {"offload": f" --offload-memory {-(-d.offload_bytes // MiB)}MiB",
+    extra = {"offload": f" --offload-memory {size_arg(-(-d.offload_bytes // MiB) * MiB)}",
              "eviction": f" --eviction streaming --max-kv-tokens {c.tokens_per_seq}"
              }.get(d.needs, "")
     if p.block_size != 16:
@@ -188,11 +182,3 @@ def _kv_choice(p: MemoryPlan, model_arg: str) -> list[str]:
                                "it ranks the choices; with the checkpoint, --probe measures "
                                "this model's own.", 100)
     return lines
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-def _mib(n: int) -> str:
-    return f"{n / MiB:.0f} MiB" if n >= MiB or n == 0 else f"{n / MiB:.1f} MiB"

@@ -10,13 +10,17 @@ import csv
 import json
 from pathlib import Path
 
+from edgekv.tables import markdown_table
+
 COLUMNS = ("format", "backend", "eviction", "kv_budget", "exact_window", "kv_budget_frac",
            "ppl", "ppl_mode",
            "ppl_tokens", "delta_ppl_pct", "ppl_decode", "delta_ppl_decode_pct", "kl", "top1",
            "greedy_match", "greedy_full", "attn_rel_err", "attn_rel_err_layers",
            "passkey_acc", "passkey", "bytes_per_token", "kv_vs_fp16", "notes", "run_notes")
 
-# (header, width, how to show a row) for the console and Markdown tables
+# (header, width, how to show a row) for the console and Markdown tables. The console
+# prints each row as it is measured (minutes apart), so its widths are fixed here rather
+# than taken from all the rows at the end as tabulate does for the Markdown file.
 _TABLE = (
     ("format", 17, lambda r: r["format"] + (f" +w{r['exact_window']}"
                                             if r.get("exact_window") else "")),
@@ -97,12 +101,12 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table as GitHub Markdown, with the legend as a list under it."""
-    head = "| " + " | ".join(h for h, _, _ in _TABLE) + " |"
-    rule = "|" + "|".join("---" if i < 3 else "---:" for i in range(len(_TABLE))) + "|"
-    body = ["| " + " | ".join(show(r) for _, _, show in _TABLE) + " |" for r in rows]
+    """The table as GitHub Markdown (the names left-aligned, the numbers right), with the
+    legend as a list under it."""
+    table = markdown_table([[show(r) for _, _, show in _TABLE] for r in rows],
+                           [h for h, _, _ in _TABLE], align="lll" + "r" * (len(_TABLE) - 3))
     notes = [f"- {line}" for line in legend(rows)]
-    return "\n".join([head, rule, *body, "", *notes]) + "\n"
+    return "\n".join([table, "", *notes]) + "\n"
 
 
 def write_markdown(rows: list[dict], path: str | Path) -> None:

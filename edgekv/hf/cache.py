@@ -27,10 +27,11 @@ from transformers import Cache, PretrainedConfig
 from transformers.cache_utils import CacheLayerMixin
 
 from edgekv.cache.memory import KVPlan, auto_kv_plan
-from edgekv.config import CacheConfig, parse_memory
+from edgekv.config import CacheConfig
 from edgekv.models import ModelConfig
 from edgekv.plan import config_from_hf_dict
 from edgekv.quant import get_format
+from edgekv.units import parse_memory
 
 from .pool import KVPool
 

@@ -33,6 +33,7 @@ from edgekv.auto.quality import QualityModel, delta_ppl, tier_bands, uniform_ban
 from edgekv.config import join_formats, kv_bytes_per_token
 from edgekv.quant import get_format, stores
 from edgekv.tiers.spec import TierSpec, tier_blocks
+from edgekv.units import mib, size_arg
 
 EXACT_WINDOWS = (0, 128)
 MIDDLE = "int8"
@@ -62,7 +63,7 @@ class KVChoice:
     def flags(self) -> str:
         """The command-line options that select it."""
         opt = "--kv-tiers" if self.kind == "tiers" else "--kv"
-        return f"{opt} {self.kv_format} --kv-memory {_size(self.kv_memory)}"
+        return f"{opt} {self.kv_format} --kv-memory {size_arg(self.kv_memory)}"
 
     @property
     def label(self) -> str:
@@ -72,7 +73,7 @@ class KVChoice:
         """One line: what was chosen for the context, its bytes and predicted quality."""
         kl = "" if self.predicted_kl is None else \
             f", predicted KL {self.predicted_kl:.2e} (Δppl {100 * self.delta_ppl:+.3f}%)"
-        return (f"kv_format=auto for {context:,} tokens in {self.kv_memory / 2**20:.1f} MiB: "
+        return (f"kv_format=auto for {context:,} tokens in {mib(self.kv_memory, 1)}: "
                 f"{self.label}, {self.bytes_per_token:,.0f} B/token{kl}; {source}")
 
 
@@ -95,14 +96,6 @@ class Decision:
         return {"choice": None if self.choice is None else row(self.choice),
                 "needs": self.needs or None, "offload_bytes": self.offload_bytes,
                 "quality_source": self.source, "candidates": [row(c) for c in self.candidates]}
-
-
-def _size(n: int) -> str:
-    """Bytes as the command line takes them: whole MiB or KiB where they are."""
-    for unit, b in (("MiB", 2**20), ("KiB", 2**10)):
-        if n % b == 0:
-            return f"{n // b}{unit}"
-    return str(n)
 
 
 

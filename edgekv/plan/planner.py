@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from edgekv.config import CacheConfig, parse_memory
+from edgekv.config import CacheConfig
+from edgekv.units import MiB, parse_memory
 
 from .controller import Controller, Decision
 from .headroom import PREFILL_CHUNK, Headroom, headroom
@@ -189,7 +190,7 @@ def plan_memory(spec: ModelSpec, gpu_memory: int | str, context: int | None = No
         quality = prior(cfg.num_layers)
     decisions = {}
     for m in weight_modes:
-        budget = (memory - weights[m].total_bytes - rooms[m].total) // 2**20 * 2**20
+        budget = (memory - weights[m].total_bytes - rooms[m].total) // MiB * MiB
         if budget > 0:  # whole MiB: the --kv-memory the plan prints holds what it sized
             decisions[m] = Controller(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
                                       context, batch, quality, block_size, chunk_tokens,
