@@ -26,7 +26,7 @@ from edgekv.quant import KVFormat, QuantizedKV
 
 from .cpu_plan import prefix_groups
 from .launch_checks import attention_dims
-from .reference import query_rows
+from .reference import observed_queries, query_rows
 from .window_attention import ExactWindowKV
 
 # Scores held per tile: Hq x n x tile fp32. 4 Mi elements (16 MiB; a tile step holds a few
@@ -241,9 +241,8 @@ def prefill_block_mass_cpu(
     T, Hq, D, Hkv, B, G, sm = attention_dims(q, k_cache, sm_scale)
     mass = torch.zeros(len(seq_lens), block_tables.shape[1], dtype=torch.float32,
                        device=q.device)
-    for s, L, q0, q1 in query_rows(seq_lens, cu_seqlens_q, last_n):
-        n = q1 - q0
-        qs = fmt.to_storage_basis(q[q0:q1].float())  # (n, Hq, D)
+    for s, L, qs in observed_queries(q, seq_lens, cu_seqlens_q, last_n, fmt):
+        n = qs.shape[0]  # qs: (n, Hq, D)
         qh = qs.view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * n, D)
         qpos = torch.arange(L - n, L, device=q.device)
         tile = _tile_len(Hq, n, B)

@@ -188,9 +188,8 @@ def prefill_block_mass_ref(
     T, Hq, D, Hkv, B, G, sm_scale = attention_dims(q, k_cache, sm_scale)
     mass = torch.zeros(len(seq_lens), block_tables.shape[1], dtype=torch.float32,
                        device=q.device)
-    for s, L, q0, q1 in query_rows(seq_lens, cu_seqlens_q, last_n):
-        n = q1 - q0
-        qs = fmt.to_storage_basis(q[q0:q1].float())  # (n, Hq, D)
+    for s, L, qs in observed_queries(q, seq_lens, cu_seqlens_q, last_n, fmt):
+        n = qs.shape[0]  # qs: (n, Hq, D)
         k = gather_blocks(k_cache, block_tables[s], L, fmt)  # (Hkv, L, D)
         qh = qs.reshape(n, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, n, D)
         scores = torch.einsum("hgnd,hld->hgnl", qh, k) * sm_scale  # (Hkv, G, n, L)
@@ -215,6 +214,14 @@ def query_rows(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
             continue
         assert 0 < q1 - q0 <= L, f"sequence {s}: {q1 - q0} queries over {L} KV tokens"
         yield s, L, (q0 if last_n is None else max(q0, q1 - last_n)), q1
+
+
+def observed_queries(q: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     last_n: int, fmt: KVFormat) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The block mass's observation windows: (s, L_s, the sequence's last
+    min(last_n, q_len_s) queries (n, Hq, D) fp32 in the storage basis)."""
+    for s, L, q0, q1 in query_rows(seq_lens, cu_seqlens_q, last_n):
+        yield s, L, fmt.to_storage_basis(q[q0:q1].float())
 
 
 def write_kv_ref(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v: torch.Tensor,
