@@ -3,6 +3,11 @@
 Byte-level tokenizers can end a token in the middle of a multi-byte UTF-8 character, which
 decodes to U+FFFD. We decode a short window of recent tokens and only emit text once it no
 longer ends in U+FFFD, so each delta is whole characters.
+
+Why not ``tokenizers.decoders.DecodeStream``: it serves only fast (Rust) tokenizers, and it
+holds an incomplete character back for good where ``flush`` must hand it out at the end;
+this class works on any tokenizer's ``decode``, and its state is two offsets, which the
+engine copies to undo a failed step and a forked sample inherits.
 """
 
 from __future__ import annotations
