@@ -146,7 +146,7 @@ def demo_llm():
 
 def chat_transcript(llm, lines) -> list[str]:
     from edgekv import SamplingParams
-    from edgekv.cli.chat import ChatREPL
+    from edgekv.cli.repl import ChatREPL
 
     out = io.StringIO()
     ChatREPL(llm, SamplingParams(max_tokens=8, temperature=0.0), None, out=out).run(lines,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgekv import LLM, SamplingParams
-from edgekv.cli.chat import ChatREPL
+from edgekv.cli.repl import ChatREPL
 from edgekv.models import loader
 
 from tiny_models import build_tiny_model

@@ -1,9 +1,11 @@
 """The ``edgekv`` command.
 
-    main.py    the group and chat, generate, serve, formats (eval: edgekv.eval.cli)
-    chat.py    the chat loop: commands, status line, Ctrl-C
-    plan.py    ``edgekv plan``
-    errors.py  a user's mistake as one line and exit code 2
+    main.py      the click group; each command in its own module joins it there
+    options.py   the options of the commands that load a model, and loading it
+    chat.py      edgekv chat;  repl.py  its loop: commands, status line, Ctrl-C
+    generate.py  edgekv generate;  serve.py  edgekv serve;  formats.py  edgekv formats
+    plan.py      edgekv plan  (edgekv eval: edgekv/eval/cli.py)
+    errors.py    a user's mistake as one line and exit code 2
 """
 
 from edgekv.cli.main import main

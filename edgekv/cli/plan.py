@@ -72,7 +72,7 @@ def _probe(model: str, calibration: str | None):
     if not (Path(model).expanduser() / "config.json").is_file():
         raise ValueError(f"--probe loads the model's weights: give its checkpoint directory, "
                          f"not {model!r}")
-    from edgekv.cli.main import out_of_memory
+    from edgekv.cli.options import out_of_memory
 
     try:
         llm = LLM(model, kv_format="auto", kv_memory="64MiB", kv_calibration=calibration)

@@ -16,7 +16,7 @@ which lets go of the interpreter lock and must take it back) and the HTTP side's
 
 ``EngineProcess`` has ``EngineLoop``'s handler side (submit, cancel, stats, alive, start,
 stop, tokenizer, max_position), so app.py serves either. The child builds the model from
-the command's options (``edgekv.cli.main.build``); a user's mistake there (a bad path, a bad
+the command's options (``edgekv.cli.options.build``); a user's mistake there (a bad path, a bad
 value) comes back as ``InputError``, one line. The child ignores Ctrl-C (the server shuts
 it down in order) and exits when the server's end of its pipe closes, however the server
 went. If it dies, every live request fails with 503 and ``/health`` says so.
@@ -280,7 +280,7 @@ def _child(opts: dict, llm_options: dict, threads: int, attention_threads: int, 
         import click
         import torch
 
-        from edgekv.cli.main import build
+        from edgekv.cli.options import build
         from edgekv.kernels import cpu_jit
 
         llm, _ = build(opts, **llm_options)
