@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 # Imported on first use, so that ``import edgekv`` and ``edgekv --help`` do not pay for
 # torch and transformers (``dir(edgekv)`` lists them all the same).
-__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+__getattr__, _, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "llm": ["LLM"],
     "engine.outputs": ["RequestOutput"],
     "engine.sampling": ["SamplingParams"],
@@ -36,3 +36,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "config": ["CacheConfig"],
     "units": ["parse_memory"],
 })
+__all__ = [*__all__, "__version__"]
+
+
+def __dir__() -> list[str]:  # the lazy names and what is already here (__version__, ...)
+    return sorted(set(globals()) | set(__all__))

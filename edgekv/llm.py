@@ -25,6 +25,7 @@ from edgekv.eviction import EVICTION_POLICIES, EvictionConfig
 from edgekv.kernels import get_backend
 from edgekv.models import load_model
 from edgekv.models.loader import resolve_dtype
+from edgekv.names import renamed
 from edgekv.tiers import parse_tiers
 from edgekv.units import gib, parse_memory
 
@@ -93,9 +94,9 @@ class LLM:
                  kv_calibration: str | Path | Seq[int] | None = None,
                  kv_tiers: str | None = None, kv_residual: int | None = None):
         if kv_residual is not None:  # the old name of exact_window
-            warnings.warn("LLM(kv_residual=) is now LLM(exact_window=)", DeprecationWarning,
+            warnings.warn("LLM(kv_residual=) is now LLM(exact_window=)", FutureWarning,
                           stacklevel=2)
-            exact_window = exact_window or kv_residual
+            exact_window = renamed(exact_window, kv_residual, "exact_window", "kv_residual", 0)
         device = resolve_device(device)  # fail fast on bad input, before loading anything
         tiers = None
         if kv_tiers is not None:

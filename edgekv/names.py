@@ -17,3 +17,14 @@ KV_VARIANTS: tuple[str, ...] = ("int8_norot", "int4_norot", "int4_sym", "int4_g3
 EVICTION_POLICIES: tuple[str, ...] = ("h2o", "snapkv", "streaming")
 KNOWN_MODELS: tuple[str, ...] = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b",
                                  "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "mistral-7b")
+
+
+def renamed(new, old, new_name: str, old_name: str, unset=None):
+    """The value of a setting given under its ``new_name`` or its former ``old_name``
+    (``unset``: not given). Both given with different values: ValueError (one line)."""
+    if old is None or old == unset:
+        return new
+    if new is not None and new != unset and new != old:
+        raise ValueError(f"{old_name} is the old name of {new_name}: give one of them "
+                         f"(got {new_name}={new!r} and {old_name}={old!r})")
+    return old

@@ -34,8 +34,8 @@ WINDOW = 1024
 
 def configure(row: str) -> tuple[dict, list]:
     """(LLM keyword arguments, the quality model's bands) of a row."""
-    if "+w" in row:
-        fmt, r = row.split("+w")
+    if "+w" in row or "+r" in row:  # +r: the label before the exact window's rename
+        fmt, r = row.replace("+r", "+w").split("+w")
         return dict(kv_format=fmt, exact_window=int(r)), uniform_bands(fmt, int(r))
     if ":" in row:
         s = parse_tiers(row)

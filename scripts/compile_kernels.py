@@ -96,8 +96,8 @@ def record_launches(fmt_name: str, head_dim: int) -> list:
     shape = (8, hkv, B)
     groups = (*shape, fmt.num_groups(D))
     store = QuantizedKV(torch.zeros(*shape, fmt.packed_dim(D), dtype=fmt.storage_dtype),
-                        torch.ones(groups, dtype=torch.float16) if fmt.has_scale else None,
-                        torch.zeros(groups, dtype=torch.float16) if fmt.has_zero else None)
+                        torch.ones(groups, dtype=fmt.scale_dtype) if fmt.has_scale else None,
+                        torch.zeros(groups, dtype=fmt.scale_dtype) if fmt.has_zero else None)
     q = torch.randn(2, hkv * 4, D, dtype=torch.float16)
     bt = torch.arange(8, dtype=torch.int32).view(2, 4)
     sl = torch.tensor([5, 60], dtype=torch.int32)

@@ -75,7 +75,7 @@ def test_fork_copies_the_parents_ring():
 
 
 # ---- attention reads the ring ----------------------------------------------------------
-def ring_window(kvs, R, held, new=None):
+def ring_exact(kvs, R, held, new=None):
     """Rings (slot = sequence) holding positions held[s] = (start, end) of each sequence's
     K/V in fp16; ``new``: (a, L) per sequence, the prefill chunk's own K/V."""
     k = torch.zeros(len(kvs), R, HKV, D, dtype=torch.float16)
@@ -114,12 +114,12 @@ def test_decode_reads_each_sequences_window_from_the_ring(kv_format):
     R, lens = 12, [1, 5, 16, 37, 50]
     starts = [0, 5, 4, 30, 50]  # whole window, none (a ring restarted at the end), parts
     cfg, cache, tables, kvs = build(kv_format, 16, lens, seed=3)
-    window = ring_window(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
-    window = window._replace(start=torch.tensor(starts))
+    exact = ring_exact(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
+    exact = exact._replace(start=torch.tensor(starts))
     k_cache, v_cache = cache.layers[0]
     q = torch.randn(len(lens), HKV * 2, D)
     out = paged_decode_attention_ref(q, k_cache, v_cache, tables, torch.tensor(lens),
-                                     cfg.format, exact=window)
+                                     cfg.format, exact=exact)
     for s, (k, v) in enumerate(kvs):
         want = windowed_dense(q[s : s + 1], k, v, cfg.format, R, starts[s], lens[s] - 1)
         assert (out[s : s + 1] - want).abs().max() <= 1e-5
@@ -135,12 +135,12 @@ def test_prefill_gives_every_query_its_own_window(kv_format):
     chunks = [(L - n, L) for L, n in zip(lens, q_lens, strict=True)]
     held = [(max(st, a - R), a) if st < L else (L, L)
             for st, (a, L) in zip(starts, chunks, strict=True)]
-    window = ring_window(kvs, R, held, new=chunks)._replace(start=torch.tensor(starts))
+    exact = ring_exact(kvs, R, held, new=chunks)._replace(start=torch.tensor(starts))
     cu = torch.tensor([0] + q_lens).cumsum(0)
     q = torch.randn(sum(q_lens), HKV * 2, D)
     k_cache, v_cache = cache.layers[0]
     out = paged_prefill_attention_ref(q, k_cache, v_cache, tables, torch.tensor(lens), cu,
-                                      cfg.format, exact=window)
+                                      cfg.format, exact=exact)
     for s, (k, v) in enumerate(kvs):
         want = windowed_dense(q[cu[s] : cu[s + 1]], k, v, cfg.format, R, starts[s],
                               lens[s] - q_lens[s])
@@ -156,20 +156,20 @@ def test_decode_kernel_merges_the_ring_like_the_reference(kv_format, num_splits)
     R, lens, starts = 12, [1, 5, 16, 37, 50], [0, 5, 4, 0, 43]  # incl. all-exact and none
     cfg, cache, tables, kvs = build(kv_format, 16, lens, seed=4)
     tables = tables.clamp(min=0)
-    window = ring_window(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
-    window = window._replace(start=torch.tensor(starts))
+    exact = ring_exact(kvs, R, [(max(s, L - R), L) for s, L in zip(starts, lens, strict=True)])
+    exact = exact._replace(start=torch.tensor(starts))
     k_cache, v_cache = cache.layers[0]
     q = torch.randn(len(lens), HKV * 4, D)
     sl = torch.tensor(lens, dtype=torch.int32)
-    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, sl, cfg.format, exact=window)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, sl, cfg.format, exact=exact)
     set_backend("triton")
     try:
-        out = paged_decode_attention(q, k_cache, v_cache, tables, sl, cfg.format, exact=window,
+        out = paged_decode_attention(q, k_cache, v_cache, tables, sl, cfg.format, exact=exact,
                                      num_splits=num_splits)
         with pytest.raises(ValueError, match="exact_window"):  # refused, never ignored
             paged_prefill_attention(q, k_cache, v_cache, tables, sl,
                                     torch.arange(len(lens) + 1, dtype=torch.int32),
-                                    cfg.format, exact=window)
+                                    cfg.format, exact=exact)
     finally:
         set_backend(None)
     assert (out - ref).abs().max() / ref.abs().max() < 2e-5
@@ -268,10 +268,17 @@ def test_more_samples_than_max_num_seqs_keep_their_rings(llama_dir):
 
 
 def test_the_old_name_kv_residual_still_sets_the_exact_window(llama_dir):
-    """Scripts written for kv_residual= / --kv-residual keep working (with a warning)."""
-    with pytest.warns(DeprecationWarning, match="exact_window"):
+    """Scripts written for kv_residual= / --kv-residual keep working, with a notice; both
+    names with different values is a one-line error, not a silent choice."""
+    with pytest.warns(FutureWarning, match="exact_window"):
         llm = make(llama_dir, "int4", kv_residual=16)
     assert llm.engine.exact_window.tokens == 16
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="old name"):
+        make(llama_dir, "int4", exact_window=8, kv_residual=16)
     r = CliRunner().invoke(main, ["generate", "--model", str(llama_dir), "--kv", "fp16",
                                   "--kv-residual", "8", "hi"])
     assert r.exit_code == 2 and "not quantized" in r.output
+    assert "--kv-residual is now --exact-window" in r.output
+    r = CliRunner().invoke(main, ["generate", "--model", str(llama_dir), "--kv", "int4",
+                                  "--exact-window", "8", "--kv-residual", "16", "hi"])
+    assert r.exit_code == 2 and "old name of --exact-window" in r.output

@@ -34,7 +34,7 @@ MASS_TOL = dict(atol=1e-5, rtol=1e-4)
 TILE_SCORES = cpu_prefill.TILE_SCORES  # the default, before the fixture shrinks it
 
 
-def _window(S, R, D, starts, T=0, seed=1):
+def _exact(S, R, D, starts, T=0, seed=1):
     g = torch.Generator().manual_seed(seed)
     ring = [(torch.randn(S, R, HKV, D, generator=g) * 2).half() for _ in range(2)]
     new = [torch.randn(T, HKV, D, generator=g) * 2 for _ in range(2)] if T else [None, None]
@@ -65,11 +65,11 @@ def test_cpu_path_matches_oracle(name, G, B, D):
     assert rel_err(out, ref) < TOL
     torch.testing.assert_close(mass, ref_mass, **MASS_TOL)
     # decode with an exact window: all-exact, none, and partial tails
-    window = _window(len(lens), 12, D, [0, lens[1], 4, lens[3] - 7])
+    exact = _exact(len(lens), 12, D, [0, lens[1], 4, lens[3] - 7])
     ref, ref_mass = paged_decode_attention_ref(q, k, v, bt, sl, fmt, return_block_mass=True,
-                                               exact=window)
+                                               exact=exact)
     out, mass = paged_decode_attention_cpu(q, k, v, bt, sl, fmt, return_block_mass=True,
-                                           exact=window)
+                                           exact=exact)
     assert rel_err(out, ref) < TOL
     torch.testing.assert_close(mass, ref_mass, **MASS_TOL)
     # prefill / append: a 1-token prompt, a whole prompt, a short append, a long chunk
@@ -85,9 +85,12 @@ def test_cpu_path_matches_oracle(name, G, B, D):
     torch.testing.assert_close(prefill_block_mass_cpu(q, k, bt, sl, cu, fmt, last_n=4),
                                prefill_block_mass_ref(q, k, bt, sl, cu, fmt, last_n=4),
                                **MASS_TOL)
-    window = _window(len(lens), 8, D, [0, 9, 0, 20, 5], T=int(cu[-1]))
-    ref = paged_prefill_attention_ref(q, k, v, bt, sl, cu, fmt, exact=window)
-    out = paged_prefill_attention_cpu(q, k, v, bt, sl, cu, fmt, exact=window)
+    for none in (0, -1):  # no observed query: no mass, on both paths
+        assert not prefill_block_mass_cpu(q, k, bt, sl, cu, fmt, last_n=none).any()
+        assert not prefill_block_mass_ref(q, k, bt, sl, cu, fmt, last_n=none).any()
+    exact = _exact(len(lens), 8, D, [0, 9, 0, 20, 5], T=int(cu[-1]))
+    ref = paged_prefill_attention_ref(q, k, v, bt, sl, cu, fmt, exact=exact)
+    out = paged_prefill_attention_cpu(q, k, v, bt, sl, cu, fmt, exact=exact)
     assert rel_err(out, ref) < TOL
 
 

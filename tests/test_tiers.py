@@ -96,7 +96,7 @@ def build(formats=("int8", "int4"), tokens=(24,), lens=(70, 9, 40), bs=8, seed=0
     return cache, m, tables, kvs
 
 
-def exact_tail(lens, R, seed=1, new=None):
+def exact_kv(lens, R, seed=1, new=None):
     """Rings holding random exact values for each sequence's newest R positions."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(len(lens), R, HKV, D, generator=g).half()
@@ -152,7 +152,7 @@ def test_decode_over_tiers_equals_the_oracle(formats, tokens, R):
                        cache.offsets, 8, "cpu")
     assert sum(split.lens).tolist() == list(lens)
     q = torch.randn(len(lens), HQ, D, generator=torch.Generator().manual_seed(2))
-    exact = exact_tail(lens, R) if R else None
+    exact = exact_kv(lens, R) if R else None
     want = tiered_decode_attention_ref(q, stores, tables, seq_lens, D**-0.5, exact)
     got = tiered_decode_attention(q, stores, tables, split, seq_lens, D**-0.5, exact)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
@@ -169,7 +169,7 @@ def test_prefill_over_tiers_equals_the_oracle(R):
     exact = None
     if R:
         nk, nv = torch.randn(sum(new), HKV, D, generator=g), torch.randn(sum(new), HKV, D)
-        exact = exact_tail([n - a for n, a in zip(lens, new, strict=True)], R, new=(nk, nv))
+        exact = exact_kv([n - a for n, a in zip(lens, new, strict=True)], R, new=(nk, nv))
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     want = tiered_prefill_attention_ref(q, stores, tables, seq_lens, cu, D**-0.5, exact)
     got = tiered_prefill_attention(q, stores, tables, seq_lens, cu, D**-0.5, exact)

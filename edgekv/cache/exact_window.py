@@ -150,7 +150,7 @@ class ExactWindow:
             ring.view(-1, *self.shape[1:])[step.dst] = x[step.src].to(ring.dtype)
 
     def kv(self, layer: int, step: ExactWindowStep, new_k: torch.Tensor | None = None,
-             new_v: torch.Tensor | None = None) -> ExactWindowKV:
+           new_v: torch.Tensor | None = None) -> ExactWindowKV:
         """What attention reads exact. Decode: after ``write`` (the ring holds the new
         token). Prefill: before ``write``, with the chunk's own K/V as ``new_k``/``new_v``."""
         k, v = self.layers[layer]

@@ -3,7 +3,7 @@
 Layout of one layer (docs/design.md, "The KV block"), for K and for V alike::
 
     data  : (num_blocks, num_kv_heads, block_size, packed_dim)   format's storage dtype
-    scale : (num_blocks, num_kv_heads, block_size, num_groups)   fp16   (quantized formats)
+    scale : (num_blocks, num_kv_heads, block_size, num_groups)   fp16 / e4m3 (quantized)
     zero  : (num_blocks, num_kv_heads, block_size, num_groups)   fp16   (asymmetric formats)
 
 Head-major inside a block, so one (block, head) tile is contiguous. Scales are indexed by

@@ -12,7 +12,7 @@ import functools
 import click
 
 from edgekv.cli.errors import user_errors
-from edgekv.names import EVICTION_POLICIES
+from edgekv.names import EVICTION_POLICIES, renamed
 from edgekv.names import KV_FORMATS as FORMATS
 from edgekv.names import KV_VARIANTS as VARIANTS
 
@@ -133,6 +133,10 @@ def build(opts: dict, **llm_options):
         offload = 0 if str(offload).strip() == "0" else offload
         if offload:
             parse_memory(offload)
+        window = renamed(opts["exact_window"], opts["kv_residual"], "--exact-window",
+                         "--kv-residual", 0)
+        if opts["kv_residual"] is not None:
+            click.echo("note: --kv-residual is now --exact-window", err=True)
         params = SamplingParams(max_tokens=opts["max_tokens"],
                                 temperature=opts["temperature"], top_p=opts["top_p"],
                                 seed=opts["seed"])
@@ -141,7 +145,7 @@ def build(opts: dict, **llm_options):
                       kv_memory=opts["kv_memory"], eviction=eviction,
                       weights=opts["weights"], device=opts["device"], dtype=opts["dtype"],
                       seed=opts["seed"],
-                      exact_window=opts["exact_window"] or opts["kv_residual"] or 0,
+                      exact_window=window,
                       offload_memory=offload, target_context=opts["target_context"],
                       kv_calibration=opts["calibration"], kv_tiers=opts["kv_tiers"],
                       block_size=opts.get("block_size", 16), **llm_options)

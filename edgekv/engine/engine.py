@@ -91,9 +91,9 @@ class Engine:
             assert eviction is None, "an exact window needs cache indices = positions"
             # forks (n > 1, beams) run past max_num_seqs: room for them before taking rings
             self.exact_window = ExactWindow(model_config.num_layers, model_config.num_kv_heads,
-                                           model_config.head_dim, exact_window_tokens, device,
-                                           max_slots=4 * max_num_seqs,
-                                           alive=lambda s: s in self.manager.tables)
+                                            model_config.head_dim, exact_window_tokens,
+                                            device, max_slots=4 * max_num_seqs,
+                                            alive=lambda s: s in self.manager.tables)
         salt = cache_salt(cache_config.kv_format, cache_config.block_size)
         self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs,
                                    lambda pairs: self.cache.copy_blocks(pairs),

@@ -25,8 +25,8 @@ from edgekv.engine.sequence import Sequence, Status
 
 class StepUndo:
     """Per step: ``begin``, ``save`` the sequences before they change, then ``end`` or
-    ``roll_back``. ``engine``: the Engine whose scheduler, manager, evictor and exact window
-    window it mends."""
+    ``roll_back``. ``engine``: the Engine whose scheduler, manager, evictor and exact window it
+    mends."""
 
     def __init__(self, engine):
         self.engine = engine

@@ -11,6 +11,7 @@ import click
 from edgekv.cli.errors import InputError, describe
 from edgekv.names import KV_FORMATS as FORMATS  # no torch: parsing stays fast
 from edgekv.names import KV_VARIANTS as VARIANTS
+from edgekv.names import renamed
 
 EvalInputError = InputError  # bad input: one line ("Error: ..."), exit code 2
 
@@ -107,14 +108,17 @@ def eval_command(formats: str, eviction: str, budgets: str, passkey_lengths: str
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from .config import EvalConfig
 
+    if kv_residual is not None:
+        click.echo("note: --kv-residual is now --exact-window", err=True)
     try:  # every check the options alone allow, before anything is loaded
         names = FORMATS + VARIANTS if formats.strip() == "all" else _names(formats)
         peer_sel = peers if peers in ("auto", "none") else _names(peers)
         cfg = EvalConfig(formats=names, eviction=_names(eviction),
                          budgets=_numbers(budgets, float, "--budgets"),
                          passkey_lengths=_numbers(passkey_lengths, int, "--passkey-lengths"),
-                         exact_window=_numbers(kv_residual or exact_window, int,
-                                               "--exact-window"),
+                         exact_window=_numbers(renamed(exact_window, kv_residual,
+                                                       "--exact-window", "--kv-residual",
+                                                       "0"), int, "--exact-window"),
                          tiers=tuple(tiers), peers=peer_sel, **opts)
         for path, option in ((json_out, "--json"), (csv_out, "--csv"), (md_out, "--markdown"),
                              (plot_out, "--plot")):

@@ -31,7 +31,7 @@ class EvalConfig:
     max_windows:    use only the first N perplexity windows (None: all that fit)
     decode_windows: the first N windows are also scored token by token, each token reading
                     its history from the cache as decode does: KL, top-1, decode perplexity
-    exact_window:    exact windows (``LLM(exact_window=R)``: the newest R tokens read
+    exact_window:   exact windows (``LLM(exact_window=R)``: the newest R tokens read
                     unquantized) to measure each quantized format with; 0 = none
     tiers:          age-tier specs (``LLM(kv_tiers=...)``), each measured as one more row
                     (token by token: a prefill does not demote until it ends)

@@ -80,6 +80,9 @@ def legend(rows: list[dict]) -> list[str]:
         lines.append(f"attn err: mean over layers of the relative error of each attention "
                      f"output vs an fp32 cache, every layer fed the same input "
                      f"({r['layer_tokens']} tokens of the first window)")
+    if any(x.get("exact_window") for x in rows):
+        lines.append("+wN: each sequence's newest N tokens also kept exact (the exact window; "
+                     "for transformers' caches, their residual_length)")
     if r.get("run_notes"):
         lines.append(f"notes: {r['run_notes']}")
     return lines

@@ -15,6 +15,7 @@ is one model plus the baseline's decode logits: decode_windows x window x vocab 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from edgekv.auto import parse_auto
+from edgekv.names import renamed
 from edgekv.quant import get_format
 
 from .config import BASELINE, EvalConfig
@@ -70,6 +72,10 @@ def run(config: EvalConfig | None = None, *, progress: Progress | None = None,
     """Measure ``config`` (or ``EvalConfig(**kwargs)``) and return one row per
     configuration, the fp16 baseline first (see ``report.COLUMNS`` for the fields).
     ``on_row`` sees each row as soon as it is measured. Raises ValueError on bad input."""
+    if "kv_residual" in kwargs:  # the old name of exact_window
+        warnings.warn("run(kv_residual=) is now run(exact_window=)", FutureWarning, stacklevel=2)
+        kwargs["exact_window"] = renamed(kwargs.get("exact_window"), kwargs.pop("kv_residual"),
+                                         "exact_window", "kv_residual")
     cfg = config if config is not None else EvalConfig(**kwargs)
     plan = make_plan(cfg)
     peers, peer_notes = select_peers(cfg.peers)

@@ -165,19 +165,19 @@ class _ExactKeys(NamedTuple):
     block: torch.Tensor
 
     @staticmethod
-    def of(q: torch.Tensor, window: ExactWindowKV, seq_lens: torch.Tensor, sm: float,
+    def of(q: torch.Tensor, exact: ExactWindowKV, seq_lens: torch.Tensor, sm: float,
            block_size: int) -> _ExactKeys:
         S, Hq, D = q.shape
-        R, Hkv = window.size, window.k.shape[2]
+        R, Hkv = exact.size, exact.k.shape[2]
         dev = q.device
         lens = seq_lens.to(device=dev, dtype=torch.long)
-        n_exact = exact_counts(seq_lens, window.start.to(dev), R)
+        n_exact = exact_counts(seq_lens, exact.start.to(dev), R)
         j = torch.arange(R, device=dev)
         valid = j[None, :] >= (R - n_exact)[:, None]  # (S, R)
         pos = (lens[:, None] - R + j[None, :]).clamp(min=0)  # (S, R) cache index
-        slots = window.slots.to(dev).long()[:, None]
-        k = window.k[slots, pos % R].float()  # (S, R, Hkv, D)
-        v = window.v[slots, pos % R].float()
+        slots = exact.slots.to(dev).long()[:, None]
+        k = exact.k[slots, pos % R].float()  # (S, R, Hkv, D)
+        v = exact.v[slots, pos % R].float()
         scores = torch.einsum("shgd,srhd->shgr", q.float().view(S, Hkv, Hq // Hkv, D), k)
         scores = (scores * sm).masked_fill(~valid[:, None, None, :], float("-inf"))
         return _ExactKeys(scores.reshape(S * Hkv, Hq // Hkv, R), v, pos // block_size)

@@ -25,8 +25,7 @@ import torch
 from edgekv.quant import KVFormat, QuantizedKV
 
 from .cpu_plan import prefix_groups
-from .launch_checks import attention_dims
-from .reference import observed_queries, query_rows
+from .launch_checks import attention_dims, observed_queries, query_rows
 from .window_attention import ExactWindowKV
 
 # Scores held per tile: Hq x n x tile fp32. 4 Mi elements (16 MiB; a tile step holds a few
@@ -59,21 +58,21 @@ class _Exact:
     """One sequence's exact K/V (Hkv, L - e0, D) for positions [e0, L), storage basis,
     and the rule of which (query, key) pairs read them (as window_attention.prefill_exact)."""
 
-    def __init__(self, window: ExactWindowKV, s: int, L: int, new: slice, fmt: KVFormat):
-        R, n = window.size, new.stop - new.start
+    def __init__(self, exact: ExactWindowKV, s: int, L: int, new: slice, fmt: KVFormat):
+        R, n = exact.size, new.stop - new.start
         a = L - n
-        self.start, self.R, self.a = int(window.start[s]), R, a
+        self.start, self.R, self.a = int(exact.start[s]), R, a
         self.e0 = min(max(self.start, a - R + 1, 0), L)
         parts_k, parts_v = [], []
         if self.e0 < a:  # from the ring, as it was before this step's writes
-            pos = torch.arange(self.e0, a, device=window.k.device)
-            slot = int(window.slots[s])
-            parts_k.append(window.k[slot, pos % R])
-            parts_v.append(window.v[slot, pos % R])
+            pos = torch.arange(self.e0, a, device=exact.k.device)
+            slot = int(exact.slots[s])
+            parts_k.append(exact.k[slot, pos % R])
+            parts_v.append(exact.v[slot, pos % R])
         if max(self.e0, a) < L:  # the chunk's own tokens, rounded as the ring holds them
             lo = new.start + max(self.e0, a) - a
-            parts_k.append(window.new_k[lo:new.stop].to(window.k.dtype))
-            parts_v.append(window.new_v[lo:new.stop].to(window.k.dtype))
+            parts_k.append(exact.new_k[lo:new.stop].to(exact.k.dtype))
+            parts_v.append(exact.new_v[lo:new.stop].to(exact.k.dtype))
         cat = (lambda xs: fmt.to_storage_basis(torch.cat(xs).float()).transpose(0, 1)) \
             if parts_k else (lambda xs: None)
         self.k, self.v = cat(parts_k), cat(parts_v)  # (Hkv, L - e0, D)

@@ -1,6 +1,6 @@
 """Input checks shared by the kernel launchers: shapes, dtypes, devices and strides; and
-the dimensions of an attention call (``attention_dims``, also read by the CPU paths and the
-oracle: this module imports no Triton).
+what every path reads of an attention call alike (``attention_dims``, ``query_rows``,
+``observed_queries``: the Triton launchers, the CPU paths and the oracle; no Triton here).
 
 User-facing mistakes (a wrong shape or dtype) raise ``ValueError`` with the expected form;
 the kernels' own layout needs (unit stride along the last dim, zero strides equal to scale
@@ -8,6 +8,8 @@ strides) are checked here too, so a kernel never reads a layout it was not writt
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -113,3 +115,28 @@ def attention_dims(q: torch.Tensor, cache: QuantizedKV,
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     return N, Hq, D, Hkv, B, Hq // Hkv, D**-0.5 if sm_scale is None else sm_scale
+
+
+def query_rows(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               last_n: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """(s, L_s, q0, q1) for each sequence with new tokens: rows [q0, q1) of the step's T
+    queries are its newest (its last ``last_n`` when given; none when last_n <= 0), at
+    positions [L_s - (q1 - q0), L_s)."""
+    cu = cu_seqlens_q.tolist()
+    for s, L in enumerate(seq_lens.tolist()):
+        q0, q1 = cu[s], cu[s + 1]
+        if q1 == q0:
+            continue
+        assert 0 < q1 - q0 <= L, f"sequence {s}: {q1 - q0} queries over {L} KV tokens"
+        if last_n is not None:
+            q0 = max(q0, q1 - last_n)
+        if q0 < q1:
+            yield s, L, q0, q1
+
+
+def observed_queries(q: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     last_n: int, fmt: KVFormat) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The block mass's observation windows: (s, L_s, the sequence's last
+    min(last_n, q_len_s) queries (n, Hq, D) fp32 in the storage basis)."""
+    for s, L, q0, q1 in query_rows(seq_lens, cu_seqlens_q, last_n):
+        yield s, L, fmt.to_storage_basis(q[q0:q1].float())

@@ -17,13 +17,11 @@ This equals attention over the dequantized K/V because the rotation is orthogona
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from edgekv.quant import KVFormat, QuantizedKV
 
-from .launch_checks import attention_dims
+from .launch_checks import attention_dims, observed_queries, query_rows
 from .window_attention import ExactWindowKV
 
 
@@ -202,28 +200,6 @@ def prefill_block_mass_ref(
     return mass
 
 
-def query_rows(seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-               last_n: int | None = None) -> Iterator[tuple[int, int, int, int]]:
-    """(s, L_s, q0, q1) for each sequence with new tokens: rows [q0, q1) of the step's T
-    queries are its newest (its last ``last_n`` when given), at positions
-    [L_s - (q1 - q0), L_s)."""
-    cu = cu_seqlens_q.tolist()
-    for s, L in enumerate(seq_lens.tolist()):
-        q0, q1 = cu[s], cu[s + 1]
-        if q1 == q0:
-            continue
-        assert 0 < q1 - q0 <= L, f"sequence {s}: {q1 - q0} queries over {L} KV tokens"
-        yield s, L, (q0 if last_n is None else max(q0, q1 - last_n)), q1
-
-
-def observed_queries(q: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     last_n: int, fmt: KVFormat) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """The block mass's observation windows: (s, L_s, the sequence's last
-    min(last_n, q_len_s) queries (n, Hq, D) fp32 in the storage basis)."""
-    for s, L, q0, q1 in query_rows(seq_lens, cu_seqlens_q, last_n):
-        yield s, L, fmt.to_storage_basis(q[q0:q1].float())
-
-
 def write_kv_ref(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v: torch.Tensor,
                  slots: torch.Tensor, fmt: KVFormat) -> None:
     """Quantize new K/V (num_tokens, Hkv, D) with ``fmt.quantize`` and store them at flat
@@ -242,53 +218,53 @@ def write_kv_ref(k_store: QuantizedKV, v_store: QuantizedKV, k: torch.Tensor, v:
 
 
 # ---- the exact window, read as the oracle reads it (window_attention.py) ----------
-def overlay_decode(x: torch.Tensor, ring: torch.Tensor, window: ExactWindowKV,
+def overlay_decode(x: torch.Tensor, ring: torch.Tensor, exact: ExactWindowKV,
                    seq_lens: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
     """Decode: replace the exact tokens of each row of ``x`` with the ring's (the ring
     already holds this step's token).
 
     x:    (S, Hkv, Lx, D) fp32 K or V gathered from the blocks, storage basis, row s
           holding cache indices [0, L_s) (Lx >= max L_s)
-    ring: ``window.k`` or ``window.v``
+    ring: ``exact.k`` or ``exact.v``
     Mutates and returns ``x``.
     """
-    R, dev = window.size, x.device
+    R, dev = exact.size, x.device
     lens = seq_lens.to(device=dev, dtype=torch.long)  # (S,)
-    r = window.num_exact(seq_lens).to(dev)  # (S,)
+    r = exact.num_exact(seq_lens).to(dev)  # (S,)
     j = torch.arange(R, device=dev)
     s_idx, j_idx = (j[None, :] >= (R - r)[:, None]).nonzero(as_tuple=True)  # (N,), (N,)
     if s_idx.numel() == 0:
         return x
     c = lens[s_idx] - R + j_idx  # (N,) cache indices, >= 0 since num_exact <= L
-    rows = ring[window.slots.to(dev).long()[s_idx], c % R]  # (N, Hkv, D)
+    rows = ring[exact.slots.to(dev).long()[s_idx], c % R]  # (N, Hkv, D)
     x[s_idx, :, c] = fmt.to_storage_basis(rows.float())
     return x
 
 
-def prefill_exact(k: torch.Tensor, v: torch.Tensor, window: ExactWindowKV, s: int, L: int,
+def prefill_exact(k: torch.Tensor, v: torch.Tensor, exact: ExactWindowKV, s: int, L: int,
                   new: slice, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill, sequence ``s``: its K/V with exact values wherever a query may read them,
     and which (query, key) pairs do.
 
     k, v: (Hkv, L, D) fp32 from the blocks, storage basis; ``new``: the rows of this
-    sequence's n new tokens (positions [L - n, L)) in ``window.new_k``.
+    sequence's n new tokens (positions [L - n, L)) in ``exact.new_k``.
     Returns exact K, exact V (Hkv, L, D) and ``use`` (n, L) bool.
     """
-    R, dev = window.size, k.device
+    R, dev = exact.size, k.device
     n = new.stop - new.start
     a = L - n
-    start = int(window.start[s])
+    start = int(exact.start[s])
     ke, ve = k.clone(), v.clone()
     lo = max(start, a - R + 1, 0)  # the oldest key any query of the chunk reads exact
     if lo < a:  # from the ring, as it was before this step's writes
         pos = torch.arange(lo, a, device=dev)
-        slot = int(window.slots[s])
-        ke[:, lo:a] = fmt.to_storage_basis(window.k[slot, pos % R].float()).transpose(0, 1)
-        ve[:, lo:a] = fmt.to_storage_basis(window.v[slot, pos % R].float()).transpose(0, 1)
+        slot = int(exact.slots[s])
+        ke[:, lo:a] = fmt.to_storage_basis(exact.k[slot, pos % R].float()).transpose(0, 1)
+        ve[:, lo:a] = fmt.to_storage_basis(exact.v[slot, pos % R].float()).transpose(0, 1)
     if start < L:  # the chunk's own tokens, rounded as the ring will hold them
-        dt = window.k.dtype
-        ke[:, a:] = fmt.to_storage_basis(window.new_k[new].to(dt).float()).transpose(0, 1)
-        ve[:, a:] = fmt.to_storage_basis(window.new_v[new].to(dt).float()).transpose(0, 1)
+        dt = exact.k.dtype
+        ke[:, a:] = fmt.to_storage_basis(exact.new_k[new].to(dt).float()).transpose(0, 1)
+        ve[:, a:] = fmt.to_storage_basis(exact.new_v[new].to(dt).float()).transpose(0, 1)
     qpos = torch.arange(a, L, device=dev)[:, None]  # (n, 1)
     kpos = torch.arange(L, device=dev)[None, :]  # (1, L)
     use = (kpos >= start) & (kpos > qpos - R) & (kpos <= qpos)  # (n, L)

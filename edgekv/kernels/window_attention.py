@@ -57,7 +57,7 @@ class ExactWindowKV(NamedTuple):
         return (lens - lo).clamp(min=0)
 
 
-def exact_decode_attention(q: torch.Tensor, window: ExactWindowKV, seq_lens: torch.Tensor,
+def exact_decode_attention(q: torch.Tensor, exact: ExactWindowKV, seq_lens: torch.Tensor,
                            sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the exact tokens alone, to merge with the blocks' part.
 
@@ -65,16 +65,16 @@ def exact_decode_attention(q: torch.Tensor, window: ExactWindowKV, seq_lens: tor
     (S, Hq) fp32, in log2 units as the decode kernel's (-inf where it has none).
     """
     S, Hq, D = q.shape
-    R, Hkv = window.size, window.k.shape[2]
+    R, Hkv = exact.size, exact.k.shape[2]
     G = Hq // Hkv
     dev = q.device
     lens = seq_lens.to(device=dev, dtype=torch.long)
     j = torch.arange(R, device=dev)
-    valid = j[None, :] >= (R - window.num_exact(seq_lens).to(dev))[:, None]  # (S, R)
+    valid = j[None, :] >= (R - exact.num_exact(seq_lens).to(dev))[:, None]  # (S, R)
     ring = (lens[:, None] - R + j[None, :]).clamp(min=0) % R  # (S, R)
-    slots = window.slots.to(dev).long()[:, None]
-    k = window.k[slots, ring].float()  # (S, R, Hkv, D)
-    v = window.v[slots, ring].float()
+    slots = exact.slots.to(dev).long()[:, None]
+    k = exact.k[slots, ring].float()  # (S, R, Hkv, D)
+    v = exact.v[slots, ring].float()
     scores = torch.einsum("shgd,srhd->shgr", q.float().view(S, Hkv, G, D), k) * sm_scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))  # (S, Hkv, G, R)
     lse = torch.logsumexp(scores, dim=-1)  # (S, Hkv, G), -inf where nothing is valid
