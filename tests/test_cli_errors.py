@@ -263,3 +263,20 @@ def test_int8_weights_chat_prints_only_its_own_lines():
     assert r.stderr.decode().strip() == ""  # no notice about optional kernels
     out = r.stdout.decode().splitlines()
     assert len(out) == 2 and len(status_lines("\n".join(out))) == 1  # the reply, its status
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"]])
+def test_ctrl_c_while_the_model_loads_leaves_quietly_with_130(command, monkeypatch):
+    """Ctrl-C while loading exits as Ctrl-C while streaming does: 130, one line."""
+    from click.testing import CliRunner
+
+    from edgekv.cli import options
+    from edgekv.cli.main import main
+
+    def interrupted(opts, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(options, "build", interrupted)
+    r = CliRunner().invoke(main, command, input="hello\n")
+    assert r.exit_code == 130, r.output
+    assert r.output.strip() == "interrupted"

@@ -7,7 +7,7 @@ import sys
 import click
 
 from edgekv.cli.errors import user_errors
-from edgekv.cli.options import build, model_options, quiet_libraries
+from edgekv.cli.options import load, model_options, quiet_libraries
 
 
 @click.command()
@@ -19,7 +19,7 @@ def chat(system: str | None, **opts) -> None:
     from edgekv.cli.repl import ChatREPL, stdin_lines
     from edgekv.config import describe_kv
 
-    llm, params = build(opts)
+    llm, params = load(opts)
     with user_errors():  # a model without a tokenizer cannot chat
         repl = ChatREPL(llm, params, system)
     interactive = sys.stdin.isatty()

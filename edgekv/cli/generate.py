@@ -7,7 +7,7 @@ import sys
 import click
 
 from edgekv.cli.errors import InputError, user_errors
-from edgekv.cli.options import build, model_options, quiet_libraries
+from edgekv.cli.options import load, model_options, quiet_libraries
 from edgekv.text_input import read_stdin, reencode, replaced_notice
 
 
@@ -27,7 +27,7 @@ def generate(prompt: str | None, **opts) -> None:
         click.echo(replaced_notice(replaced), err=True)
     if not prompt.strip():
         raise InputError("the prompt is empty")
-    llm, params = build(opts)
+    llm, params = load(opts)
     if llm.tokenizer is None:
         raise InputError(f"{llm.model_dir} has no tokenizer: generate needs one to read "
                          f"the prompt")

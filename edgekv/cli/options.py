@@ -110,6 +110,16 @@ def _kv_tiers(ctx, param, value: str | None) -> str | None:
     return value
 
 
+def load(opts: dict):
+    """``build`` for a command a user waits on: Ctrl-C while the model loads leaves quietly
+    with exit code 130, as Ctrl-C while it streams does (not a traceback, not exit 1)."""
+    try:
+        return build(opts)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+
+
 def build(opts: dict, **llm_options):
     """(LLM, SamplingParams) from the shared options (and ``llm_options`` for LLM); bad
     input is a one-line error (exit code 2), found before the model loads where the
